@@ -1,0 +1,296 @@
+"""`FisherModel`: a `keras.Model` whose training step also feeds the optimizer's Fisher statistics.
+
+This is the TensorFlow-specific part of keras_tnt (a `GradientTape` training step and
+`tf.distribute`); the optimizer math itself is backend-neutral `keras.ops`.
+
+Each step makes ONE forward pass. The ordinary gradient ``g`` of the compiled loss goes to
+``optimizer.apply`` as in Keras. On steps where the optimizer wants statistics
+(``optimizer.curvature_due()``), targets are drawn from the model's predictive distribution
+(:mod:`keras_tnt.sampling`) and a second backward pass from the same forward pass gives the
+sampled-label gradient ``Ĝ``, which goes to ``optimizer.update_curvature``. On other steps there is
+no second backward pass.
+"""
+
+from __future__ import annotations
+
+import random
+
+import keras
+import tensorflow as tf
+
+from keras_tnt import _distribute
+from keras_tnt.sampling import TargetSampler
+from keras_tnt.sampling import resolve_sampler
+
+
+def _unpack(data):
+    return keras.utils.unpack_x_y_sample_weight(data)
+
+
+@keras.saving.register_keras_serializable(package="keras_tnt")
+class FisherModel(keras.Model):
+    """A Keras model trained with the Fisher (sampled-label) pass that TNT needs.
+
+    Build it like a functional model, ``FisherModel(inputs, outputs)``, or wrap an existing
+    Sequential/functional model with :meth:`from_model`. Compiled with an optimizer that has no
+    ``update_curvature`` (Adam, SGD, ...) it trains exactly like ``keras.Model``.
+
+    Args:
+        fisher_seed: seed of the target draws (an int; drawn from Python's ``random``, which
+            ``keras.utils.set_random_seed`` seeds, when omitted). Step ``t`` draws with
+            ``(fisher_seed, t)``, so a resumed run draws what an uninterrupted one would.
+        *args, **kwargs: as for ``keras.Model``.
+    """
+
+    def __init__(self, *args, fisher_seed: int | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        if fisher_seed is None:
+            fisher_seed = random.randrange(2**31 - 1)
+        if isinstance(fisher_seed, bool) or not isinstance(fisher_seed, int):
+            raise TypeError(f"`fisher_seed` must be an int; received fisher_seed={fisher_seed!r}.")
+        self.fisher_seed = fisher_seed
+        self._sampler: TargetSampler | None = None
+
+    @classmethod
+    def from_model(cls, model: keras.Model, fisher_seed: int | None = None) -> FisherModel:
+        """A FisherModel sharing the layers (and weights) of a built Sequential/functional model."""
+        if isinstance(model, FisherModel):
+            return model
+        inputs = getattr(model, "inputs", None)
+        outputs = getattr(model, "outputs", None)
+        if not inputs or not outputs:
+            raise ValueError(
+                "FisherModel.from_model needs a model with known inputs and outputs; "
+                f"{model.name!r} "
+                "has none. Give it an input shape first (e.g. `keras.Input(shape)` as the first "
+                "layer of a Sequential model) or build it as a functional model."
+            )
+        return cls(inputs=inputs, outputs=outputs, name=model.name, fisher_seed=fisher_seed)
+
+    # ---------------------------------------------------------------- config
+
+    def get_config(self):
+        config = super().get_config()
+        config["fisher_seed"] = self.fisher_seed
+        return config
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        seed = config.pop("fisher_seed", None)
+        model = super().from_config(config, custom_objects=custom_objects)
+        if seed is not None:
+            model.fisher_seed = int(seed)
+        return model
+
+    def compile(self, *args, **kwargs):
+        super().compile(*args, **kwargs)
+        self._sampler = None
+        optimizer = self.curvature_optimizer
+        if optimizer is None:
+            return
+        outputs = getattr(self, "outputs", None) or []
+        if len(outputs) > 1:
+            raise ValueError(
+                f"{type(optimizer).__name__} needs a single-output model: the Fisher pass draws "
+                f"targets from one predictive distribution, and this model has {len(outputs)} "
+                "outputs. Build a model with one output (concatenate heads into one tensor with "
+                "one loss) or use a first-order optimizer."
+            )
+        self._sampler = resolve_sampler(self.loss)
+        optimizer._curvature_source = True
+
+    def get_compile_config(self):
+        return super().get_compile_config()
+
+    def compile_from_config(self, config):
+        # Keras skips compiling on load when `compile` is overridden; ours only adds checks.
+        self.compile(**keras.saving.deserialize_keras_object(config))
+        if hasattr(self, "optimizer") and self.built:
+            self.optimizer.build(self.trainable_variables)
+
+    @property
+    def curvature_optimizer(self):
+        """The compiled optimizer if it takes Fisher statistics (unwrapping loss scaling)."""
+        optimizer = getattr(self, "optimizer", None)
+        optimizer = getattr(optimizer, "inner_optimizer", optimizer)
+        return optimizer if hasattr(optimizer, "update_curvature") else None
+
+    # ---------------------------------------------------------------- Fisher
+
+    def sample_targets(self, y_pred, seed):
+        """Targets drawn from the model's predictive distribution at ``y_pred`` (no gradient).
+
+        ``seed`` is a shape-(2,) int tensor for TensorFlow's stateless random ops. Override to
+        feed recorded targets (the golden-trajectory test does).
+        """
+        return self._sampler.sample(y_pred, seed)
+
+    def _seed(self, counter, stream: int):
+        seed = tf.stack(
+            [tf.constant(self.fisher_seed + stream, tf.int64), tf.cast(counter, tf.int64)]
+        )
+        ctx = tf.distribute.get_replica_context()
+        if ctx is not None and _distribute.num_replicas() > 1:
+            seed = tf.random.experimental.stateless_fold_in(seed, ctx.replica_id_in_sync_group)
+        return seed
+
+    def _fisher_gradients(self, tape, y_pred, sample_weight, seed):
+        """Gradients of the compiled loss at sampled targets, from the forward pass on ``tape``."""
+        if self._sampler is None:
+            raise ValueError("Compile the FisherModel before training it.")
+        targets = tf.stop_gradient(self.sample_targets(y_pred, seed))
+        with tf.GradientTape() as output_tape:
+            output_tape.watch(y_pred)
+            loss = self._sampler.loss(targets, y_pred, sample_weight)
+            loss = self.optimizer.scale_loss(loss)
+        output_gradient = output_tape.gradient(loss, y_pred)
+        grads = tape.gradient(
+            y_pred,
+            self.trainable_variables,
+            output_gradients=output_gradient,
+            unconnected_gradients=tf.UnconnectedGradients.ZERO,
+        )
+        dynamic_scale = getattr(self.optimizer, "dynamic_scale", None)
+        if dynamic_scale is not None:  # LossScaleOptimizer: undo its scale here
+            grads = [g / tf.cast(dynamic_scale, g.dtype) for g in grads]
+        return grads
+
+    def _call_for_training(self, x):
+        return self(x, training=True) if self._call_has_training_arg else self(x)
+
+    def train_step(self, data):
+        optimizer = self.curvature_optimizer
+        if optimizer is None:
+            return super().train_step(data)
+        x, y, sample_weight = _unpack(data)
+        if not optimizer.built:
+            optimizer.build(self.trainable_variables)
+        weights = self.trainable_variables
+        with tf.GradientTape(persistent=True) as tape:
+            y_pred = self._call_for_training(x)
+            loss = self._compute_loss(
+                x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
+            )
+            self._loss_tracker.update_state(
+                loss * _distribute.num_replicas(),
+                sample_weight=tf.shape(tf.nest.flatten(x)[0])[0],
+            )
+            scaled_loss = self.optimizer.scale_loss(loss)
+        grads = tape.gradient(scaled_loss, weights)
+
+        due = optimizer.curvature_due()
+        seed = self._seed(optimizer._iterations, stream=0)
+        if _distribute.num_replicas() == 1:
+
+            def fold():
+                fisher = self._fisher_gradients(tape, y_pred, sample_weight, seed)
+                optimizer.update_curvature(fisher)
+                return tf.constant(0)
+
+            tf.cond(due, fold, lambda: tf.constant(0))
+        else:
+            # Every replica must reach the all-reduce inside update_curvature on every step.
+            fisher = tf.cond(
+                due,
+                lambda: self._fisher_gradients(tape, y_pred, sample_weight, seed),
+                lambda: [tf.zeros_like(w) for w in weights],
+            )
+            optimizer.update_curvature(fisher, condition=due)
+        self.optimizer.apply(grads, weights)
+        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+    # ------------------------------------------------------------ warm start
+
+    def warm_start(self, x, batch_size: int | None = None, steps: int | None = None, verbose=1):
+        """Folds sampled-label gradients at the current weights into the optimizer's statistics.
+
+        Runs one pass over ``x`` (a ``tf.data.Dataset`` of batches, or arrays batched by
+        ``batch_size``, default 32), or ``steps`` batches of it, and sets the statistics to the
+        running mean of their contractions (``optimizer.accumulate_curvature``). No weight
+        changes. Call it after ``compile`` and before ``fit``; see also :class:`WarmStart`.
+        """
+        optimizer = self.curvature_optimizer
+        if optimizer is None:
+            raise ValueError(
+                "warm_start needs a model compiled with an optimizer that keeps Fisher "
+                "statistics (e.g. keras_tnt.TNT); compile the model first."
+            )
+        if steps is not None and (
+            isinstance(steps, bool) or not isinstance(steps, int) or steps < 1
+        ):
+            raise ValueError(f"`steps` must be None or an integer >= 1; received steps={steps!r}.")
+        if not optimizer.built:
+            optimizer.build(self.trainable_variables)
+        if isinstance(x, tf.data.Dataset):
+            dataset = x
+        else:
+            if batch_size is None:
+                batch_size = 32
+            dataset = tf.data.Dataset.from_tensor_slices(x).batch(batch_size)
+        if steps is not None:
+            dataset = dataset.take(steps)
+        total = steps
+        cardinality = int(dataset.cardinality())
+        if cardinality >= 0:
+            total = cardinality
+        strategy = self.distribute_strategy
+        if _distribute.num_replicas() > 1:
+            dataset = strategy.experimental_distribute_dataset(dataset)
+
+        def replica_step(data):
+            x_batch, _, sample_weight = _unpack(data)
+            with tf.GradientTape() as tape:
+                y_pred = self._call_for_training(x_batch)
+            seed = self._seed(optimizer._warm_start_batches, stream=1)
+            grads = self._fisher_gradients(tape, y_pred, sample_weight, seed)
+            optimizer.accumulate_curvature(grads)
+
+        @tf.function
+        def step(data):
+            strategy.run(replica_step, args=(data,))
+
+        progbar = keras.utils.Progbar(
+            total, verbose=1 if verbose == "auto" else verbose, unit_name="warm-start batch"
+        )
+        done = 0
+        for data in dataset:
+            step(data)
+            done += 1
+            progbar.update(done)
+        if done == 0:
+            raise ValueError("warm_start received an empty dataset.")
+        return done
+
+
+class WarmStart(keras.callbacks.Callback):
+    """Runs :meth:`FisherModel.warm_start` at the start of ``fit``, unless already done.
+
+    A run resumed from a checkpoint (optimizer step > 0 or statistics already warm-started) is
+    not warm-started again.
+    """
+
+    def __init__(self, data, batch_size: int | None = None, steps: int | None = None, verbose=1):
+        super().__init__()
+        self.data = data
+        self.batch_size = batch_size
+        self.steps = steps
+        self.verbose = verbose
+
+    def on_train_begin(self, logs=None):
+        if not isinstance(self.model, FisherModel):
+            raise ValueError(
+                "WarmStart needs a keras_tnt.FisherModel; wrap the model with "
+                "keras_tnt.FisherModel.from_model(model)."
+            )
+        optimizer = self.model.curvature_optimizer
+        if optimizer is None:
+            raise ValueError(
+                "WarmStart needs the model compiled with keras_tnt.TNT (or another "
+                "optimizer with Fisher statistics)."
+            )
+        if optimizer.built and (int(optimizer.iterations) > 0 or optimizer.warm_start_batches):
+            return
+        self.model.warm_start(
+            self.data, batch_size=self.batch_size, steps=self.steps, verbose=self.verbose
+        )

@@ -1,0 +1,147 @@
+r"""Kronecker-factored curvature math shared by every optimizer of keras_tnt.
+
+A trainable tensor ``W`` is viewed as a ``k``-mode tensor of sizes ``d_1..d_k`` (see
+:func:`tensor_modes`). Its curvature block is approximated by ``U_1 ⊗ ... ⊗ U_k`` with one
+``d_i x d_i`` factor per mode. This module holds the pieces every optimizer needs, written with
+``keras.ops`` so that they run on any Keras backend:
+
+* :func:`mode_contractions`: ``G^(i) = mat_i(G) mat_i(G)^T`` for every mode ``i``.
+* :func:`normalize_factors`: eq. (5) of Ren & Goldfarb (2021), which gives every factor the same
+  mean eigenvalue ``c`` while keeping the trace of the Kronecker product.
+* :func:`damped_inverse`: ``(U + εI)^{-1}`` through a Cholesky factorisation, with a flag that
+  says whether it succeeded.
+* :func:`precondition`: ``M x_1 A_1 x_2 ... x_k A_k``, which equals
+  ``(A_1 ⊗ ... ⊗ A_k) vec(M)`` (Proposition 1 of the paper) for symmetric ``A_i``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from keras import ops
+
+# A contraction whose output side is at least this large is formed block-triangularly: only the
+# blocks on and below the diagonal are multiplied, the rest are their transposes. With 2 blocks
+# that is 3/4 of the multiply-adds of the full product.
+SYMMETRIC_BLOCK_THRESHOLD = 512
+
+
+def tensor_modes(shape: Sequence[int]) -> tuple[int, ...]:
+    """The mode sizes under which a tensor of ``shape`` gets Kronecker factors.
+
+    * scalar: ``()`` (no factor; the optimizer takes a plain momentum step)
+    * 1-D (bias, BatchNorm scale/offset): ``(d,)``, one full factor
+    * 2-D (Dense kernel ``(in, out)``) and 3-D (Conv1D kernel ``(k, in, out)``): unchanged
+    * 4-D and more (Conv2D ``(kh, kw, in, out)``, Conv3D): every leading spatial axis merged into
+      one mode, giving ``(kh*kw, in, out)``, the setting of the paper's CIFAR runs.
+    """
+    shape = tuple(int(d) for d in shape)
+    if any(d <= 0 for d in shape):
+        raise ValueError(f"Every dimension of a preconditioned tensor must be > 0; got {shape}.")
+    if len(shape) <= 3:
+        return shape
+    return (math.prod(shape[:-2]),) + shape[-2:]
+
+
+def _gram(x, transpose: bool):
+    """``x @ x^T`` (or ``x^T @ x`` when ``transpose``), computing only half of the big ones."""
+    if transpose:
+        x = ops.transpose(x)
+    d = x.shape[0]
+    if d < SYMMETRIC_BLOCK_THRESHOLD:
+        return ops.matmul(x, ops.transpose(x))
+    h = d // 2
+    top, bottom = x[:h], x[h:]
+    c11 = ops.matmul(top, ops.transpose(top))
+    c21 = ops.matmul(bottom, ops.transpose(top))
+    c22 = ops.matmul(bottom, ops.transpose(bottom))
+    upper = ops.concatenate([c11, ops.transpose(c21)], axis=1)
+    lower = ops.concatenate([c21, c22], axis=1)
+    return ops.concatenate([upper, lower], axis=0)
+
+
+def mode_contractions(g, modes: Sequence[int]) -> list:
+    """``[mat_i(G) mat_i(G)^T for i in modes]``: each a symmetric ``d_i x d_i`` matrix.
+
+    ``g`` may have any shape with ``prod(shape) == prod(modes)``; it is viewed in ``modes``.
+    Cost: ``d_i * prod(modes)`` multiply-adds per mode (a bit over half that for big modes).
+    """
+    modes = tuple(modes)
+    k = len(modes)
+    if k == 0:
+        return []
+    if k == 1:
+        v = ops.reshape(g, (modes[0], 1))
+        return [ops.matmul(v, ops.transpose(v))]
+    g = ops.reshape(g, modes)
+    size = math.prod(modes)
+    out = []
+    for i, d in enumerate(modes):
+        if i == 0:
+            out.append(_gram(ops.reshape(g, (d, size // d)), transpose=False))
+        elif i == k - 1:
+            out.append(_gram(ops.reshape(g, (size // d, d)), transpose=True))
+        else:
+            perm = (i,) + tuple(j for j in range(k) if j != i)
+            x = ops.reshape(ops.transpose(g, perm), (d, size // d))
+            out.append(_gram(x, transpose=False))
+    return out
+
+
+def normalize_factors(statistics: Sequence, modes: Sequence[int]) -> list:
+    r"""Eq. (5): ``U_i = H_i / (c^{k-1} prod_{j!=i} d_j)`` with ``c = (tr(H_1)/prod d)^{1/k}``.
+
+    For ``k = 1`` the factor is returned unchanged. When ``tr(H_1) = 0`` (no statistics yet)
+    every factor is returned as zeros rather than 0/0.
+    """
+    k = len(modes)
+    if k <= 1:
+        return list(statistics)
+    size = math.prod(modes)
+    h0 = statistics[0]
+    dtype = h0.dtype
+    trace = ops.trace(h0)
+    c = ops.power(trace / ops.cast(size, dtype), ops.cast(1.0 / k, dtype))
+    out = []
+    for h, d in zip(statistics, modes):
+        denom = ops.power(c, ops.cast(k - 1, dtype)) * ops.cast(size // d, dtype)
+        safe = ops.where(denom > 0, denom, ops.ones_like(denom))
+        out.append(ops.where(denom > 0, h / safe, ops.zeros_like(h)))
+    return out
+
+
+def damped_inverse(u, damping):
+    """``(u + damping I)^{-1}`` for symmetric PSD ``u`` via Cholesky, and whether it is finite.
+
+    Returns ``(inverse, ok)``. When the factorisation fails (the damped matrix is not positive
+    definite in floating point, or ``u`` holds NaN/inf) ``ok`` is False and ``inverse`` must not
+    be used; callers keep their previous inverse.
+    """
+    d = u.shape[-1]
+    eye = ops.eye(d, dtype=u.dtype)
+    damped = u + ops.cast(damping, u.dtype) * eye
+    lower = ops.cholesky(damped)
+    # L^{-1} by one triangular solve, then A^{-1} = L^{-T} L^{-1}.
+    lower_inv = ops.solve_triangular(lower, eye, lower=True)
+    inverse = ops.matmul(ops.transpose(lower_inv), lower_inv)
+    ok = ops.all(ops.isfinite(lower_inv))
+    return inverse, ok
+
+
+def precondition(m, factors: Sequence, modes: Sequence[int]):
+    """``M x_1 A_1 x_2 ... x_k A_k`` for symmetric ``A_i``, returned in the shape of ``m``.
+
+    Each mode product contracts the leading axis and appends the result as the trailing axis,
+    so after ``k`` products the axes are back in order and no transpose is ever materialised.
+    Cost: ``(d_1 + ... + d_k) * prod(d)`` multiply-adds.
+    """
+    modes = tuple(modes)
+    if not modes:
+        return m
+    shape = m.shape
+    x = m
+    size = math.prod(modes)
+    for d, a in zip(modes, factors):
+        x = ops.matmul(ops.transpose(ops.reshape(x, (d, size // d))), a)
+    return ops.reshape(x, shape)

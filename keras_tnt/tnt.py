@@ -1,0 +1,408 @@
+r"""Tensor Normal Training (Ren & Goldfarb, NeurIPS 2021) as a Keras 3 optimizer.
+
+For every trainable tensor ``W`` with modes ``d_1..d_k`` (:func:`~keras_tnt.kronecker.tensor_modes`)
+TNT keeps one statistic ``H_i`` per mode, estimated from gradients ``Ĝ`` of the batch-mean loss at
+labels *sampled from the model's own predictions*, and preconditions the momentum by the inverse
+of the resulting Kronecker-factored Fisher block:
+
+.. math::
+
+    m &\leftarrow \beta m + g \\
+    H_i &\leftarrow \rho H_i + (1-\rho)\, \mathrm{mat}_i(Ĝ)\,\mathrm{mat}_i(Ĝ)^\top
+        \quad\text{every } T_1 \text{ steps} \\
+    c &= \bigl(\mathrm{tr}(H_1) / \textstyle\prod_j d_j\bigr)^{1/k},\quad
+    U_i = H_i / \bigl(c^{k-1} \textstyle\prod_{j\ne i} d_j\bigr),\quad
+    A_i = (U_i + \varepsilon I)^{-1}
+        \quad\text{every } T_1 \text{ steps while } t < T_2 \text{, then every } T_2 \\
+    W &\leftarrow W (1 - \alpha\lambda) - \alpha\, m \times_1 A_1 \times_2 \cdots \times_k A_k
+
+Example::
+
+    import keras, keras_tnt
+    model = keras_tnt.FisherModel(inputs, outputs)
+    model.compile(optimizer=keras_tnt.TNT(learning_rate=1e-4, damping=0.1),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(dataset, epochs=10, callbacks=[keras_tnt.WarmStart(dataset)])
+
+The statistics come from :meth:`TNT.update_curvature`, which :class:`keras_tnt.FisherModel`'s
+training step calls with the sampled-label gradients; a custom training loop calls it itself
+(see :meth:`TNT.curvature_due`).
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import keras
+from keras import ops
+
+from keras_tnt import _distribute
+from keras_tnt import kronecker
+
+
+def _check_number(name, value, low, high=None, low_open=False, high_open=True):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"`{name}` must be a number; received {name}={value!r}.")
+    value = float(value)
+    bad_low = value <= low if low_open else value < low
+    bad_high = high is not None and (value >= high if high_open else value > high)
+    if bad_low or bad_high or value != value:
+        lo = "(" if low_open else "["
+        hi = ")" if high_open else "]"
+        interval = f"{lo}{low}, {high if high is not None else 'inf'}{hi}"
+        raise ValueError(f"`{name}` must be in {interval}; received {name}={value!r}.")
+    return value
+
+
+def _check_period(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"`{name}` must be an integer >= 1; received {name}={value!r}.")
+    if value < 1:
+        raise ValueError(f"`{name}` must be an integer >= 1; received {name}={value!r}.")
+    return int(value)
+
+
+def statistics_dtype(variable_dtype) -> str:
+    """Statistics and inverses are kept in float64 for float64 tensors, else in float32."""
+    return "float64" if keras.backend.standardize_dtype(variable_dtype) == "float64" else "float32"
+
+
+@keras.saving.register_keras_serializable(package="keras_tnt")
+class TNT(keras.optimizers.Optimizer):
+    """Tensor Normal Training.
+
+    Args:
+        learning_rate: ``α``: a float, a ``LearningRateSchedule`` or a callable. Default 1e-4,
+            the paper's best value on the MNIST autoencoder.
+        damping: ``ε`` > 0, added to every trace-normalised factor. Default 0.1 (MNIST
+            autoencoder; the CIFAR runs used 0.01). It is tuned at the scale of the batch-mean
+            gradient (statistics are about Fisher / batch size).
+        momentum: ``β`` in [0, 1): ``m ← β m + g`` (no ``1-β`` factor).
+        statistics_decay: ``ρ`` in [0, 1): moving-average decay of the statistics.
+        curvature_update_period: ``T1`` >= 1: statistics are updated every ``T1`` steps.
+            Default 1 (autoencoders); the CIFAR runs used 10.
+        inverse_update_period: ``T2`` >= 1: the inverses are refreshed every ``T1`` steps while
+            the step count is below ``T2``, then every ``T2`` steps. Default 20 (CIFAR: 100).
+        weight_decay: decoupled weight decay ``λ`` >= 0 or None: ``W ← W (1 - α λ)`` before the
+            preconditioned step; it enters neither the momentum nor the statistics. Use
+            ``exclude_from_weight_decay`` as with any Keras optimizer.
+        **kwargs: every base keyword of ``keras.optimizers.Optimizer`` (``clipnorm``,
+            ``clipvalue``, ``global_clipnorm``, ``use_ema``, ``ema_momentum``,
+            ``ema_overwrite_frequency``, ``loss_scale_factor``,
+            ``gradient_accumulation_steps``, ``name``).
+
+    Non-finite gradients never reach the weights: a tensor whose gradient holds NaN or inf keeps
+    its weights and momentum for that step (counted in :attr:`skipped_updates`); a batch of
+    sampled-label gradients with NaN/inf leaves the statistics unchanged
+    (:attr:`skipped_curvature_updates`); a factor whose Cholesky factorisation fails keeps its
+    previous inverse (:attr:`failed_inversions`).
+    """
+
+    def __init__(
+        self,
+        learning_rate=1e-4,
+        damping: float = 0.1,
+        momentum: float = 0.9,
+        statistics_decay: float = 0.9,
+        curvature_update_period: int = 1,
+        inverse_update_period: int = 20,
+        weight_decay: float | None = None,
+        clipnorm=None,
+        clipvalue=None,
+        global_clipnorm=None,
+        use_ema=False,
+        ema_momentum=0.99,
+        ema_overwrite_frequency=None,
+        loss_scale_factor=None,
+        gradient_accumulation_steps=None,
+        name="tnt",
+        **kwargs,
+    ):
+        if isinstance(learning_rate, numbers.Real) and not isinstance(learning_rate, bool):
+            learning_rate = _check_number("learning_rate", learning_rate, 0.0, low_open=True)
+        if weight_decay is not None:
+            weight_decay = _check_number("weight_decay", weight_decay, 0.0)
+        super().__init__(
+            learning_rate=learning_rate,
+            weight_decay=weight_decay,
+            clipnorm=clipnorm,
+            clipvalue=clipvalue,
+            global_clipnorm=global_clipnorm,
+            use_ema=use_ema,
+            ema_momentum=ema_momentum,
+            ema_overwrite_frequency=ema_overwrite_frequency,
+            loss_scale_factor=loss_scale_factor,
+            gradient_accumulation_steps=gradient_accumulation_steps,
+            name=name,
+            **kwargs,
+        )
+        self.damping = _check_number("damping", damping, 0.0, low_open=True)
+        self.momentum = _check_number("momentum", momentum, 0.0, 1.0)
+        self.statistics_decay = _check_number("statistics_decay", statistics_decay, 0.0, 1.0)
+        self.curvature_update_period = _check_period(
+            "curvature_update_period", curvature_update_period
+        )
+        self.inverse_update_period = _check_period("inverse_update_period", inverse_update_period)
+        # Set once something feeds statistics (update_curvature, a FisherModel, a restored
+        # state); `apply` refuses to precondition with statistics nobody will ever fill.
+        self._curvature_source = False
+
+    # ------------------------------------------------------------------ state
+
+    def build(self, var_list):
+        if self.built:
+            return
+        super().build(var_list)
+        self._modes = []
+        self._momenta = []
+        self._statistics = []
+        self._inverses = []
+        self._skipped = []
+        self._failed = []
+        # The order of creation is the order of saving: it must never depend on anything but
+        # var_list (optimizer state is restored by index).
+        for var in var_list:
+            modes = kronecker.tensor_modes(var.shape)
+            prefix = var.path.replace("/", "_") if hasattr(var, "path") else str(var.name)
+            sdtype = statistics_dtype(var.dtype)
+            self._modes.append(modes)
+            self._momenta.append(self.add_variable_from_reference(var, "momentum"))
+            self._statistics.append(
+                [
+                    self.add_variable((d, d), dtype=sdtype, name=f"{prefix}_statistics_{i}")
+                    for i, d in enumerate(modes)
+                ]
+            )
+            self._inverses.append(
+                [
+                    self.add_variable((d, d), dtype=sdtype, name=f"{prefix}_inverse_{i}")
+                    for i, d in enumerate(modes)
+                ]
+            )
+            self._skipped.append(self.add_variable((), dtype="int64", name=f"{prefix}_skipped"))
+            self._failed.append(self.add_variable((), dtype="int64", name=f"{prefix}_failed"))
+        self._curvature_updates = self.add_variable((), dtype="int64", name="curvature_updates")
+        self._warm_start_batches = self.add_variable((), dtype="int64", name="warm_start_batches")
+        self._skipped_curvature = self.add_variable(
+            (), dtype="int64", name="skipped_curvature_updates"
+        )
+
+    def load_own_variables(self, store):
+        if len(store.keys()) != len(self.variables):
+            raise ValueError(
+                f"Cannot restore optimizer '{self.name}': the saved state has "
+                f"{len(store.keys())} variables but this optimizer has {len(self.variables)}. "
+                "Build it on the same model (same trainable variables, same order) before "
+                "loading; restoring only part of the Kronecker statistics would silently change "
+                "the training run."
+            )
+        super().load_own_variables(store)
+        if self.built and int(self._curvature_updates.numpy()) > 0:
+            self._curvature_source = True
+
+    @property
+    def curvature_updates(self) -> int:
+        """How many batches of sampled-label gradients have been folded into the statistics."""
+        return int(self._curvature_updates.numpy())
+
+    @property
+    def warm_start_batches(self) -> int:
+        return int(self._warm_start_batches.numpy())
+
+    @property
+    def skipped_updates(self) -> int:
+        """Tensor updates skipped because their gradient was not finite."""
+        return int(sum(int(v.numpy()) for v in self._skipped))
+
+    @property
+    def failed_inversions(self) -> int:
+        """Factor inversions that failed (the previous inverse was kept)."""
+        return int(sum(int(v.numpy()) for v in self._failed))
+
+    @property
+    def skipped_curvature_updates(self) -> int:
+        return int(self._skipped_curvature.numpy())
+
+    def statistics(self, variable) -> list:
+        """The Kronecker statistics ``H_i`` of one trainable variable (one per mode)."""
+        return [h for h in self._statistics[self._get_variable_index(variable)]]
+
+    def inverses(self, variable) -> list:
+        """The damped inverses ``A_i`` of one trainable variable (one per mode)."""
+        return [a for a in self._inverses[self._get_variable_index(variable)]]
+
+    # ------------------------------------------------------------- curvature
+
+    def curvature_due(self):
+        """Whether this step folds sampled-label gradients into the statistics (bool tensor).
+
+        True when ``t % T1 == 0``, except at ``t = 0`` after a warm start (the warm-start
+        statistics serve the first step). With gradient accumulation, only on the first
+        micro-batch of an accumulation window.
+        """
+        self._require_built("curvature_due")
+        t = self.iterations
+        due = ops.equal(t % self.curvature_update_period, 0)
+        warm_first = ops.logical_and(ops.equal(t, 0), self._warm_start_batches > 0)
+        due = ops.logical_and(due, ops.logical_not(warm_first))
+        if self.gradient_accumulation_steps:
+            first_micro = ops.equal(self._iterations % self.gradient_accumulation_steps, 0)
+            due = ops.logical_and(due, first_micro)
+        return due
+
+    def update_curvature(self, fisher_gradients, condition=None) -> None:
+        """Folds one batch of sampled-label gradients into the statistics.
+
+        ``fisher_gradients`` is a list aligned with the variables the optimizer was built with:
+        the gradients of the (scaled, like for ``apply``) batch-mean loss at labels drawn from
+        the model's predictions. The first batch ever sets the statistics; later ones take the
+        moving average ``H ← ρ H + (1-ρ) Ĝ^(i)``. Under ``tf.distribute`` the gradients are
+        summed across replicas first, so every replica holds the same statistics.
+        ``condition`` (optional scalar bool tensor) gates the update inside the graph.
+        """
+        self._fold(fisher_gradients, warm_start=False, condition=condition)
+
+    def accumulate_curvature(self, fisher_gradients) -> None:
+        """Warm start: folds a batch into the running arithmetic mean of all warm-start batches.
+
+        The ``j``-th call sets ``H ← ((j-1)/j) H + (1/j) Ĝ^(i)``. See
+        :meth:`keras_tnt.FisherModel.warm_start`, which calls it over a dataset.
+        """
+        self._fold(fisher_gradients, warm_start=True)
+
+    def _require_built(self, what):
+        if not self.built:
+            raise ValueError(
+                f"`{what}` needs the optimizer's slots: call "
+                "`optimizer.build(model.trainable_variables)` first (FisherModel does this "
+                "for you)."
+            )
+
+    def _fold(self, fisher_gradients, warm_start, condition=None):
+        self._require_built("update_curvature")
+        grads = list(fisher_gradients)
+        if len(grads) != len(self._trainable_variables):
+            raise ValueError(
+                f"`fisher_gradients` must hold one gradient per trainable variable the optimizer "
+                f"was built with ({len(self._trainable_variables)}); received {len(grads)}."
+            )
+        self._curvature_source = True
+        grads = [
+            ops.zeros(v.shape, dtype=v.dtype) if g is None else g
+            for g, v in zip(grads, self._trainable_variables)
+        ]
+        if self.loss_scale_factor is not None:
+            grads = [g / self.loss_scale_factor for g in grads]
+
+        def fold(local_grads):
+            finite = ops.all(ops.stack([ops.all(ops.isfinite(g)) for g in local_grads]))
+            ops.cond(
+                finite,
+                lambda: self._fold_finite(local_grads, warm_start),
+                lambda: self.assign_add(self._skipped_curvature, 1),
+            )
+
+        _distribute.fold_across_replicas(
+            grads, self._trainable_variables[0], fold, condition=condition
+        )
+
+    def _fold_finite(self, grads, warm_start):
+        if warm_start:
+            count = self._warm_start_batches + 1
+        else:
+            first = ops.equal(self._curvature_updates, 0)
+        for idx, g in enumerate(grads):
+            modes = self._modes[idx]
+            if not modes:
+                continue
+            sdtype = statistics_dtype(self._trainable_variables[idx].dtype)
+            if warm_start:
+                j = ops.cast(count, sdtype)
+                keep, new = (j - 1) / j, 1 / j
+            else:
+                rho = ops.convert_to_tensor(self.statistics_decay, dtype=sdtype)
+                keep = ops.where(first, ops.zeros_like(rho), rho)
+                new = ops.where(first, ops.ones_like(rho), 1 - rho)
+            contractions = kronecker.mode_contractions(ops.cast(g, sdtype), modes)
+            for h, c in zip(self._statistics[idx], contractions):
+                self.assign(h, keep * ops.convert_to_tensor(h) + new * c)
+        self.assign_add(self._curvature_updates, 1)
+        if warm_start:
+            self.assign_add(self._warm_start_batches, 1)
+
+    # ------------------------------------------------------------------ step
+
+    def apply(self, grads, trainable_variables=None):
+        if not self._curvature_source:
+            raise ValueError(
+                "TNT preconditions with Fisher statistics from gradients of labels sampled from "
+                "the model's predictions, and nothing has provided them. Train with "
+                "`keras_tnt.FisherModel` (or `keras_tnt.FisherModel.from_model(model)`) instead "
+                "of a plain `keras.Model`, or, in a custom training loop, call "
+                "`optimizer.update_curvature(fisher_gradients)` before `apply`."
+            )
+        return super().apply(grads, trainable_variables)
+
+    def update_step(self, gradient, variable, learning_rate):
+        idx = self._get_variable_index(variable)
+        dtype = variable.dtype
+        gradient = ops.cast(gradient, dtype)
+        learning_rate = ops.cast(learning_rate, dtype)
+        ops.cond(
+            ops.all(ops.isfinite(gradient)),
+            lambda: self._step(idx, gradient, variable, learning_rate),
+            lambda: self.assign_add(self._skipped[idx], 1),
+        )
+
+    def _step(self, idx, gradient, variable, learning_rate):
+        dtype = variable.dtype
+        m = self._momenta[idx]
+        momentum = ops.convert_to_tensor(self.momentum, dtype=dtype)
+        new_m = momentum * ops.convert_to_tensor(m) + gradient
+        self.assign(m, new_m)
+        modes = self._modes[idx]
+        if modes:
+            t = self.iterations
+            period = ops.where(
+                t < self.inverse_update_period,
+                self.curvature_update_period,
+                self.inverse_update_period,
+            )
+            ops.cond(
+                ops.equal(t % ops.cast(period, t.dtype), 0),
+                lambda: self._refresh_inverses(idx),
+                lambda: None,
+            )
+            sdtype = statistics_dtype(dtype)
+            inverses = [ops.convert_to_tensor(a) for a in self._inverses[idx]]
+            direction = kronecker.precondition(ops.cast(new_m, sdtype), inverses, modes)
+            direction = ops.cast(direction, dtype)
+        else:
+            direction = new_m
+        self.assign_sub(variable, learning_rate * direction)
+
+    def _refresh_inverses(self, idx):
+        modes = self._modes[idx]
+        stats = [ops.convert_to_tensor(h) for h in self._statistics[idx]]
+        damping = ops.convert_to_tensor(self.damping, dtype=stats[0].dtype)
+        failed = ops.zeros((), dtype="int64")
+        for u, a in zip(kronecker.normalize_factors(stats, modes), self._inverses[idx]):
+            inverse, ok = kronecker.damped_inverse(u, damping)
+            self.assign(a, ops.where(ok, inverse, ops.convert_to_tensor(a)))
+            failed = failed + ops.cast(ops.logical_not(ok), "int64")
+        self.assign_add(self._failed[idx], failed)
+
+    # ---------------------------------------------------------------- config
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "damping": self.damping,
+                "momentum": self.momentum,
+                "statistics_decay": self.statistics_decay,
+                "curvature_update_period": self.curvature_update_period,
+                "inverse_update_period": self.inverse_update_period,
+            }
+        )
+        return config

@@ -1,0 +1,76 @@
+"""Replays the authors' float64 TNT trajectory (../shared/golden) through FisherModel + TNT."""
+
+import json
+import os
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+import keras_tnt
+from tests.conftest import GOLDEN_DIR
+
+GOLDEN = os.path.join(GOLDEN_DIR, "golden_tnt_classifier.npz")
+
+
+class RecordedTargets(keras_tnt.FisherModel):
+    """Draws nothing: returns the labels the reference implementation sampled."""
+
+    def sample_targets(self, y_pred, seed):
+        return tf.convert_to_tensor(self.recorded)
+
+
+def test_replays_reference_trajectory(float64):
+    g = np.load(GOLDEN, allow_pickle=False)
+    cfg = json.loads(str(g["meta"][0]))["config"]
+    widths = [int(w) for w in g["layer_widths"]]
+    acts = [str(a) for a in g["layer_activations"]]
+
+    inputs = keras.Input((widths[0],), dtype="float64")
+    h = inputs
+    for i, (w, a) in enumerate(zip(widths[1:], acts)):
+        h = keras.layers.Dense(w, activation=None if a == "linear" else a, name=f"dense_{i}")(h)
+    model = RecordedTargets(inputs, h)
+    for i in range(len(widths) - 1):
+        layer = model.get_layer(f"dense_{i}")
+        layer.set_weights([g[f"init/dense_{i}/kernel"], g[f"init/dense_{i}/bias"]])
+    model.recorded = tf.Variable(np.zeros(cfg["batch_size"], np.int64))
+
+    optimizer = keras_tnt.TNT(
+        learning_rate=cfg["lr"],
+        damping=cfg["eps"],
+        momentum=cfg["momentum"],
+        statistics_decay=cfg["stat_decay"],
+        curvature_update_period=cfg["T1"],
+        inverse_update_period=cfg["T2"],
+        weight_decay=cfg["weight_decay"],
+    )
+    model.compile(
+        optimizer=optimizer,
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    for j in range(cfg["warm_start_batches"]):
+        model.recorded.assign(g[f"warm_yhat_{j}"])
+        model.warm_start(g[f"warm_x_{j}"], batch_size=cfg["batch_size"], verbose=0)
+    assert optimizer.warm_start_batches == cfg["warm_start_batches"]
+
+    worst = 0.0
+    for i in range(cfg["train_steps"]):
+        assert np.allclose(g["step_alpha"][i], cfg["lr"])
+        key = f"yhat_{i}"
+        model.recorded.assign(g[key] if key in g.files else np.zeros(cfg["batch_size"], np.int64))
+        logs = model.train_on_batch(g[f"x_{i}"], g[f"t_{i}"], return_dict=True)
+        np.testing.assert_allclose(logs["loss"], g["step_loss"][i], rtol=1e-12)
+        for layer_index in range(len(widths) - 1):
+            kernel, bias = model.get_layer(f"dense_{layer_index}").get_weights()
+            for name, value in (("kernel", kernel), ("bias", bias)):
+                ref = g[f"step_{i}/dense_{layer_index}/{name}"]
+                init = g[f"init/dense_{layer_index}/{name}"]
+                err = np.max(np.abs(value - ref)) / np.max(np.abs(ref - init))
+                worst = max(worst, err)
+    assert optimizer.curvature_updates == cfg["warm_start_batches"] + int(
+        g["step_stats_update"].sum()
+    )
+    assert optimizer.failed_inversions == 0
+    print(f"golden replay: max relative error {worst:.2e}")
+    assert worst <= 1e-9
