@@ -86,6 +86,7 @@ class FisherModel(keras.Model):
     def compile(self, *args, **kwargs):
         super().compile(*args, **kwargs)
         self._sampler = None
+        self._warm_start_function = None
         optimizer = self.curvature_optimizer
         if optimizer is None:
             return
@@ -121,19 +122,24 @@ class FisherModel(keras.Model):
     def sample_targets(self, y_pred, seed):
         """Targets drawn from the model's predictive distribution at ``y_pred`` (no gradient).
 
-        ``seed`` is a shape-(2,) int tensor for TensorFlow's stateless random ops. Override to
-        feed recorded targets (the golden-trajectory test does).
+        ``seed`` is a 1-D int64 tensor (model seed, stream, step, replica); the draws are a pure
+        function of it. Override to feed recorded targets (the golden-trajectory test does).
         """
         return self._sampler.sample(y_pred, seed)
 
     def _seed(self, counter, stream: int):
-        seed = tf.stack(
-            [tf.constant(self.fisher_seed + stream, tf.int64), tf.cast(counter, tf.int64)]
-        )
         ctx = tf.distribute.get_replica_context()
+        replica = 0
         if ctx is not None and _distribute.num_replicas() > 1:
-            seed = tf.random.experimental.stateless_fold_in(seed, ctx.replica_id_in_sync_group)
-        return seed
+            replica = ctx.replica_id_in_sync_group
+        return tf.stack(
+            [
+                tf.constant(self.fisher_seed, tf.int64),
+                tf.constant(stream, tf.int64),
+                tf.cast(counter, tf.int64),
+                tf.cast(replica, tf.int64),
+            ]
+        )
 
     def _fisher_gradients(self, tape, y_pred, sample_weight, seed):
         """Gradients of the compiled loss at sampled targets, from the forward pass on ``tape``."""
@@ -202,6 +208,27 @@ class FisherModel(keras.Model):
 
     # ------------------------------------------------------------ warm start
 
+    def _make_warm_start_function(self):
+        if getattr(self, "_warm_start_function", None) is not None:
+            return self._warm_start_function
+        optimizer = self.curvature_optimizer
+        strategy = self.distribute_strategy
+
+        def replica_step(data):
+            x_batch, _, sample_weight = _unpack(data)
+            with tf.GradientTape() as tape:
+                y_pred = self._call_for_training(x_batch)
+            seed = self._seed(optimizer._warm_start_batches, stream=1)
+            grads = self._fisher_gradients(tape, y_pred, sample_weight, seed)
+            optimizer.accumulate_curvature(grads)
+
+        @tf.function(reduce_retracing=True)
+        def step(data):
+            strategy.run(replica_step, args=(data,))
+
+        self._warm_start_function = step
+        return step
+
     def warm_start(self, x, batch_size: int | None = None, steps: int | None = None, verbose=1):
         """Folds sampled-label gradients at the current weights into the optimizer's statistics.
 
@@ -220,36 +247,23 @@ class FisherModel(keras.Model):
             isinstance(steps, bool) or not isinstance(steps, int) or steps < 1
         ):
             raise ValueError(f"`steps` must be None or an integer >= 1; received steps={steps!r}.")
+        strategy = self.distribute_strategy
         if not optimizer.built:
-            optimizer.build(self.trainable_variables)
+            with strategy.scope():
+                optimizer.build(self.trainable_variables)
         if isinstance(x, tf.data.Dataset):
             dataset = x
         else:
-            if batch_size is None:
-                batch_size = 32
-            dataset = tf.data.Dataset.from_tensor_slices(x).batch(batch_size)
+            dataset = tf.data.Dataset.from_tensor_slices(x).batch(batch_size or 32)
         if steps is not None:
             dataset = dataset.take(steps)
         total = steps
         cardinality = int(dataset.cardinality())
         if cardinality >= 0:
             total = cardinality
-        strategy = self.distribute_strategy
         if _distribute.num_replicas() > 1:
             dataset = strategy.experimental_distribute_dataset(dataset)
-
-        def replica_step(data):
-            x_batch, _, sample_weight = _unpack(data)
-            with tf.GradientTape() as tape:
-                y_pred = self._call_for_training(x_batch)
-            seed = self._seed(optimizer._warm_start_batches, stream=1)
-            grads = self._fisher_gradients(tape, y_pred, sample_weight, seed)
-            optimizer.accumulate_curvature(grads)
-
-        @tf.function
-        def step(data):
-            strategy.run(replica_step, args=(data,))
-
+        step = self._make_warm_start_function()
         progbar = keras.utils.Progbar(
             total, verbose=1 if verbose == "auto" else verbose, unit_name="warm-start batch"
         )

@@ -13,8 +13,9 @@ half squared error (summed)                            ``z + N(0, 1)``
 Keras mean squared error (mean over the last axis)     ``z + N(0, C/2)`` with ``C`` = last axis
 =====================================================  ===========================================
 
-Draws use stateless TensorFlow random ops with an explicit seed, so a step is reproducible and
-every replica draws differently (its replica id is folded into the seed).
+Draws are a pure function of an explicit seed (the training step passes the model's
+``fisher_seed``, the optimizer's step and the replica id), so a step is reproducible, gives the
+same draws with and without XLA, and every replica draws differently.
 """
 
 from __future__ import annotations
@@ -60,30 +61,75 @@ class TargetSampler:
     half_squared: bool = False
 
     def sample(self, y_pred, seed):
-        """One target per example (per unit for Bernoulli/Gaussian), without gradient."""
+        """One target per example (per unit for Bernoulli/Gaussian), without gradient.
+
+        ``seed``: a 1-D integer tensor (any length) from which the draws are a pure function.
+        """
         dtype = tf.float64 if y_pred.dtype == tf.float64 else tf.float32
         y_pred = tf.stop_gradient(tf.cast(y_pred, dtype))
         if self.distribution in (_SPARSE, _CATEGORICAL):
             classes = y_pred.shape[-1]
             flat = tf.reshape(y_pred, (-1, classes))
             logits = flat if self.from_logits else tf.math.log(tf.maximum(flat, 1e-30))
-            draw = tf.random.stateless_categorical(logits, 1, seed=seed, dtype=tf.int32)
+            # Gumbel-max: argmax(logits + Gumbel noise) ~ Categorical(softmax(logits)).
+            u = counter_uniform(tf.shape(flat), seed, dtype)
+            draw = tf.argmax(logits - tf.math.log(-tf.math.log(u)), axis=-1, output_type=tf.int32)
             labels = tf.reshape(draw, tf.shape(y_pred)[:-1])
             if self.distribution == _SPARSE:
                 return labels
             return tf.one_hot(labels, classes, dtype=y_pred.dtype)
         if self.distribution == _BERNOULLI:
             p = tf.sigmoid(y_pred) if self.from_logits else y_pred
-            u = tf.random.stateless_uniform(tf.shape(p), seed=seed, dtype=p.dtype)
-            return tf.cast(u < p, p.dtype)
+            return tf.cast(counter_uniform(tf.shape(p), seed, dtype) < p, dtype)
         # Gaussian: half squared error has σ = 1; Keras' MSE, (1/C) Σ (y - z)^2, is the NLL
         # (up to a constant) of N(z, σ^2 I) with 2 σ^2 = C.
-        if self.half_squared:
-            std = 1.0
-        else:
-            std = (y_pred.shape[-1] / 2.0) ** 0.5
-        noise = tf.random.stateless_normal(tf.shape(y_pred), seed=seed, dtype=y_pred.dtype)
-        return y_pred + std * noise
+        std = 1.0 if self.half_squared else (y_pred.shape[-1] / 2.0) ** 0.5
+        return y_pred + std * counter_normal(tf.shape(y_pred), seed, dtype)
+
+
+# A counter-based generator (the "lowbias32" integer hash of the element index, keyed by the
+# seed) instead of tf.random's stateless ops: those draw different numbers under XLA than
+# without it, and a training step must give the same update with jit_compile on or off.
+
+
+def _mix(x):
+    x = tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, 16))
+    x = x * tf.constant(0x7FEB352D, tf.uint32)
+    x = tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, 15))
+    x = x * tf.constant(0x846CA68B, tf.uint32)
+    return tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, 16))
+
+
+def _random_words(size, seed, stream: int):
+    key = tf.constant(0x9E3779B9 * (stream + 1) & 0xFFFFFFFF, tf.uint32)
+    seed = tf.reshape(tf.convert_to_tensor(seed), (-1,))
+    for i in range(seed.shape[0]):
+        key = _mix(key ^ tf.cast(seed[i], tf.uint32))
+        key = _mix(key + tf.cast(tf.bitwise.right_shift(tf.cast(seed[i], tf.int64), 32), tf.uint32))
+    index = tf.cast(tf.range(size), tf.uint32)
+    return _mix(_mix(index * tf.constant(0x9E3779B9, tf.uint32) + key) ^ key)
+
+
+def counter_uniform(shape, seed, dtype=tf.float32, stream: int = 0):
+    """Uniform draws in the open interval (0, 1), a pure function of ``seed`` and position."""
+    size = tf.reduce_prod(shape)
+    high = _random_words(size, seed, 2 * stream)
+    if dtype == tf.float64:
+        low = _random_words(size, seed, 2 * stream + 1)
+        bits = tf.cast(tf.bitwise.right_shift(high, 5), tf.float64) * 67108864.0 + tf.cast(
+            tf.bitwise.right_shift(low, 6), tf.float64
+        )
+        u = (bits + 0.5) * (2.0**-53)
+    else:
+        u = (tf.cast(tf.bitwise.right_shift(high, 8), tf.float32) + 0.5) * (2.0**-24)
+    return tf.reshape(tf.cast(u, dtype), shape)
+
+
+def counter_normal(shape, seed, dtype=tf.float32):
+    """Standard normal draws (Box-Muller on two counter-based uniform streams)."""
+    u1 = counter_uniform(shape, seed, dtype, stream=1)
+    u2 = counter_uniform(shape, seed, dtype, stream=2)
+    return tf.sqrt(-2.0 * tf.math.log(u1)) * tf.cos((2.0 * 3.141592653589793) * u2)
 
 
 class _FunctionLoss(keras.losses.Loss):
