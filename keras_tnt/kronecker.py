@@ -19,7 +19,19 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import keras
 from keras import ops
+
+
+def _cholesky(x):
+    """Lower Cholesky factor; NaN (never an exception) where the factorisation fails."""
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        # keras.ops.cholesky wraps this in check_numerics, which raises on failure.
+        return tf.linalg.cholesky(x)
+    return ops.cholesky(x)  # pragma: no cover - other backends
+
 
 # A contraction whose output side is at least this large is formed block-triangularly: only the
 # blocks on and below the diagonal are multiplied, the rest are their transposes. With 2 blocks
@@ -102,7 +114,8 @@ def normalize_factors(statistics: Sequence, modes: Sequence[int]) -> list:
     h0 = statistics[0]
     dtype = h0.dtype
     trace = ops.trace(h0)
-    c = ops.power(trace / ops.cast(size, dtype), ops.cast(1.0 / k, dtype))
+    # convert_to_tensor, not cast: ops.cast(1/3, "float64") goes through float32.
+    c = ops.power(trace / ops.cast(size, dtype), ops.convert_to_tensor(1.0 / k, dtype=dtype))
     out = []
     for h, d in zip(statistics, modes):
         denom = ops.power(c, ops.cast(k - 1, dtype)) * ops.cast(size // d, dtype)
@@ -120,12 +133,17 @@ def damped_inverse(u, damping):
     """
     d = u.shape[-1]
     eye = ops.eye(d, dtype=u.dtype)
+    if isinstance(damping, (int, float)):
+        damping = ops.convert_to_tensor(damping, dtype=u.dtype)
     damped = u + ops.cast(damping, u.dtype) * eye
-    lower = ops.cholesky(damped)
-    # L^{-1} by one triangular solve, then A^{-1} = L^{-T} L^{-1}.
+    lower = _cholesky(damped)
+    # Two triangular solves, L X = I then L^T A = X (cheaper here than L^{-T} L^{-1} by matmul),
+    # then the symmetric part: the mode products rely on A = A^T.
     lower_inv = ops.solve_triangular(lower, eye, lower=True)
-    inverse = ops.matmul(ops.transpose(lower_inv), lower_inv)
-    ok = ops.all(ops.isfinite(lower_inv))
+    inverse = ops.solve_triangular(ops.transpose(lower), lower_inv, lower=False)
+    inverse = 0.5 * (inverse + ops.transpose(inverse))
+    # Both: an infinite statistic gives a finite L^{-1} (1/inf = 0) from an infinite L.
+    ok = ops.logical_and(ops.all(ops.isfinite(lower)), ops.all(ops.isfinite(lower_inv)))
     return inverse, ok
 
 

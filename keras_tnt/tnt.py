@@ -343,6 +343,10 @@ class TNT(keras.optimizers.Optimizer):
             )
         return super().apply(grads, trainable_variables)
 
+    def _apply_weight_decay(self, variables):
+        # Applied per tensor inside `update_step` instead (skipped with a non-finite gradient).
+        return
+
     def update_step(self, gradient, variable, learning_rate):
         idx = self._get_variable_index(variable)
         dtype = variable.dtype
@@ -360,6 +364,10 @@ class TNT(keras.optimizers.Optimizer):
         momentum = ops.convert_to_tensor(self.momentum, dtype=dtype)
         new_m = momentum * ops.convert_to_tensor(m) + gradient
         self.assign(m, new_m)
+        if self.weight_decay is not None and self._use_weight_decay(self._trainable_variables[idx]):
+            # Decoupled decay, as Keras applies it, but here so that a skipped update skips it.
+            wd = ops.convert_to_tensor(self.weight_decay, dtype=dtype)
+            self.assign(variable, variable - variable * wd * learning_rate)
         modes = self._modes[idx]
         if modes:
             t = self.iterations

@@ -1,0 +1,268 @@
+r"""Per-step time, arithmetic and optimizer memory of TNT against first-order baselines.
+
+Runs `model.fit` on synthetic data, side by side in one process, and prints ratios:
+
+* MNIST autoencoder 784-1000-500-250-30-250-500-1000-784, batch 1000: TNT (T1=1, T2=20) and
+  TNT (T1=10, T2=100) against Keras Adam;
+* ResNet-32, batch 128: TNT (T1=10, T2=100) against Keras SGD with momentum 0.9.
+
+Every step is timed by a callback. TNT is timed in its steady state (step counter >= T2, where
+the inverses are refreshed every T2 steps) over a window of whole periods when it is affordable;
+for ResNet-32 a shorter window is measured and the mean is the schedule-weighted mean of the
+per-kind means (refresh step, statistics step, plain step). Baselines and TNT alternate in
+rounds to cancel drift. Usage::
+
+    python -m benchmarks.step_time                       # both problems
+    python -m benchmarks.step_time --problems=autoencoder --rounds=3
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+
+import keras_tnt  # noqa: E402
+from keras_tnt import kronecker  # noqa: E402
+from models import mnist_autoencoder  # noqa: E402
+from models import resnet32  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("problems", ["autoencoder", "resnet32"], "Which benchmarks to run.")
+flags.DEFINE_integer("rounds", 2, "Alternating rounds of every configuration.")
+flags.DEFINE_integer("resnet_steps", 30, "Measured ResNet-32 steps per configuration and round.")
+flags.DEFINE_boolean("jit_compile", False, "Compile the training step with XLA.")
+flags.DEFINE_string("output", "", "Optional path of a JSON file with every measurement.")
+
+
+class StepTimer(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.times = []
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.times.append(time.perf_counter() - self._start)
+
+
+# ----------------------------------------------------------------- arithmetic
+
+
+def forward_macs(model) -> int:
+    """Multiply-adds of one forward pass of one example (Dense and Conv2D layers)."""
+    total = 0
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.Dense):
+            total += math.prod(layer.kernel.shape)
+        elif isinstance(layer, keras.layers.Conv2D):
+            _, h, w, _ = layer.output.shape
+            total += math.prod(layer.kernel.shape) * h * w
+    return total
+
+
+def _gram_macs(d, size):
+    # Block-triangular for big modes (kronecker.SYMMETRIC_BLOCK_THRESHOLD): 3/4 of d * size.
+    return d * size * (0.75 if d >= kronecker.SYMMETRIC_BLOCK_THRESHOLD else 1.0)
+
+
+def tnt_extra_macs(model, t1: int, t2: int) -> dict:
+    """TNT's multiply-adds per step beyond forward + backward, amortised over the schedule."""
+    contractions = precondition = inverses = 0.0
+    for v in model.trainable_variables:
+        modes = kronecker.tensor_modes(v.shape)
+        size = math.prod(v.shape)
+        if not modes:
+            continue
+        if len(modes) == 1:
+            contractions += size * size
+        else:
+            contractions += sum(_gram_macs(d, size) for d in modes)
+        precondition += sum(modes) * size if len(modes) > 1 else size * size
+        # Cholesky (n^3/3) + two triangular solves against I (n^3/2 each).
+        inverses += sum(4 / 3 * d**3 for d in modes)
+    return {
+        "contractions": contractions / t1,
+        "precondition": precondition,
+        "inverses": inverses / t2,
+    }
+
+
+def arithmetic(model, batch: int, t1: int, t2: int) -> dict:
+    forward = forward_macs(model) * batch
+    extra = tnt_extra_macs(model, t1, t2)
+    baseline = 3 * forward  # forward + backward (activations and weights)
+    tnt = baseline + 2 * forward / t1 + sum(extra.values())
+    return {"baseline_macs": baseline, "tnt_macs": tnt, "ratio": tnt / baseline, **extra}
+
+
+def optimizer_bytes(optimizer) -> int:
+    return sum(math.prod(v.shape) * np.dtype(v.dtype).itemsize for v in optimizer.variables)
+
+
+# -------------------------------------------------------------------- timing
+
+
+def _dataset(problem, batch):
+    rng = np.random.default_rng(0)
+    if problem == "autoencoder":
+        x = (rng.random((batch, 784)) < 0.3).astype("float32")
+        return tf.data.Dataset.from_tensors((x, x)).repeat()
+    x = rng.normal(size=(batch, 32, 32, 3)).astype("float32")
+    y = rng.integers(0, 10, size=batch)
+    return tf.data.Dataset.from_tensors((x, y)).repeat()
+
+
+class Config:
+    def __init__(self, label, make_optimizer, t1=None, t2=None):
+        self.label = label
+        self.make_optimizer = make_optimizer
+        self.t1, self.t2 = t1, t2
+        self.model = None
+        self.times = []
+        self.kinds = []
+
+
+def _kind(t, t1, t2):
+    if t1 is None:
+        return "plain"
+    period = t1 if t < t2 else t2
+    if t % period == 0:
+        return "refresh"
+    return "statistics" if t % t1 == 0 else "plain"
+
+
+def _build(problem, config, dataset):
+    keras.utils.set_random_seed(0)
+    if problem == "autoencoder":
+        model = mnist_autoencoder()
+        loss = keras_tnt.losses.SummedBinaryCrossentropy(from_logits=True)
+    else:
+        model = resnet32()
+        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    model.compile(optimizer=config.make_optimizer(), loss=loss, jit_compile=FLAGS.jit_compile)
+    # Trace and run a few steps; then jump TNT into its steady state (t >= T2).
+    model.fit(dataset, steps_per_epoch=3, epochs=1, verbose=0, shuffle=False)
+    if config.t2 is not None:
+        model.optimizer.iterations.assign(config.t2)
+    config.model = model
+
+
+def _measure(config, dataset, steps):
+    start = int(config.model.optimizer.iterations)
+    timer = StepTimer()
+    config.model.fit(
+        dataset, steps_per_epoch=steps, epochs=1, verbose=0, shuffle=False, callbacks=[timer]
+    )
+    config.times += timer.times
+    config.kinds += [_kind(start + k, config.t1, config.t2) for k in range(steps)]
+
+
+def _summary(config):
+    times = np.array(config.times)
+    kinds = np.array(config.kinds)
+    out = {"median_s": float(np.median(times)), "window_mean_s": float(times.mean())}
+    if config.t1 is None:
+        out["mean_s"] = out["window_mean_s"]
+        return out
+    t1, t2 = config.t1, config.t2
+    frac = {"refresh": 1 / t2, "statistics": (t2 // t1 - 1) / t2}
+    frac["plain"] = 1 - frac["refresh"] - frac["statistics"]
+    means = {k: float(times[kinds == k].mean()) for k in frac if np.any(kinds == k)}
+    out.update({f"{k}_mean_s": v for k, v in means.items()})
+    out["mean_s"] = sum(frac[k] * means.get(k, 0.0) for k in frac)
+    return out
+
+
+def run_problem(problem):
+    batch = 1000 if problem == "autoencoder" else 128
+    dataset = _dataset(problem, batch)
+    if problem == "autoencoder":
+        base = Config("Adam", lambda: keras.optimizers.Adam(1e-4))
+        tnts = [
+            Config("TNT T1=1 T2=20", lambda: keras_tnt.TNT(1e-4, 0.1, 0.9, 0.9, 1, 20), 1, 20),
+            Config(
+                "TNT T1=10 T2=100", lambda: keras_tnt.TNT(1e-4, 0.1, 0.9, 0.9, 10, 100), 10, 100
+            ),
+        ]
+        steps = {base.label: 60, tnts[0].label: 60, tnts[1].label: 100}
+    else:
+        base = Config("SGD-m", lambda: keras.optimizers.SGD(0.03, momentum=0.9))
+        tnts = [
+            Config(
+                "TNT T1=10 T2=100", lambda: keras_tnt.TNT(1e-4, 0.01, 0.9, 0.9, 10, 100), 10, 100
+            )
+        ]
+        steps = {c.label: FLAGS.resnet_steps for c in [base] + tnts}
+    configs = [base] + tnts
+    for c in configs:
+        _build(problem, c, dataset)
+    for _ in range(FLAGS.rounds):
+        for c in configs:
+            _measure(c, dataset, steps[c.label])
+    results = {"problem": problem, "batch": batch, "configs": {}}
+    b = _summary(base)
+    base_bytes = optimizer_bytes(base.model.optimizer)
+    print(f"\n== {problem}, batch {batch}, {FLAGS.rounds} rounds, jit_compile={FLAGS.jit_compile}")
+    print(
+        f"{'optimizer':<18}{'median ms':>10}{'mean ms':>9}{'median x':>10}{'mean x':>8}"
+        f"{'MAC x':>7}{'state MB':>10}{'state x':>9}"
+    )
+    print(
+        f"{base.label:<18}{1e3 * b['median_s']:>10.1f}{1e3 * b['mean_s']:>9.1f}"
+        f"{1.0:>10.2f}{1.0:>8.2f}{1.0:>7.2f}{base_bytes / 2**20:>10.1f}{1.0:>9.2f}"
+    )
+    results["configs"][base.label] = {**b, "optimizer_bytes": base_bytes}
+    for c in tnts:
+        s = _summary(c)
+        macs = arithmetic(c.model, batch, c.t1, c.t2)
+        nbytes = optimizer_bytes(c.model.optimizer)
+        print(
+            f"{c.label:<18}{1e3 * s['median_s']:>10.1f}{1e3 * s['mean_s']:>9.1f}"
+            f"{s['median_s'] / b['median_s']:>10.2f}{s['mean_s'] / b['mean_s']:>8.2f}"
+            f"{macs['ratio']:>7.2f}{nbytes / 2**20:>10.1f}{nbytes / base_bytes:>9.2f}"
+        )
+        kinds = {
+            k[: -len("_mean_s")]: round(1e3 * v, 1)
+            for k, v in s.items()
+            if k.endswith("_mean_s") and k != "window_mean_s"
+        }
+        print(f"{'':<18}per kind (ms): {kinds}")
+        results["configs"][c.label] = {
+            **s,
+            "median_ratio": s["median_s"] / b["median_s"],
+            "mean_ratio": s["mean_s"] / b["mean_s"],
+            "arithmetic": macs,
+            "optimizer_bytes": nbytes,
+        }
+    return results
+
+
+def main(argv):
+    del argv
+    unknown = set(FLAGS.problems) - {"autoencoder", "resnet32"}
+    if unknown:
+        raise app.UsageError(f"--problems: unknown {sorted(unknown)}; use autoencoder, resnet32")
+    print(
+        f"TensorFlow {tf.__version__}, Keras {keras.__version__}, {platform.processor() or ''} "
+        f"{os.cpu_count()} CPUs, devices: {[d.name for d in tf.config.list_logical_devices()]}"
+    )
+    results = [run_problem(p) for p in FLAGS.problems]
+    if FLAGS.output:
+        with open(FLAGS.output, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    app.run(main)
