@@ -147,10 +147,13 @@ class FisherModel(keras.Model):
             raise ValueError("Compile the FisherModel before training it.")
         targets = tf.stop_gradient(self.sample_targets(y_pred, seed))
         with tf.GradientTape() as output_tape:
-            output_tape.watch(y_pred)
-            loss = self._sampler.loss(targets, y_pred, sample_weight)
+            # A fresh tensor: Keras' probability losses otherwise reach past a softmax/sigmoid
+            # output to its cached logits, and the loss would not depend on the watched tensor.
+            outputs = tf.identity(y_pred)
+            output_tape.watch(outputs)
+            loss = self._sampler.loss(targets, outputs, sample_weight)
             loss = self.optimizer.scale_loss(loss)
-        output_gradient = output_tape.gradient(loss, y_pred)
+        output_gradient = output_tape.gradient(loss, outputs)
         grads = tape.gradient(
             y_pred,
             self.trainable_variables,
