@@ -82,11 +82,6 @@ def test_tensor_modes_rejects_non_positive_dims(shape):
 # ------------------------------------------------------------------------ mode_contractions
 
 
-def test_big_test_modes_reach_the_block_triangular_path():
-    # The 512/513/520/600 shapes below only test the block-triangular _gram if they reach it.
-    assert kronecker.SYMMETRIC_BLOCK_THRESHOLD <= 512
-
-
 @pytest.mark.parametrize(
     "shape",
     [
