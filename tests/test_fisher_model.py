@@ -148,8 +148,9 @@ def test_mirrored_with_sampled_targets_keeps_replicas_identical():
         np.testing.assert_array_equal(parts[0], parts[1], err_msg=v.path)
 
 
-def test_mixed_precision_keeps_statistics_in_float32():
-    keras.mixed_precision.set_global_policy("mixed_float16")
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_mixed_precision_keeps_statistics_in_float32(policy):
+    keras.mixed_precision.set_global_policy(policy)
     try:
         x, y = _data()
         model = _compile(_classifier(), curvature_update_period=1)
