@@ -242,3 +242,19 @@ def test_warm_start_errors():
     _compile(model)
     with pytest.raises(ValueError, match="steps"):
         model.warm_start(np.zeros((4, 8)), steps=0)
+
+
+def test_warm_start_callback_does_not_repeat_on_resume(tmp_path):
+    x, y = _data(n=64)
+    model = _compile(_classifier())
+    callback = keras_tnt.WarmStart(x, batch_size=32, verbose=0)
+    model.fit(x, y, batch_size=32, epochs=1, verbose=0, callbacks=[callback])
+    assert model.optimizer.warm_start_batches == 2
+    updates = model.optimizer.curvature_updates
+    path = os.path.join(tmp_path, "resume.keras")
+    model.save(path)
+    resumed = keras.models.load_model(path)
+    resumed.fit(x, y, batch_size=32, epochs=1, verbose=0, callbacks=[callback])
+    assert resumed.optimizer.warm_start_batches == 2
+    # Steps 2 and 3 of the resumed run: T1 = 2 folds statistics at step 2 only.
+    assert resumed.optimizer.curvature_updates == updates + 1
