@@ -1,8 +1,27 @@
 """The paper's model zoo (see docs/algorithm.md §5 of the project's reference notes)."""
 
 from models.autoencoder import autoencoder
+from models.autoencoder import digits_autoencoder
 from models.autoencoder import faces_autoencoder
 from models.autoencoder import mnist_autoencoder
+from models.mlp import digits_classifier
+from models.mlp import figure1_mlp
+from models.mlp import linear
+from models.mlp import mlp
+from models.resnet import ZeroPadShortcut
 from models.resnet import resnet32
+from models.vgg import vgg16_bn
 
-__all__ = ["autoencoder", "faces_autoencoder", "mnist_autoencoder", "resnet32"]
+__all__ = [
+    "ZeroPadShortcut",
+    "autoencoder",
+    "digits_autoencoder",
+    "digits_classifier",
+    "faces_autoencoder",
+    "figure1_mlp",
+    "linear",
+    "mlp",
+    "mnist_autoencoder",
+    "resnet32",
+    "vgg16_bn",
+]

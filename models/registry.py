@@ -1,0 +1,200 @@
+"""One registry of named problems: model + loss + data + the paper's settings.
+
+Every experiment of the paper (``docs/algorithm.md`` §5 of the project notes) is a
+:class:`Problem`; ``train.py --problem=NAME`` runs it. The two ``digits_*`` problems use
+scikit-learn's 8x8 digits, which ship inside the wheel, and are the offline defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import keras
+
+import keras_tnt
+
+OPTIMIZERS = ("tnt", "adam", "sgd")
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    name: str
+    description: str
+    build: Callable[[], keras_tnt.FisherModel]
+    loss: Callable[[], keras.losses.Loss]
+    dataset: str  # a name of models.data.DATASETS
+    target: str  # "input" (autoencoder) or "label" (classifier)
+    batch_size: int
+    epochs: int
+    curvature_update_period: int
+    inverse_update_period: int
+    # Per optimizer: the settings the authors published (where they did), else ours.
+    defaults: dict[str, dict[str, float]]
+    time_budget_s: float | None = None
+    # Staircase decay (factor every N epochs), per optimizer family; None = constant.
+    lr_decay_epochs: dict[str, int] | None = None
+    lr_decay_factor: float = 0.1
+    # First-order runs get more epochs on CIFAR (the paper's 200 vs 100).
+    first_order_epochs: int | None = None
+
+    @property
+    def classifier(self) -> bool:
+        return self.target == "label"
+
+
+def _autoencoder_loss():
+    return keras_tnt.losses.SummedBinaryCrossentropy(from_logits=True)
+
+
+def _classifier_loss():
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def _build(name):
+    def build():
+        import models
+
+        return getattr(models, name)()
+
+    return build
+
+
+_AUTOENCODER_DEFAULTS = {
+    # Published best settings on the MNIST autoencoder (one seed).
+    "tnt": {"learning_rate": 1e-4, "damping": 0.1},
+    "adam": {"learning_rate": 1e-4, "epsilon": 1e-4},
+    "sgd": {"learning_rate": 3e-3},
+}
+_CIFAR_DEFAULTS = {
+    # Published best settings on ResNet-32 / CIFAR-10; weight decay is decoupled (W *= 1 - lr*wd).
+    "tnt": {"learning_rate": 1e-4, "damping": 0.01, "weight_decay": 10.0},
+    "adam": {"learning_rate": 1e-3, "epsilon": 1e-8, "weight_decay": 1e-4},
+    "sgd": {"learning_rate": 0.03, "weight_decay": 0.01},
+}
+
+PROBLEMS: dict[str, Problem] = {
+    p.name: p
+    for p in [
+        Problem(
+            name="digits_autoencoder",
+            description="scikit-learn 8x8 digits, 64-48-16-48-64 autoencoder, summed BCE",
+            build=_build("digits_autoencoder"),
+            loss=_autoencoder_loss,
+            dataset="digits",
+            target="input",
+            batch_size=100,
+            epochs=30,
+            curvature_update_period=1,
+            inverse_update_period=20,
+            defaults={
+                "tnt": {"learning_rate": 1e-3, "damping": 0.1},
+                "adam": {"learning_rate": 1e-3, "epsilon": 1e-7},
+                "sgd": {"learning_rate": 1e-3},
+            },
+        ),
+        Problem(
+            name="digits_classifier",
+            description="scikit-learn 8x8 digits, 64-32-32-10 tanh MLP, softmax cross-entropy",
+            build=_build("digits_classifier"),
+            loss=_classifier_loss,
+            dataset="digits",
+            target="label",
+            batch_size=100,
+            epochs=30,
+            curvature_update_period=1,
+            inverse_update_period=20,
+            defaults={
+                "tnt": {"learning_rate": 3e-3, "damping": 0.1},
+                "adam": {"learning_rate": 3e-3, "epsilon": 1e-7},
+                "sgd": {"learning_rate": 0.1},
+            },
+        ),
+        Problem(
+            name="mnist_autoencoder",
+            description="MNIST, 784-1000-500-250-30-250-500-1000-784 autoencoder, summed BCE",
+            build=_build("mnist_autoencoder"),
+            loss=_autoencoder_loss,
+            dataset="mnist",
+            target="input",
+            batch_size=1000,
+            epochs=10_000,
+            time_budget_s=500.0,
+            curvature_update_period=1,
+            inverse_update_period=20,
+            defaults=_AUTOENCODER_DEFAULTS,
+        ),
+        Problem(
+            name="faces_autoencoder",
+            description="FACES, 625-2000-1000-500-30-500-1000-2000-625, summed half squared error",
+            build=_build("faces_autoencoder"),
+            loss=keras_tnt.losses.HalfSquaredError,
+            dataset="faces",
+            target="input",
+            batch_size=1000,
+            epochs=10_000,
+            time_budget_s=2000.0,
+            curvature_update_period=1,
+            inverse_update_period=20,
+            # Not published for FACES: the MNIST autoencoder's values.
+            defaults=_AUTOENCODER_DEFAULTS,
+        ),
+        Problem(
+            name="cifar10_resnet32",
+            description="CIFAR-10, ResNet-32, softmax cross-entropy",
+            build=_build("resnet32"),
+            loss=_classifier_loss,
+            dataset="cifar10",
+            target="label",
+            batch_size=128,
+            epochs=100,
+            first_order_epochs=200,
+            curvature_update_period=10,
+            inverse_update_period=100,
+            lr_decay_epochs={"second_order": 40, "first_order": 60},
+            defaults=_CIFAR_DEFAULTS,
+        ),
+        Problem(
+            name="cifar100_vgg16",
+            description="CIFAR-100, VGG16 with BatchNorm, softmax cross-entropy",
+            build=_build("vgg16_bn"),
+            loss=_classifier_loss,
+            dataset="cifar100",
+            target="label",
+            batch_size=128,
+            epochs=100,
+            first_order_epochs=200,
+            curvature_update_period=10,
+            inverse_update_period=100,
+            lr_decay_epochs={"second_order": 40, "first_order": 60},
+            # Not published for VGG16: the ResNet-32 values.
+            defaults=_CIFAR_DEFAULTS,
+        ),
+        Problem(
+            name="figure1_mlp",
+            description="MNIST at 16x16, 256-20-20-20-20-20-10 tanh MLP (the paper's Figure 1)",
+            build=_build("figure1_mlp"),
+            loss=_classifier_loss,
+            dataset="mnist16",
+            target="label",
+            batch_size=1000,
+            epochs=10,
+            curvature_update_period=1,
+            inverse_update_period=20,
+            defaults={
+                "tnt": {"learning_rate": 3e-3, "damping": 0.1},
+                "adam": {"learning_rate": 1e-3, "epsilon": 1e-7},
+                "sgd": {"learning_rate": 0.1},
+            },
+        ),
+    ]
+}
+
+
+def get(name: str) -> Problem:
+    try:
+        return PROBLEMS[name]
+    except KeyError:
+        raise ValueError(
+            f"Unknown problem {name!r}; choose one of: {', '.join(sorted(PROBLEMS))}."
+        ) from None

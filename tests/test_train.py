@@ -1,0 +1,123 @@
+"""train.py end to end: outputs, kill-and-resume, bad flags, missing data, the tfds path."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+
+import keras_tnt  # noqa: F401  (registers FisherModel and TNT for load_model)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _train(*args, timeout=300):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=ROOT)
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "train.py"), "--verbose=0", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env=env,
+    )
+
+
+def _state(run_dir):
+    model = keras.models.load_model(os.path.join(run_dir, "checkpoint.keras"))
+    return [np.array(w) for w in model.weights] + [np.array(v) for v in model.optimizer.variables]
+
+
+def test_default_run_writes_everything_and_resumes_exactly(tmp_path):
+    common = ["--steps_per_epoch=4", "--seed=3"]
+    straight = str(tmp_path / "straight")
+    resumed = str(tmp_path / "resumed")
+    result = _train("--epochs=2", f"--output_dir={straight}", *common)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for name in ("flags.json", "history.csv", "summary.json", "checkpoint.keras", "state.json"):
+        assert os.path.exists(os.path.join(straight, name)), name
+    assert os.listdir(os.path.join(straight, "tensorboard"))
+    flags_written = json.load(open(os.path.join(straight, "flags.json")))
+    assert flags_written["problem"] == "digits_autoencoder"  # the default problem
+    assert flags_written["optimizer"] == "tnt"
+    rows = list(csv.DictReader(open(os.path.join(straight, "history.csv"))))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    for column in ("loss", "smoothed_loss", "val_loss", "wall_seconds", "process_seconds"):
+        assert np.isfinite(float(rows[-1][column])), column
+    summary = json.load(open(os.path.join(straight, "summary.json")))
+    assert summary["epochs"] == 2 and summary["steps"] == 8
+    assert summary["skipped_updates"] == 0
+
+    # Interrupted after epoch 1, then started again with the same directory.
+    assert _train("--epochs=1", f"--output_dir={resumed}", *common).returncode == 0
+    result = _train("--epochs=2", f"--output_dir={resumed}", *common)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Warm start" not in result.stdout  # statistics came from the checkpoint
+    for a, b in zip(_state(straight), _state(resumed), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+    # Other settings in the same directory are refused.
+    result = _train("--epochs=2", "--learning_rate=0.5", f"--output_dir={resumed}", *common)
+    assert result.returncode != 0 and "other settings" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "flag, message",
+    [
+        ("--problem=imagenet", "--problem"),
+        ("--optimizer=rmsprop", "--optimizer"),
+        ("--learning_rate=-1", "--learning_rate must be > 0"),
+        ("--momentum=1.5", "--momentum must be in [0, 1)"),
+        ("--curvature_update_period=0", "--curvature_update_period must be > 0"),
+    ],
+)
+def test_bad_flags_exit_nonzero_with_a_message(flag, message, tmp_path):
+    result = _train(flag, f"--output_dir={tmp_path}")
+    assert result.returncode != 0
+    assert message in result.stderr
+
+
+def test_missing_data_set_stops_within_seconds(tmp_path):
+    empty = str(tmp_path / "tfds")
+    os.makedirs(empty)
+    start = time.monotonic()
+    result = _train(
+        "--problem=mnist_autoencoder",
+        f"--data_dir={empty}",
+        "--output_dir=" + str(tmp_path / "run"),
+    )
+    elapsed = time.monotonic() - start
+    assert result.returncode == 2
+    assert "mnist" in result.stderr and empty in result.stderr
+    assert elapsed < 60  # TensorFlow's import included; tfds retries would take minutes
+
+
+def test_tfds_problem_trains_on_mock_data(tmp_path):
+    import tensorflow_datasets as tfds
+
+    import train
+
+    train.FLAGS.unparse_flags()
+    train.FLAGS(
+        [
+            "train.py",
+            "--problem=figure1_mlp",
+            "--epochs=1",
+            "--steps_per_epoch=2",
+            "--batch_size=8",
+            "--warm_start_batches=2",
+            f"--output_dir={tmp_path}",
+        ]
+    )
+    try:
+        with tfds.testing.mock_data(num_examples=32):
+            summary = train.run(train.resolve_config())
+    finally:
+        train.FLAGS.unparse_flags()
+    assert summary["epochs"] == 1 and summary["steps"] == 2
+    assert 0.0 <= summary["final_val_accuracy"] <= 1.0

@@ -1,0 +1,375 @@
+r"""Train one problem of the paper's zoo with one optimizer: one run = one command.
+
+    python train.py                                   # TNT on the digits autoencoder (offline)
+    python train.py --problem=digits_classifier --optimizer=adam
+    python train.py --problem=mnist_autoencoder --optimizer=tnt --data_dir=~/tensorflow_datasets
+    python train.py --flagfile=best.flags             # e.g. a tuning result
+
+A run writes to ``--output_dir``: ``flags.json`` (every resolved setting), ``history.csv`` (one
+row per epoch: training loss, the smoothed minibatch training loss the paper tunes on,
+validation loss/accuracy, learning rate, training/wall/process seconds), TensorBoard logs under
+``tensorboard/``, a checkpoint after every epoch (``checkpoint.keras`` + ``state.json``) and
+``summary.json`` at the end. Started again with the same ``--output_dir`` it resumes from the last
+checkpoint, with the optimizer's statistics, step counter and the data order intact.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+
+import keras_tnt  # noqa: E402
+from models import data  # noqa: E402
+from models import registry  # noqa: E402
+
+FLAGS = flags.FLAGS
+
+flags.DEFINE_enum("problem", "digits_autoencoder", sorted(registry.PROBLEMS), "Problem to train.")
+flags.DEFINE_enum("optimizer", "tnt", list(registry.OPTIMIZERS), "Optimizer.")
+flags.DEFINE_float("learning_rate", None, "Learning rate (default: the problem's best).")
+flags.DEFINE_float("damping", None, "TNT damping ε > 0 (default: the problem's best).")
+flags.DEFINE_float("momentum", 0.9, "Momentum β in [0, 1) (TNT and SGD).")
+flags.DEFINE_float("epsilon", None, "Adam's ε (default: the problem's best).")
+flags.DEFINE_float("weight_decay", None, "Decoupled weight decay λ >= 0: W *= 1 - lr*λ.")
+flags.DEFINE_integer("batch_size", None, "Minibatch size (default: the paper's).")
+flags.DEFINE_integer("epochs", None, "Epochs (default: the paper's).")
+flags.DEFINE_float("time_budget_s", None, "Stop after this much training time (0: none).")
+flags.DEFINE_integer("lr_decay_epochs", None, "Staircase decay every N epochs (0: constant).")
+flags.DEFINE_float("lr_decay_factor", None, "Factor of the staircase decay, in (0, 1].")
+flags.DEFINE_integer("curvature_update_period", None, "TNT's T1 (statistics every T1 steps).")
+flags.DEFINE_integer("inverse_update_period", None, "TNT's T2 (inverses every T2 steps).")
+flags.DEFINE_boolean("warm_start", True, "TNT: warm-start the statistics before training.")
+flags.DEFINE_integer("warm_start_batches", 0, "Warm-start batches (0: one pass over the data).")
+flags.DEFINE_float("loss_smoothing", 0.99, "Decay of the smoothed minibatch loss, in [0, 1).")
+flags.DEFINE_integer("steps_per_epoch", 0, "Limit the steps of an epoch (0: the whole data set).")
+flags.DEFINE_integer("seed", 0, "Seed of weights, data order, augmentation and target draws.")
+flags.DEFINE_string("output_dir", None, "Run directory (default: runs/PROBLEM-OPTIMIZER-sSEED).")
+flags.DEFINE_string("data_dir", None, "tensorflow-datasets data directory.")
+flags.DEFINE_string("faces_path", None, "Path of newfaces_rot_single.mat (FACES problem).")
+flags.DEFINE_boolean("jit_compile", False, "Compile the training step with XLA.")
+flags.DEFINE_enum("strategy", "default", ["default", "mirrored"], "tf.distribute strategy.")
+flags.DEFINE_integer("verbose", 1, "Keras verbosity: 0 silent, 1 progress bar, 2 one line/epoch.")
+
+
+def _positive(name, allow_zero=False):
+    def check(value):
+        return value is None or value > 0 or (allow_zero and value == 0)
+
+    bound = ">= 0" if allow_zero else "> 0"
+    flags.register_validator(name, check, message=f"--{name} must be {bound}")
+
+
+for _name in ("learning_rate", "damping", "epsilon", "batch_size", "epochs"):
+    _positive(_name)
+for _name in ("weight_decay", "time_budget_s", "lr_decay_epochs", "warm_start_batches"):
+    _positive(_name, allow_zero=True)
+for _name in ("curvature_update_period", "inverse_update_period"):
+    _positive(_name)
+_positive("steps_per_epoch", allow_zero=True)
+flags.register_validator("momentum", lambda v: 0 <= v < 1, message="--momentum must be in [0, 1)")
+flags.register_validator(
+    "loss_smoothing", lambda v: 0 <= v < 1, message="--loss_smoothing must be in [0, 1)"
+)
+flags.register_validator(
+    "lr_decay_factor",
+    lambda v: v is None or 0 < v <= 1,
+    message="--lr_decay_factor must be in (0, 1]",
+)
+flags.register_validator("verbose", lambda v: v in (0, 1, 2), message="--verbose must be 0, 1 or 2")
+
+
+# ----------------------------------------------------------------- settings
+
+
+def resolve_config() -> dict:
+    """Every setting of the run: the flags, with the problem's defaults filled in."""
+    problem = registry.get(FLAGS.problem)
+    opt = FLAGS.optimizer
+    defaults = problem.defaults.get(opt, {})
+    first_order = opt != "tnt"
+
+    def pick(flag, default):
+        value = getattr(FLAGS, flag)
+        return default if value is None else value
+
+    decay_epochs = 0
+    if problem.lr_decay_epochs:
+        decay_epochs = problem.lr_decay_epochs["first_order" if first_order else "second_order"]
+    epochs = problem.first_order_epochs if first_order and problem.first_order_epochs else None
+    config = {
+        "problem": problem.name,
+        "optimizer": opt,
+        "learning_rate": pick("learning_rate", defaults.get("learning_rate", 1e-3)),
+        "damping": pick("damping", defaults.get("damping", 0.1)),
+        "momentum": FLAGS.momentum,
+        "epsilon": pick("epsilon", defaults.get("epsilon", 1e-7)),
+        "weight_decay": pick("weight_decay", defaults.get("weight_decay", 0.0)),
+        "batch_size": pick("batch_size", problem.batch_size),
+        "epochs": pick("epochs", epochs or problem.epochs),
+        "time_budget_s": pick("time_budget_s", problem.time_budget_s or 0.0),
+        "lr_decay_epochs": pick("lr_decay_epochs", decay_epochs),
+        "lr_decay_factor": pick("lr_decay_factor", problem.lr_decay_factor),
+        "curvature_update_period": pick("curvature_update_period", problem.curvature_update_period),
+        "inverse_update_period": pick("inverse_update_period", problem.inverse_update_period),
+        "warm_start": FLAGS.warm_start and opt == "tnt",
+        "warm_start_batches": FLAGS.warm_start_batches,
+        "loss_smoothing": FLAGS.loss_smoothing,
+        "steps_per_epoch": FLAGS.steps_per_epoch,
+        "seed": FLAGS.seed,
+        "data_dir": FLAGS.data_dir,
+        "faces_path": FLAGS.faces_path,
+        "jit_compile": FLAGS.jit_compile,
+        "strategy": FLAGS.strategy,
+        "output_dir": FLAGS.output_dir
+        or os.path.join("runs", f"{problem.name}-{opt}-s{FLAGS.seed}"),
+    }
+    return config
+
+
+def make_optimizer(config: dict) -> keras.optimizers.Optimizer:
+    wd = config["weight_decay"] or None
+    lr = config["learning_rate"]
+    if config["optimizer"] == "tnt":
+        return keras_tnt.TNT(
+            learning_rate=lr,
+            damping=config["damping"],
+            momentum=config["momentum"],
+            curvature_update_period=config["curvature_update_period"],
+            inverse_update_period=config["inverse_update_period"],
+            weight_decay=wd,
+        )
+    if config["optimizer"] == "adam":
+        # Standard Adam with decoupled weight decay (the paper's release squares the
+        # bias-corrected momentum instead of the gradient; see the README).
+        return keras.optimizers.AdamW(
+            learning_rate=lr, weight_decay=wd or 0.0, epsilon=config["epsilon"]
+        )
+    # Keras' SGD: v <- βv - αg, W <- W + v, the paper's m <- βm + g, W <- W - αm at constant α.
+    return keras.optimizers.SGD(learning_rate=lr, momentum=config["momentum"], weight_decay=wd)
+
+
+def learning_rate_at(config: dict, epoch: int) -> float:
+    every = config["lr_decay_epochs"]
+    if not every:
+        return config["learning_rate"]
+    return config["learning_rate"] * config["lr_decay_factor"] ** (epoch // every)
+
+
+# ---------------------------------------------------------------- callbacks
+
+
+class RunLog(keras.callbacks.Callback):
+    """Training time, the smoothed minibatch loss, and the time budget."""
+
+    def __init__(self, state: dict, config: dict):
+        super().__init__()
+        self.state = state
+        self.decay = config["loss_smoothing"]
+        self.budget = config["time_budget_s"]
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._previous_mean = 0.0
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.state["train_seconds"] += time.perf_counter() - self._start
+        self.state["steps"] += 1
+        # Keras logs the running mean of the epoch; recover this minibatch's loss from it.
+        mean = float(logs["loss"])
+        loss = (batch + 1) * mean - batch * self._previous_mean
+        self._previous_mean = mean
+        ema = self.state["smoothed_raw"] = (
+            self.decay * self.state["smoothed_raw"] + (1 - self.decay) * loss
+        )
+        self.state["smoothed_loss"] = ema / (1 - self.decay ** self.state["steps"])
+        if math.isfinite(self.state["smoothed_loss"]):
+            self.state["best_smoothed_loss"] = min(
+                self.state["best_smoothed_loss"], self.state["smoothed_loss"]
+            )
+        if self.budget and self.state["train_seconds"] >= self.budget:
+            self.model.stop_training = True
+
+
+# -------------------------------------------------------------------- run
+
+
+def _load_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def _write_json(path, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def _dataset(config, split, epoch=0):
+    problem = registry.get(config["problem"])
+    return data.load(
+        problem.dataset,
+        split,
+        config["batch_size"],
+        data_dir=config["data_dir"],
+        faces_path=config["faces_path"],
+        target=problem.target,
+        seed=config["seed"] * 100_003 + epoch,
+        shuffle=split == "train",
+    )
+
+
+def run(config: dict) -> dict:
+    out = config["output_dir"]
+    os.makedirs(out, exist_ok=True)
+    problem = registry.get(config["problem"])
+    checkpoint = os.path.join(out, "checkpoint.keras")
+    state_path = os.path.join(out, "state.json")
+    history_path = os.path.join(out, "history.csv")
+    resumed = os.path.exists(checkpoint) and os.path.exists(state_path)
+    if resumed:
+        saved = _load_json(os.path.join(out, "flags.json"))
+        changed = {
+            k: (saved.get(k), v)
+            for k, v in config.items()
+            if k not in ("epochs", "time_budget_s", "verbose") and saved.get(k) != v
+        }
+        if changed:
+            raise app.UsageError(
+                f"{out} holds a run with other settings {changed}; use another --output_dir."
+            )
+    _write_json(os.path.join(out, "flags.json"), config)
+
+    # Before anything random: tf.data's seeded shuffles also depend on the global seed, and a
+    # resumed run must see the data order an uninterrupted one would.
+    keras.utils.set_random_seed(config["seed"])
+    # Fail fast (within seconds) if the data set is not there.
+    test_data = _dataset(config, "test")
+
+    strategy = (
+        tf.distribute.MirroredStrategy()
+        if config["strategy"] == "mirrored"
+        else tf.distribute.get_strategy()
+    )
+    with strategy.scope():
+        if resumed:
+            model = keras.models.load_model(checkpoint)
+            state = _load_json(state_path)
+        else:
+            model = problem.build()
+            model.fisher_seed = config["seed"]
+            model.compile(
+                optimizer=make_optimizer(config),
+                loss=problem.loss(),
+                metrics=["accuracy"] if problem.classifier else None,
+                jit_compile=config["jit_compile"],
+            )
+            state = {
+                "epochs_done": 0,
+                "steps": 0,
+                "train_seconds": 0.0,
+                "wall_seconds": 0.0,
+                "process_seconds": 0.0,
+                "smoothed_raw": 0.0,
+                "smoothed_loss": float("nan"),
+                "best_smoothed_loss": float("inf"),
+            }
+    if not resumed and config["warm_start"]:
+        steps = config["warm_start_batches"] or None
+        print(f"Warm start over {steps or 'one pass of'} training batches")
+        model.warm_start(_dataset(config, "train", epoch=-1), steps=steps)
+
+    tensorboard = keras.callbacks.TensorBoard(os.path.join(out, "tensorboard"))
+    log = RunLog(state, config)
+    columns = None
+    start_wall, start_process = time.time(), time.process_time()
+    wall0, process0 = state["wall_seconds"], state["process_seconds"]
+    for epoch in range(state["epochs_done"], config["epochs"]):
+        if config["time_budget_s"] and state["train_seconds"] >= config["time_budget_s"]:
+            break
+        lr = learning_rate_at(config, epoch)
+        model.optimizer.learning_rate = lr
+        history = model.fit(
+            _dataset(config, "train", epoch),
+            initial_epoch=epoch,
+            epochs=epoch + 1,
+            steps_per_epoch=config["steps_per_epoch"] or None,
+            validation_data=test_data,
+            shuffle=False,  # the pipeline shuffles, seeded per epoch
+            callbacks=[log, tensorboard],
+            verbose=FLAGS.verbose if FLAGS.is_parsed() else 0,
+        )
+        state["epochs_done"] = epoch + 1
+        state["wall_seconds"] = wall0 + time.time() - start_wall
+        state["process_seconds"] = process0 + time.process_time() - start_process
+        row = {"epoch": epoch + 1, "learning_rate": lr}
+        row.update({k: v[-1] for k, v in history.history.items()})
+        row.update(
+            {
+                k: state[k]
+                for k in ("smoothed_loss", "train_seconds", "wall_seconds", "process_seconds")
+            }
+        )
+        columns = columns or list(row)
+        new_file = not os.path.exists(history_path)
+        with open(history_path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+            if new_file:
+                writer.writeheader()
+            writer.writerow(row)
+        model.save(checkpoint + ".tmp.keras")
+        os.replace(checkpoint + ".tmp.keras", checkpoint)
+        _write_json(state_path, state)
+        if model.stop_training:
+            break
+
+    rows = list(csv.DictReader(open(history_path))) if os.path.exists(history_path) else []
+    summary = {
+        "problem": config["problem"],
+        "optimizer": config["optimizer"],
+        "epochs": state["epochs_done"],
+        "steps": state["steps"],
+        "train_seconds": state["train_seconds"],
+        "wall_seconds": state["wall_seconds"],
+        "final_loss": float(rows[-1]["loss"]) if rows else None,
+        "best_smoothed_loss": state["best_smoothed_loss"],
+        "final_val_loss": float(rows[-1]["val_loss"]) if rows and "val_loss" in rows[-1] else None,
+    }
+    if problem.classifier and rows:
+        summary["final_val_accuracy"] = float(rows[-1]["val_accuracy"])
+        summary["best_val_accuracy"] = max(float(r["val_accuracy"]) for r in rows)
+    optimizer = getattr(model, "curvature_optimizer", None)
+    if optimizer is not None:
+        summary["skipped_updates"] = optimizer.skipped_updates
+        summary["failed_inversions"] = optimizer.failed_inversions
+    _write_json(os.path.join(out, "summary.json"), summary)
+    return summary
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    config = resolve_config()
+    try:
+        summary = run(config)
+    except data.DataUnavailableError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    app.run(main)
