@@ -121,3 +121,27 @@ def test_tfds_problem_trains_on_mock_data(tmp_path):
         train.FLAGS.unparse_flags()
     assert summary["epochs"] == 1 and summary["steps"] == 2
     assert 0.0 <= summary["final_val_accuracy"] <= 1.0
+
+
+def test_plot_overlays_runs_into_a_png(tmp_path):
+    import matplotlib.image
+
+    import plot
+
+    for optimizer, losses in (("tnt", [30.0, 20.0, 15.0]), ("adam", [40.0, 30.0, 25.0])):
+        run = tmp_path / optimizer
+        run.mkdir()
+        (run / "flags.json").write_text(
+            json.dumps({"optimizer": optimizer, "seed": 0, "problem": "digits_autoencoder"})
+        )
+        with open(run / "history.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["epoch", "loss", "train_seconds"])
+            for epoch, loss in enumerate(losses, start=1):
+                writer.writerow([epoch, loss, 0.5 * epoch])
+    output = str(tmp_path / "fig.png")
+    assert plot.main([str(tmp_path / "tnt"), str(tmp_path / "adam"), f"--output={output}"]) == 0
+    image = matplotlib.image.imread(output)
+    assert image.shape[0] > 100 and image.shape[1] > 200
+    assert plot.main([str(tmp_path / "tnt"), "--metric=val_accuracy", f"--output={output}"]) == 2
+    assert plot.main([str(tmp_path), f"--output={output}"]) == 2
