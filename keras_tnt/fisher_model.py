@@ -112,7 +112,20 @@ class FisherModel(keras.Model):
 
     @property
     def curvature_optimizer(self):
-        """The compiled optimizer if it takes Fisher statistics (unwrapping loss scaling)."""
+        """The compiled optimizer if it needs sampled-label statistics (unwrapping loss scaling).
+
+        None for first-order optimizers and for ones that take their statistics from the
+        ordinary gradients (``TNT(empirical_fisher=True)``): those train with Keras' own step.
+        """
+        optimizer = getattr(self, "optimizer", None)
+        optimizer = getattr(optimizer, "inner_optimizer", optimizer)
+        if not hasattr(optimizer, "update_curvature"):
+            return None
+        return optimizer if getattr(optimizer, "needs_sampled_gradients", True) else None
+
+    @property
+    def statistics_optimizer(self):
+        """The compiled optimizer if it keeps Kronecker statistics at all (sampled or not)."""
         optimizer = getattr(self, "optimizer", None)
         optimizer = getattr(optimizer, "inner_optimizer", optimizer)
         return optimizer if hasattr(optimizer, "update_curvature") else None
@@ -214,15 +227,28 @@ class FisherModel(keras.Model):
     def _make_warm_start_function(self):
         if getattr(self, "_warm_start_function", None) is not None:
             return self._warm_start_function
-        optimizer = self.curvature_optimizer
+        optimizer = self.statistics_optimizer
         strategy = self.distribute_strategy
+        sampled = getattr(optimizer, "needs_sampled_gradients", True)
 
         def replica_step(data):
-            x_batch, _, sample_weight = _unpack(data)
+            x_batch, y_batch, sample_weight = _unpack(data)
             with tf.GradientTape() as tape:
                 y_pred = self._call_for_training(x_batch)
-            seed = self._seed(optimizer._warm_start_batches, stream=1)
-            grads = self._fisher_gradients(tape, y_pred, sample_weight, seed)
+                if not sampled:  # empirical Fisher: the ordinary loss at the true targets
+                    loss = self._compute_loss(
+                        x=x_batch, y=y_batch, y_pred=y_pred, sample_weight=sample_weight
+                    )
+                    loss = self.optimizer.scale_loss(loss)
+            if sampled:
+                seed = self._seed(optimizer._warm_start_batches, stream=1)
+                grads = self._fisher_gradients(tape, y_pred, sample_weight, seed)
+            else:
+                grads = tape.gradient(
+                    loss,
+                    self.trainable_variables,
+                    unconnected_gradients=tf.UnconnectedGradients.ZERO,
+                )
             optimizer.accumulate_curvature(grads)
 
         @tf.function(reduce_retracing=True)
@@ -240,7 +266,7 @@ class FisherModel(keras.Model):
         running mean of their contractions (``optimizer.accumulate_curvature``). No weight
         changes. Call it after ``compile`` and before ``fit``; see also :class:`WarmStart`.
         """
-        optimizer = self.curvature_optimizer
+        optimizer = self.statistics_optimizer
         if optimizer is None:
             raise ValueError(
                 "warm_start needs a model compiled with an optimizer that keeps Fisher "
@@ -300,7 +326,7 @@ class WarmStart(keras.callbacks.Callback):
                 "WarmStart needs a keras_tnt.FisherModel; wrap the model with "
                 "keras_tnt.FisherModel.from_model(model)."
             )
-        optimizer = self.model.curvature_optimizer
+        optimizer = self.model.statistics_optimizer
         if optimizer is None:
             raise ValueError(
                 "WarmStart needs the model compiled with keras_tnt.TNT (or another "

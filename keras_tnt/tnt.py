@@ -86,6 +86,10 @@ class TNT(keras.optimizers.Optimizer):
         weight_decay: decoupled weight decay ``λ`` >= 0 or None: ``W ← W (1 - α λ)`` before the
             preconditioned step; it enters neither the momentum nor the statistics. Use
             ``exclude_from_weight_decay`` as with any Keras optimizer.
+        empirical_fisher: if True, the statistics come from the ordinary minibatch gradients
+            given to ``apply`` (the empirical Fisher; "TNT-EF", the paper's ablation D.4) instead
+            of sampled-label gradients. It then works on any model and any loss, with no Fisher
+            training step.
         **kwargs: every base keyword of ``keras.optimizers.Optimizer`` (``clipnorm``,
             ``clipvalue``, ``global_clipnorm``, ``use_ema``, ``ema_momentum``,
             ``ema_overwrite_frequency``, ``loss_scale_factor``,
@@ -107,6 +111,7 @@ class TNT(keras.optimizers.Optimizer):
         curvature_update_period: int = 1,
         inverse_update_period: int = 20,
         weight_decay: float | None = None,
+        empirical_fisher: bool = False,
         clipnorm=None,
         clipvalue=None,
         global_clipnorm=None,
@@ -143,9 +148,20 @@ class TNT(keras.optimizers.Optimizer):
             "curvature_update_period", curvature_update_period
         )
         self.inverse_update_period = _check_period("inverse_update_period", inverse_update_period)
+        if not isinstance(empirical_fisher, bool):
+            raise TypeError(
+                f"`empirical_fisher` must be True or False; received {empirical_fisher!r}."
+            )
+        self.empirical_fisher = empirical_fisher
         # Set once something feeds statistics (update_curvature, a FisherModel, a restored
-        # state); `apply` refuses to precondition with statistics nobody will ever fill.
-        self._curvature_source = False
+        # state); `apply` refuses to precondition with statistics nobody will ever fill. The
+        # empirical Fisher feeds itself from the gradients given to `apply`.
+        self._curvature_source = empirical_fisher
+
+    @property
+    def needs_sampled_gradients(self) -> bool:
+        """Whether statistics come from a sampled-label (Fisher) pass, i.e. need a FisherModel."""
+        return not self.empirical_fisher
 
     # ------------------------------------------------------------------ state
 
@@ -333,6 +349,11 @@ class TNT(keras.optimizers.Optimizer):
     # ------------------------------------------------------------------ step
 
     def apply(self, grads, trainable_variables=None):
+        if self.empirical_fisher:
+            if not self.built:
+                self.build(list(trainable_variables))
+            # TNT-EF (the paper's D.4 ablation): statistics from the ordinary gradients.
+            self.update_curvature(grads, condition=self.curvature_due())
         if not self._curvature_source:
             raise ValueError(
                 "TNT preconditions with Fisher statistics from gradients of labels sampled from "
@@ -370,17 +391,7 @@ class TNT(keras.optimizers.Optimizer):
             self.assign(variable, variable - variable * wd * learning_rate)
         modes = self._modes[idx]
         if modes:
-            t = self.iterations
-            period = ops.where(
-                t < self.inverse_update_period,
-                self.curvature_update_period,
-                self.inverse_update_period,
-            )
-            ops.cond(
-                ops.equal(t % ops.cast(period, t.dtype), 0),
-                lambda: self._refresh_inverses(idx),
-                lambda: None,
-            )
+            ops.cond(self._refresh_due(), lambda: self._refresh_inverses(idx), lambda: None)
             sdtype = statistics_dtype(dtype)
             inverses = [ops.convert_to_tensor(a) for a in self._inverses[idx]]
             direction = kronecker.precondition(ops.cast(new_m, sdtype), inverses, modes)
@@ -389,7 +400,18 @@ class TNT(keras.optimizers.Optimizer):
             direction = new_m
         self.assign_sub(variable, learning_rate * direction)
 
+    def _refresh_due(self):
+        """Refresh every T1 steps while t < T2, then every T2 steps (bool tensor)."""
+        t = self.iterations
+        period = ops.where(
+            t < self.inverse_update_period,
+            self.curvature_update_period,
+            self.inverse_update_period,
+        )
+        return ops.equal(t % ops.cast(period, t.dtype), 0)
+
     def _refresh_inverses(self, idx):
+        """Recomputes the preconditioning factors ``A_i`` of variable ``idx``."""
         modes = self._modes[idx]
         stats = [ops.convert_to_tensor(h) for h in self._statistics[idx]]
         damping = ops.convert_to_tensor(self.damping, dtype=stats[0].dtype)
@@ -411,6 +433,7 @@ class TNT(keras.optimizers.Optimizer):
                 "statistics_decay": self.statistics_decay,
                 "curvature_update_period": self.curvature_update_period,
                 "inverse_update_period": self.inverse_update_period,
+                "empirical_fisher": self.empirical_fisher,
             }
         )
         return config
