@@ -96,8 +96,10 @@ def resolve_config() -> dict:
     """Every setting of the run: the flags, with the problem's defaults filled in."""
     problem = registry.get(FLAGS.problem)
     opt = FLAGS.optimizer
-    defaults = problem.defaults.get(opt, {})
-    first_order = opt != "tnt"
+    defaults = problem.defaults.get(opt) or problem.defaults.get(
+        "tnt" if opt == "tnt_ef" else "", {}
+    )
+    first_order = opt not in registry.SECOND_ORDER
 
     def pick(flag, default):
         value = getattr(FLAGS, flag)
@@ -122,7 +124,7 @@ def resolve_config() -> dict:
         "lr_decay_factor": pick("lr_decay_factor", problem.lr_decay_factor),
         "curvature_update_period": pick("curvature_update_period", problem.curvature_update_period),
         "inverse_update_period": pick("inverse_update_period", problem.inverse_update_period),
-        "warm_start": FLAGS.warm_start and opt == "tnt",
+        "warm_start": FLAGS.warm_start and not first_order,
         "warm_start_batches": FLAGS.warm_start_batches,
         "loss_smoothing": FLAGS.loss_smoothing,
         "steps_per_epoch": FLAGS.steps_per_epoch,
@@ -140,7 +142,7 @@ def resolve_config() -> dict:
 def make_optimizer(config: dict) -> keras.optimizers.Optimizer:
     wd = config["weight_decay"] or None
     lr = config["learning_rate"]
-    if config["optimizer"] == "tnt":
+    if config["optimizer"] in ("tnt", "tnt_ef"):
         return keras_tnt.TNT(
             learning_rate=lr,
             damping=config["damping"],
@@ -148,6 +150,7 @@ def make_optimizer(config: dict) -> keras.optimizers.Optimizer:
             curvature_update_period=config["curvature_update_period"],
             inverse_update_period=config["inverse_update_period"],
             weight_decay=wd,
+            empirical_fisher=config["optimizer"] == "tnt_ef",
         )
     if config["optimizer"] == "adam":
         # Standard Adam with decoupled weight decay (the paper's release squares the
@@ -351,7 +354,7 @@ def run(config: dict) -> dict:
     if problem.classifier and rows:
         summary["final_val_accuracy"] = float(rows[-1]["val_accuracy"])
         summary["best_val_accuracy"] = max(float(r["val_accuracy"]) for r in rows)
-    optimizer = getattr(model, "curvature_optimizer", None)
+    optimizer = getattr(model, "statistics_optimizer", None)
     if optimizer is not None:
         summary["skipped_updates"] = optimizer.skipped_updates
         summary["failed_inversions"] = optimizer.failed_inversions

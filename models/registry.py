@@ -14,7 +14,9 @@ import keras
 
 import keras_tnt
 
-OPTIMIZERS = ("tnt", "adam", "sgd")
+OPTIMIZERS = ("tnt", "tnt_ef", "adam", "sgd")
+# Optimizers that keep Kronecker statistics (warm start, T1/T2, the second-order schedule).
+SECOND_ORDER = ("tnt", "tnt_ef")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,7 +31,8 @@ class Problem:
     epochs: int
     curvature_update_period: int
     inverse_update_period: int
-    # Per optimizer: the settings the authors published (where they did), else ours.
+    # Per optimizer: the settings the authors published (where they did), else ours. TNT-EF
+    # falls back to TNT's.
     defaults: dict[str, dict[str, float]]
     time_budget_s: float | None = None
     # Staircase decay (factor every N epochs), per optimizer family; None = constant.

@@ -82,6 +82,16 @@ def test_bad_flags_exit_nonzero_with_a_message(flag, message, tmp_path):
     assert message in result.stderr
 
 
+def test_empirical_fisher_variant_runs(tmp_path):
+    result = _train(
+        "--optimizer=tnt_ef", "--epochs=1", "--steps_per_epoch=3", f"--output_dir={tmp_path}"
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.load(open(os.path.join(tmp_path, "summary.json")))
+    assert summary["steps"] == 3 and summary["skipped_updates"] == 0
+    assert json.load(open(os.path.join(tmp_path, "flags.json")))["warm_start"] is True
+
+
 def test_missing_data_set_stops_within_seconds(tmp_path):
     empty = str(tmp_path / "tfds")
     os.makedirs(empty)
