@@ -152,6 +152,18 @@ def make_optimizer(config: dict) -> keras.optimizers.Optimizer:
             weight_decay=wd,
             empirical_fisher=config["optimizer"] == "tnt_ef",
         )
+    if config["optimizer"] == "shampoo":
+        return keras_tnt.Shampoo(
+            learning_rate=lr,
+            damping=config["damping"],
+            momentum=config["momentum"],
+            curvature_update_period=config["curvature_update_period"],
+            inverse_update_period=config["inverse_update_period"],
+            weight_decay=wd,
+            refresh_at_inverse_period_only=registry.get(
+                config["problem"]
+            ).shampoo_refresh_at_inverse_period_only,
+        )
     if config["optimizer"] == "adam":
         # Standard Adam with decoupled weight decay (the paper's release squares the
         # bias-corrected momentum instead of the gradient; see the README).

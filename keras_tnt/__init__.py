@@ -12,6 +12,7 @@ from keras_tnt import losses
 from keras_tnt.fisher_model import FisherModel
 from keras_tnt.fisher_model import WarmStart
 from keras_tnt.sampling import SUPPORTED_LOSSES
+from keras_tnt.shampoo import Shampoo
 from keras_tnt.tnt import TNT
 
 __version__ = "0.1.0"
@@ -19,6 +20,7 @@ __version__ = "0.1.0"
 __all__ = [
     "FisherModel",
     "SUPPORTED_LOSSES",
+    "Shampoo",
     "TNT",
     "WarmStart",
     "kronecker",

@@ -151,3 +151,102 @@ def precondition(m, factors: Sequence, modes: Sequence[int]):
     for d, a in zip(modes, factors):
         x = ops.matmul(ops.transpose(ops.reshape(x, (d, size // d))), a)
     return ops.reshape(x, shape)
+
+
+def _matrix_power(x, p: int):
+    """``x^p`` for a Python integer ``p >= 1`` by repeated squaring (unrolled in the graph)."""
+    result = None
+    base = x
+    while p:
+        if p & 1:
+            result = base if result is None else ops.matmul(result, base)
+        p >>= 1
+        if p:
+            base = ops.matmul(base, base)
+    return result
+
+
+def inverse_pth_root(
+    matrix,
+    p: int,
+    damping,
+    max_iterations: int = 100,
+    tolerance: float = 1e-6,
+    return_info: bool = False,
+):
+    r"""``(matrix + damping I)^{-1/p}`` for symmetric PSD ``matrix`` by a coupled Newton iteration.
+
+    The iteration of Guo & Higham (2006), as in Shampoo's implementations: with
+    ``A = matrix + damping I`` and ``z = (1 + p) / (2 ||A||_F)``, start from ``X_0 = z^{1/p} I``,
+    ``M_0 = z A`` and repeat
+
+    .. math::
+
+        T = ((p + 1) I - M_j) / p,\qquad X_{j+1} = X_j T,\qquad M_{j+1} = T^p M_j
+
+    (``M_j = X_j^p A`` throughout, so ``M_j → I`` and ``X_j → A^{-1/p}``) until
+    ``max|M_j - I| <= tolerance``, at most ``max_iterations`` times. If an iterate's error grows
+    by more than 1.2x over the previous one, the iteration stops and keeps the previous iterate.
+    Written as one ``ops.while_loop`` in the matrix's dtype, so it runs eagerly, in a
+    ``tf.function`` and under XLA.
+
+    Returns ``(root, ok)``; ``ok`` is False when ``root`` is not finite or ``A`` holds NaN/inf
+    (or ``damping = 0`` with a zero matrix): callers then keep their previous root. With
+    ``return_info=True`` it returns ``(root, ok, iterations, error)`` where ``error`` is
+    ``max|M - I|`` of the returned iterate.
+    """
+    if isinstance(p, bool) or not isinstance(p, int) or p < 1:
+        raise ValueError(f"`p` must be an integer >= 1; received p={p!r}.")
+    matrix = ops.convert_to_tensor(matrix)
+    dtype = matrix.dtype
+    d = matrix.shape[-1]
+    eye = ops.eye(d, dtype=dtype)
+    if isinstance(damping, (int, float)):
+        damping = ops.convert_to_tensor(damping, dtype=dtype)
+    a = matrix + ops.cast(damping, dtype) * eye
+    # convert_to_tensor, not cast: ops.cast(1/3, "float64") goes through float32.
+    inv_p = ops.convert_to_tensor(1.0 / p, dtype=dtype)
+    tol = ops.convert_to_tensor(tolerance, dtype=dtype)
+    growth = ops.convert_to_tensor(1.2, dtype=dtype)
+    # ||A||_F scaled by max|A| so that it cannot overflow for large finite statistics.
+    scale = ops.max(ops.abs(a))
+    safe_scale = ops.where(scale > 0, scale, ops.ones_like(scale))
+    norm = safe_scale * ops.sqrt(ops.sum(ops.square(a / safe_scale)))
+    z = ops.convert_to_tensor((1.0 + p) / 2.0, dtype=dtype) / norm
+    m0 = z * a
+    x0 = ops.power(z, inv_p) * eye
+    err0 = ops.max(ops.abs(m0 - eye))
+
+    def cond(i, m, x, x_prev, err, err_prev, run):
+        return ops.logical_and(ops.logical_and(i < max_iterations, err > tol), run)
+
+    def body(i, m, x, x_prev, err, err_prev, run):
+        t = ops.convert_to_tensor(p + 1.0, dtype=dtype) * eye - m
+        t = t * inv_p
+        new_m = ops.matmul(_matrix_power(t, p), m)
+        new_x = ops.matmul(x, t)
+        new_err = ops.max(ops.abs(new_m - eye))
+        # NaN compares False, so a non-finite iterate also stops the loop on the previous one.
+        new_run = new_err <= growth * err
+        return i + 1, new_m, new_x, x, new_err, err, new_run
+
+    state = (
+        ops.convert_to_tensor(0, dtype="int32"),
+        m0,
+        x0,
+        x0,
+        err0,
+        err0,
+        ops.convert_to_tensor(True),
+    )
+    i, _, x, x_prev, err, err_prev, run = ops.while_loop(cond, body, state)
+    root = ops.where(run, x, x_prev)
+    error = ops.where(run, err, err_prev)
+    # The exact root is symmetric; the mode products of `precondition` rely on it.
+    root = 0.5 * (root + ops.transpose(root))
+    # An infinite A gives z = 0 and a finite (zero) "root": not ok either.
+    ok = ops.logical_and(ops.all(ops.isfinite(root)), ops.all(ops.isfinite(a)))
+    ok = ops.logical_and(ok, ops.logical_and(ops.isfinite(z), z > 0))
+    if return_info:
+        return root, ok, i, error
+    return root, ok

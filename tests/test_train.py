@@ -82,9 +82,10 @@ def test_bad_flags_exit_nonzero_with_a_message(flag, message, tmp_path):
     assert message in result.stderr
 
 
-def test_empirical_fisher_variant_runs(tmp_path):
+@pytest.mark.parametrize("optimizer", ["tnt_ef", "shampoo"])
+def test_gradient_statistics_optimizers_run(tmp_path, optimizer):
     result = _train(
-        "--optimizer=tnt_ef", "--epochs=1", "--steps_per_epoch=3", f"--output_dir={tmp_path}"
+        f"--optimizer={optimizer}", "--epochs=1", "--steps_per_epoch=3", f"--output_dir={tmp_path}"
     )
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.load(open(os.path.join(tmp_path, "summary.json")))
