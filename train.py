@@ -8,7 +8,7 @@ r"""Train one problem of the paper's zoo with one optimizer: one run = one comma
 A run writes to ``--output_dir``: ``flags.json`` (every resolved setting), ``history.csv`` (one
 row per epoch: training loss, the smoothed minibatch training loss the paper tunes on,
 validation loss/accuracy, learning rate, training/wall/process seconds), TensorBoard logs under
-``tensorboard/``, a checkpoint after every epoch (``checkpoint.keras`` + ``state.json``) and
+``tensorboard/``, a checkpoint after every epoch (``checkpoint-EPOCH.keras`` + ``state.json``) and
 ``summary.json`` at the end. Started again with the same ``--output_dir`` it resumes from the last
 checkpoint, with the optimizer's statistics, step counter and the data order intact.
 """
@@ -233,6 +233,21 @@ def _write_json(path, obj):
     os.replace(tmp, path)
 
 
+def _truncate_history(path, epochs_done):
+    """Drops rows of epochs after the checkpoint (a kill can land between row and checkpoint)."""
+    if not os.path.exists(path):
+        return
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return
+    with open(path + ".tmp", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(r for r in rows if int(r["epoch"]) <= epochs_done)
+    os.replace(path + ".tmp", path)
+
+
 def _dataset(config, split, epoch=0):
     problem = registry.get(config["problem"])
     return data.load(
@@ -251,10 +266,14 @@ def run(config: dict) -> dict:
     out = config["output_dir"]
     os.makedirs(out, exist_ok=True)
     problem = registry.get(config["problem"])
-    checkpoint = os.path.join(out, "checkpoint.keras")
     state_path = os.path.join(out, "state.json")
     history_path = os.path.join(out, "history.csv")
-    resumed = os.path.exists(checkpoint) and os.path.exists(state_path)
+    # state.json names the checkpoint it belongs to and is replaced atomically after that
+    # checkpoint is complete, so a kill at any moment leaves a consistent pair.
+    saved_state = _load_json(state_path) if os.path.exists(state_path) else None
+    resumed = saved_state is not None and os.path.exists(
+        os.path.join(out, saved_state.get("checkpoint", ""))
+    )
     if resumed:
         saved = _load_json(os.path.join(out, "flags.json"))
         changed = {
@@ -281,8 +300,9 @@ def run(config: dict) -> dict:
     )
     with strategy.scope():
         if resumed:
-            model = keras.models.load_model(checkpoint)
-            state = _load_json(state_path)
+            model = keras.models.load_model(os.path.join(out, saved_state["checkpoint"]))
+            state = saved_state
+            _truncate_history(history_path, state["epochs_done"])
         else:
             model = problem.build()
             model.fisher_seed = config["seed"]
@@ -345,9 +365,14 @@ def run(config: dict) -> dict:
             if new_file:
                 writer.writeheader()
             writer.writerow(row)
-        model.save(checkpoint + ".tmp.keras")
-        os.replace(checkpoint + ".tmp.keras", checkpoint)
+        name = f"checkpoint-{epoch + 1:05d}.keras"
+        model.save(os.path.join(out, "checkpoint.tmp.keras"))
+        os.replace(os.path.join(out, "checkpoint.tmp.keras"), os.path.join(out, name))
+        previous = state.get("checkpoint")
+        state["checkpoint"] = name
         _write_json(state_path, state)
+        if previous and previous != name and os.path.exists(os.path.join(out, previous)):
+            os.remove(os.path.join(out, previous))
         if model.stop_training:
             break
 

@@ -29,7 +29,8 @@ def _train(*args, timeout=300):
 
 
 def _state(run_dir):
-    model = keras.models.load_model(os.path.join(run_dir, "checkpoint.keras"))
+    checkpoint = json.load(open(os.path.join(run_dir, "state.json")))["checkpoint"]
+    model = keras.models.load_model(os.path.join(run_dir, checkpoint))
     return [np.array(w) for w in model.weights] + [np.array(v) for v in model.optimizer.variables]
 
 
@@ -39,7 +40,7 @@ def test_default_run_writes_everything_and_resumes_exactly(tmp_path):
     resumed = str(tmp_path / "resumed")
     result = _train("--epochs=2", f"--output_dir={straight}", *common)
     assert result.returncode == 0, result.stderr[-2000:]
-    for name in ("flags.json", "history.csv", "summary.json", "checkpoint.keras", "state.json"):
+    for name in ("flags.json", "history.csv", "summary.json", "checkpoint-00002.keras"):
         assert os.path.exists(os.path.join(straight, name)), name
     assert os.listdir(os.path.join(straight, "tensorboard"))
     flags_written = json.load(open(os.path.join(straight, "flags.json")))
@@ -64,6 +65,33 @@ def test_default_run_writes_everything_and_resumes_exactly(tmp_path):
     # Other settings in the same directory are refused.
     result = _train("--epochs=2", "--learning_rate=0.5", f"--output_dir={resumed}", *common)
     assert result.returncode != 0 and "other settings" in result.stderr
+
+
+def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
+    common = ["--epochs=30", "--steps_per_epoch=5", "--seed=1"]
+    straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=ROOT)
+    process = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "train.py"), "--verbose=0", f"--output_dir={killed}"]
+        + common,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    state_path = os.path.join(killed, "state.json")
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and process.poll() is None:
+        if os.path.exists(state_path) and json.load(open(state_path))["epochs_done"] >= 3:
+            break
+        time.sleep(0.05)
+    process.kill()  # SIGKILL: no chance to clean up
+    process.wait()
+    assert json.load(open(state_path))["epochs_done"] < 30  # it really was interrupted
+    assert _train(f"--output_dir={killed}", *common).returncode == 0
+    assert _train(f"--output_dir={straight}", *common).returncode == 0
+    for a, b in zip(_state(straight), _state(killed), strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize(
