@@ -142,28 +142,22 @@ def resolve_config() -> dict:
 def make_optimizer(config: dict) -> keras.optimizers.Optimizer:
     wd = config["weight_decay"] or None
     lr = config["learning_rate"]
-    if config["optimizer"] in ("tnt", "tnt_ef"):
-        return keras_tnt.TNT(
-            learning_rate=lr,
-            damping=config["damping"],
-            momentum=config["momentum"],
-            curvature_update_period=config["curvature_update_period"],
-            inverse_update_period=config["inverse_update_period"],
-            weight_decay=wd,
-            empirical_fisher=config["optimizer"] == "tnt_ef",
-        )
-    if config["optimizer"] == "shampoo":
-        return keras_tnt.Shampoo(
-            learning_rate=lr,
-            damping=config["damping"],
-            momentum=config["momentum"],
-            curvature_update_period=config["curvature_update_period"],
-            inverse_update_period=config["inverse_update_period"],
-            weight_decay=wd,
-            refresh_at_inverse_period_only=registry.get(
-                config["problem"]
-            ).shampoo_refresh_at_inverse_period_only,
-        )
+    if config["optimizer"] in registry.SECOND_ORDER:
+        kronecker_settings = {
+            "learning_rate": lr,
+            "damping": config["damping"],
+            "momentum": config["momentum"],
+            "curvature_update_period": config["curvature_update_period"],
+            "inverse_update_period": config["inverse_update_period"],
+            "weight_decay": wd,
+        }
+        if config["optimizer"] == "shampoo":
+            problem = registry.get(config["problem"])
+            return keras_tnt.Shampoo(
+                **kronecker_settings,
+                refresh_at_inverse_period_only=problem.shampoo_refresh_at_inverse_period_only,
+            )
+        return keras_tnt.TNT(**kronecker_settings, empirical_fisher=config["optimizer"] == "tnt_ef")
     if config["optimizer"] == "adam":
         # Standard Adam with decoupled weight decay (the paper's release squares the
         # bias-corrected momentum instead of the gradient; see the README).
