@@ -38,7 +38,9 @@ FLAGS = flags.FLAGS
 flags.DEFINE_enum("problem", "digits_autoencoder", sorted(registry.PROBLEMS), "Problem to train.")
 flags.DEFINE_enum("optimizer", "tnt", list(registry.OPTIMIZERS), "Optimizer.")
 flags.DEFINE_float("learning_rate", None, "Learning rate (default: the problem's best).")
-flags.DEFINE_float("damping", None, "TNT damping ε > 0 (default: the problem's best).")
+flags.DEFINE_float(
+    "damping", None, "Damping > 0: TNT/Shampoo ε; KFAC λ, √λ per factor (default: problem's best)."
+)
 flags.DEFINE_float("momentum", 0.9, "Momentum β in [0, 1) (TNT and SGD).")
 flags.DEFINE_float("epsilon", None, "Adam's ε (default: the problem's best).")
 flags.DEFINE_float("weight_decay", None, "Decoupled weight decay λ >= 0: W *= 1 - lr*λ.")
@@ -151,6 +153,8 @@ def make_optimizer(config: dict) -> keras.optimizers.Optimizer:
             "inverse_update_period": config["inverse_update_period"],
             "weight_decay": wd,
         }
+        if config["optimizer"] == "kfac":
+            return keras_tnt.KFAC(**kronecker_settings)
         if config["optimizer"] == "shampoo":
             problem = registry.get(config["problem"])
             return keras_tnt.Shampoo(

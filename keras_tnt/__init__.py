@@ -11,6 +11,7 @@ from keras_tnt import kronecker
 from keras_tnt import losses
 from keras_tnt.fisher_model import FisherModel
 from keras_tnt.fisher_model import WarmStart
+from keras_tnt.kfac import KFAC
 from keras_tnt.sampling import SUPPORTED_LOSSES
 from keras_tnt.shampoo import Shampoo
 from keras_tnt.tnt import TNT
@@ -19,6 +20,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "FisherModel",
+    "KFAC",
     "SUPPORTED_LOSSES",
     "Shampoo",
     "TNT",

@@ -19,6 +19,7 @@ import keras
 import tensorflow as tf
 
 from keras_tnt import _distribute
+from keras_tnt.kfac import capture_layers
 from keras_tnt.sampling import TargetSampler
 from keras_tnt.sampling import resolve_sampler
 
@@ -99,6 +100,8 @@ class FisherModel(keras.Model):
                 "one loss) or use a first-order optimizer."
             )
         self._sampler = resolve_sampler(self.loss)
+        if hasattr(optimizer, "register_layers"):
+            optimizer.register_layers(self)
         optimizer._curvature_source = True
 
     def get_compile_config(self):
@@ -154,8 +157,12 @@ class FisherModel(keras.Model):
             ]
         )
 
-    def _fisher_gradients(self, tape, y_pred, sample_weight, seed):
-        """Gradients of the compiled loss at sampled targets, from the forward pass on ``tape``."""
+    def _fisher_gradients(self, tape, y_pred, sample_weight, seed, sources=None):
+        """Gradients of the compiled loss at sampled targets, from the forward pass on ``tape``.
+
+        With respect to the trainable variables, or to ``sources`` (tensors computed on the
+        tape, e.g. pre-activations for KFAC).
+        """
         if self._sampler is None:
             raise ValueError("Compile the FisherModel before training it.")
         targets = tf.stop_gradient(self.sample_targets(y_pred, seed))
@@ -169,7 +176,7 @@ class FisherModel(keras.Model):
         output_gradient = output_tape.gradient(loss, outputs)
         grads = tape.gradient(
             y_pred,
-            self.trainable_variables,
+            self.trainable_variables if sources is None else list(sources),
             output_gradients=output_gradient,
             unconnected_gradients=tf.UnconnectedGradients.ZERO,
         )
@@ -177,6 +184,36 @@ class FisherModel(keras.Model):
         if dynamic_scale is not None:  # LossScaleOptimizer: undo its scale here
             grads = [g / tf.cast(dynamic_scale, g.dtype) for g in grads]
         return grads
+
+    def _captured_layers(self, optimizer):
+        """Layers whose inputs/pre-activations the optimizer's statistics need (KFAC)."""
+        if getattr(optimizer, "curvature_inputs", "gradients") != "layers":
+            return []
+        return [block.layer for block in optimizer.blocks]
+
+    @staticmethod
+    def _layer_records(layers, records):
+        pairs = []
+        for layer in layers:
+            calls = records[id(layer)]
+            if len(calls) != 1:
+                raise ValueError(
+                    f"KFAC factors layer {layer.name!r} from its one call per forward pass, but "
+                    f"it ran {len(calls)} times. Shared (reused) layers are not supported by "
+                    "KFAC; use TNT or Shampoo, which precondition per tensor."
+                )
+            pairs.append(calls[0])
+        return pairs
+
+    def _curvature_input(self, tape, y_pred, sample_weight, seed, layers, records):
+        """What ``optimizer.update_curvature`` takes: per-variable or per-layer Fisher data."""
+        if not layers:
+            return self._fisher_gradients(tape, y_pred, sample_weight, seed)
+        pairs = self._layer_records(layers, records)
+        grads = self._fisher_gradients(
+            tape, y_pred, sample_weight, seed, sources=[z for _, z in pairs]
+        )
+        return [(a, s) for (a, _), s in zip(pairs, grads)]
 
     def _call_for_training(self, x):
         return self(x, training=True) if self._call_has_training_arg else self(x)
@@ -189,7 +226,8 @@ class FisherModel(keras.Model):
         if not optimizer.built:
             optimizer.build(self.trainable_variables)
         weights = self.trainable_variables
-        with tf.GradientTape(persistent=True) as tape:
+        layers = self._captured_layers(optimizer)
+        with tf.GradientTape(persistent=True) as tape, capture_layers(layers) as records:
             y_pred = self._call_for_training(x)
             loss = self._compute_loss(
                 x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
@@ -206,18 +244,28 @@ class FisherModel(keras.Model):
         if _distribute.num_replicas() == 1:
 
             def fold():
-                fisher = self._fisher_gradients(tape, y_pred, sample_weight, seed)
+                fisher = self._curvature_input(tape, y_pred, sample_weight, seed, layers, records)
                 optimizer.update_curvature(fisher)
                 return tf.constant(0)
 
             tf.cond(due, fold, lambda: tf.constant(0))
         else:
             # Every replica must reach the all-reduce inside update_curvature on every step.
-            fisher = tf.cond(
-                due,
-                lambda: self._fisher_gradients(tape, y_pred, sample_weight, seed),
-                lambda: [tf.zeros_like(w) for w in weights],
-            )
+            if layers:
+                pairs = self._layer_records(layers, records)
+                zs = [z for _, z in pairs]
+                s = tf.cond(
+                    due,
+                    lambda: self._fisher_gradients(tape, y_pred, sample_weight, seed, zs),
+                    lambda: [tf.zeros_like(z) for z in zs],
+                )
+                fisher = [(a, g) for (a, _), g in zip(pairs, s)]
+            else:
+                fisher = tf.cond(
+                    due,
+                    lambda: self._fisher_gradients(tape, y_pred, sample_weight, seed),
+                    lambda: [tf.zeros_like(w) for w in weights],
+                )
             optimizer.update_curvature(fisher, condition=due)
         self.optimizer.apply(grads, weights)
         return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
@@ -233,7 +281,11 @@ class FisherModel(keras.Model):
 
         def replica_step(data):
             x_batch, y_batch, sample_weight = _unpack(data)
-            with tf.GradientTape() as tape:
+            layers = self._captured_layers(optimizer)
+            with (
+                tf.GradientTape(persistent=bool(layers)) as tape,
+                capture_layers(layers) as records,
+            ):
                 y_pred = self._call_for_training(x_batch)
                 if not sampled:  # empirical Fisher: the ordinary loss at the true targets
                     loss = self._compute_loss(
@@ -242,7 +294,7 @@ class FisherModel(keras.Model):
                     loss = self.optimizer.scale_loss(loss)
             if sampled:
                 seed = self._seed(optimizer._warm_start_batches, stream=1)
-                grads = self._fisher_gradients(tape, y_pred, sample_weight, seed)
+                grads = self._curvature_input(tape, y_pred, sample_weight, seed, layers, records)
             else:
                 grads = tape.gradient(
                     loss,

@@ -102,6 +102,10 @@ class TNT(keras.optimizers.Optimizer):
     previous inverse (:attr:`failed_inversions`).
     """
 
+    # What `update_curvature` takes: one sampled-label gradient per variable ("gradients"), or
+    # per-layer inputs and pre-activation gradients ("layers", KFAC).
+    curvature_inputs = "gradients"
+
     def __init__(
         self,
         learning_rate=1e-4,

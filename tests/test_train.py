@@ -110,7 +110,7 @@ def test_bad_flags_exit_nonzero_with_a_message(flag, message, tmp_path):
     assert message in result.stderr
 
 
-@pytest.mark.parametrize("optimizer", ["tnt_ef", "shampoo"])
+@pytest.mark.parametrize("optimizer", ["tnt_ef", "shampoo", "kfac"])
 def test_gradient_statistics_optimizers_run(tmp_path, optimizer):
     result = _train(
         f"--optimizer={optimizer}", "--epochs=1", "--steps_per_epoch=3", f"--output_dir={tmp_path}"

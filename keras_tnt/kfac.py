@@ -1,0 +1,548 @@
+r"""KFAC (Martens & Grosse, 2015; Grosse & Martens, 2016) as the TNT paper ran it as a baseline.
+
+KFAC approximates the Fisher block of a whole layer, kernel and bias together, by ``A ⊗ G``:
+``A`` from the layer's input activations (with a column of ones for the bias) and ``G`` from the
+gradients of the sampled-label loss with respect to its pre-activation outputs
+(algorithm.md §3). For a batch of ``N`` inputs ``a_n`` and pre-activation gradients ``s_n`` of the
+batch-mean loss, summed over the ``P`` spatial positions of a convolution (im2col patches replace
+``a``):
+
+.. math::
+
+    A = \frac1N \sum_{n,p} a a^\top,\qquad
+    G = \frac{1}{N P} \sum_{n,p} (N s)(N s)^\top,\qquad
+    [D_W \mid D_b] = (G + \sqrt\lambda I)^{-1} [m_W \mid m_b] (A + \sqrt\lambda I)^{-1}
+
+(in Keras' ``(in, out)`` kernel layout the two factors act from the other sides). The momentum
+``m ← β m + g``, decoupled weight decay, the moving average of the factors and warm start are
+TNT's. The factors are updated whenever ``t % T1 == 0`` (also at ``t = 0``) and inverted when
+``(t <= T2 and t % T1 == 0) or t % T2 == 0``.
+
+``Dense`` and ``Conv2D`` layers are factored; every other trainable tensor (BatchNorm's scale
+and offset, embeddings, ...) takes the plain momentum step ``W ← W - α m``, and the optimizer
+says which layers those are when it is built.
+
+Example::
+
+    import keras, keras_tnt
+    model = keras_tnt.FisherModel(inputs, outputs)
+    model.compile(optimizer=keras_tnt.KFAC(learning_rate=3e-3, damping=0.3), loss=...)
+    model.fit(dataset, epochs=10)
+
+The activations and pre-activation gradients come from :class:`keras_tnt.FisherModel`'s training
+step, which records them while the layers run (:func:`capture_layers`). A custom training loop
+gathers them itself and calls :meth:`KFAC.update_curvature`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import warnings
+
+import keras
+from keras import ops
+
+from keras_tnt import _distribute
+from keras_tnt import kronecker
+from keras_tnt.tnt import TNT
+from keras_tnt.tnt import statistics_dtype
+
+
+@dataclasses.dataclass
+class LayerBlock:
+    """One Kronecker-factored layer: which optimizer variables it owns and its factor sizes."""
+
+    layer: keras.layers.Layer
+    kind: str  # "dense" or "conv2d"
+    kernel_index: int
+    bias_index: int | None
+    input_size: int  # rows of the factor A (with the bias's ones column)
+    output_size: int  # rows of the factor G
+
+    @property
+    def indices(self) -> tuple[int, ...]:
+        if self.bias_index is None:
+            return (self.kernel_index,)
+        return (self.kernel_index, self.bias_index)
+
+
+def _kernel_variable(layer):
+    kernel = getattr(layer, "_kernel", None)
+    return kernel if kernel is not None else getattr(layer, "kernel", None)
+
+
+def _why_not_factored(layer) -> str | None:
+    """None if KFAC can factor ``layer``, else the reason it takes the plain momentum step."""
+    if type(layer) not in (keras.layers.Dense, keras.layers.Conv2D):
+        return "not a Dense or Conv2D layer"
+    if getattr(layer, "lora_enabled", False):
+        return "LoRA is enabled"
+    if getattr(layer, "quantization_mode", None):
+        return "the layer is quantized"
+    if isinstance(layer, keras.layers.Conv2D) and getattr(layer, "groups", 1) != 1:
+        return "grouped convolution"
+    kernel = _kernel_variable(layer)
+    if kernel is None or not getattr(kernel, "trainable", False):
+        return "its kernel is not trainable"
+    bias = getattr(layer, "bias", None)
+    if bias is not None and not bias.trainable:
+        return "its bias is not trainable"
+    return None
+
+
+# ----------------------------------------------------------------- capture
+
+
+@contextlib.contextmanager
+def capture_layers(layers):
+    """Records the input and the pre-activation output of each layer while it runs.
+
+    Yields a dict ``id(layer) -> [(inputs, preactivations), ...]``, one entry per call. The
+    layers' own ``call`` runs unchanged (same weights, dtype policy and activation); only the
+    activation function is wrapped, to see the tensor it is applied to.
+    """
+    records = {id(layer): [] for layer in layers}
+    installed = []
+    try:
+        for layer in layers:
+
+            def call(inputs, *args, __layer=layer, **kwargs):
+                activation = __layer.activation
+                seen = []
+
+                def record(z):
+                    seen.append(z)
+                    return activation(z)
+
+                object.__setattr__(__layer, "activation", record)
+                try:
+                    outputs = type(__layer).call(__layer, inputs, *args, **kwargs)
+                finally:
+                    object.__setattr__(__layer, "activation", activation)
+                records[id(__layer)].append((inputs, seen[0]))
+                return outputs
+
+            object.__setattr__(layer, "call", call)
+            installed.append(layer)
+        yield records
+    finally:
+        for layer in installed:
+            layer.__dict__.pop("call", None)
+
+
+def _patches(layer, inputs):
+    """im2col: ``(N, H', W', kh*kw*C)`` patches in the order of the reshaped Keras kernel."""
+    import tensorflow as tf
+
+    if layer.data_format == "channels_first":
+        inputs = tf.transpose(inputs, (0, 2, 3, 1))
+    kh, kw = layer.kernel_size
+    sh, sw = layer.strides
+    dh, dw = layer.dilation_rate
+    return tf.image.extract_patches(
+        inputs,
+        sizes=(1, kh, kw, 1),
+        strides=(1, sh, sw, 1),
+        rates=(1, dh, dw, 1),
+        padding=layer.padding.upper(),
+    )
+
+
+def layer_factors(block: LayerBlock, inputs, preactivation_gradients, dtype, replicas: int = 1):
+    """This replica's share of ``(A, G)`` for one layer (algorithm.md §3).
+
+    ``inputs`` is the layer's input and ``preactivation_gradients`` the gradient of the
+    (replica's share of the) batch-mean sampled loss with respect to the layer's pre-activation
+    output. Summed over ``replicas`` equal replicas, the shares give ``A`` and ``G`` of the global
+    batch.
+    """
+    a = ops.cast(inputs, dtype)
+    s = ops.cast(preactivation_gradients, dtype)
+    if block.kind == "conv2d":
+        a = _patches(block.layer, a)
+        if block.layer.data_format == "channels_first":
+            s = ops.transpose(s, (0, 2, 3, 1))
+    batch = ops.cast(ops.shape(a)[0], dtype)
+    a = ops.reshape(a, (-1, ops.shape(a)[-1]))
+    s = ops.reshape(s, (-1, block.output_size))
+    if block.bias_index is not None:
+        a = ops.concatenate([a, ops.ones((ops.shape(a)[0], 1), dtype=dtype)], axis=1)
+    positions = ops.cast(ops.shape(s)[0], dtype) / batch
+    global_batch = batch * replicas
+    factor_a = ops.matmul(ops.transpose(a), a) / global_batch
+    factor_g = ops.matmul(ops.transpose(s), s) * (global_batch / positions)
+    return factor_a, factor_g
+
+
+# --------------------------------------------------------------- optimizer
+
+
+@keras.saving.register_keras_serializable(package="keras_tnt")
+class KFAC(TNT):
+    """KFAC for Dense and Conv2D layers, with TNT's momentum, statistics and API.
+
+    Args:
+        learning_rate: ``α``. Default 3e-3, the paper's best KFAC value on the MNIST autoencoder.
+        damping: ``λ`` > 0; ``√λ I`` is added to each of the two factors. Default 0.3 (MNIST
+            autoencoder; the paper's CIFAR runs used 0.03).
+        momentum, statistics_decay, curvature_update_period, inverse_update_period,
+        weight_decay: as for :class:`~keras_tnt.TNT`.
+        **kwargs: every base keyword of ``keras.optimizers.Optimizer``.
+
+    KFAC needs the model's layers: compile a :class:`keras_tnt.FisherModel` with it (it calls
+    :meth:`register_layers`). A layer whose kernel or bias gradient is not finite keeps its
+    weights for that step (the finite gradients of the layer still enter the momentum).
+    """
+
+    curvature_inputs = "layers"
+
+    def __init__(
+        self,
+        learning_rate=3e-3,
+        damping: float = 0.3,
+        momentum: float = 0.9,
+        statistics_decay: float = 0.9,
+        curvature_update_period: int = 1,
+        inverse_update_period: int = 20,
+        weight_decay: float | None = None,
+        name="kfac",
+        **kwargs,
+    ):
+        kwargs.pop("empirical_fisher", None)
+        super().__init__(
+            learning_rate=learning_rate,
+            damping=damping,
+            momentum=momentum,
+            statistics_decay=statistics_decay,
+            curvature_update_period=curvature_update_period,
+            inverse_update_period=inverse_update_period,
+            weight_decay=weight_decay,
+            name=name,
+            **kwargs,
+        )
+        self._layers = None
+
+    # ---------------------------------------------------------------- layers
+
+    def register_layers(self, model) -> None:
+        """Tells the optimizer which model it trains (FisherModel.compile calls this)."""
+        if self.built:
+            return
+        self._layers = [
+            layer
+            for layer in model._flatten_layers(include_self=False, recursive=True)
+            if layer.trainable_weights
+        ]
+
+    @property
+    def blocks(self) -> list[LayerBlock]:
+        """The Kronecker-factored layers, in the order of :meth:`update_curvature`'s input."""
+        self._require_built("blocks")
+        return list(self._blocks)
+
+    @property
+    def unfactored_layers(self) -> dict[str, str]:
+        """Layers with trainable weights that take the plain momentum step, and why."""
+        self._require_built("unfactored_layers")
+        return dict(self._unfactored)
+
+    def build(self, var_list):
+        if self.built:
+            return
+        if self._layers is None:
+            raise ValueError(
+                "KFAC factors each layer's Fisher block from its input activations and "
+                "pre-activation gradients, so it needs the model's layers: train with "
+                "`keras_tnt.FisherModel` (or `keras_tnt.FisherModel.from_model(model)`), whose "
+                "compile() registers them, or call `optimizer.register_layers(model)` before "
+                "building it."
+            )
+        # The base TNT state: per-variable momentum and counters. Its Kronecker slots are
+        # created for nothing here: KFAC keeps per-layer factors instead.
+        keras.optimizers.Optimizer.build(self, var_list)
+        self._modes = [() for _ in var_list]
+        self._momenta = [self.add_variable_from_reference(v, "momentum") for v in var_list]
+        self._statistics = [[] for _ in var_list]
+        self._inverses = [[] for _ in var_list]
+        self._skipped = []
+        for var in var_list:
+            prefix = var.path.replace("/", "_") if hasattr(var, "path") else str(var.name)
+            self._skipped.append(self.add_variable((), dtype="int64", name=f"{prefix}_skipped"))
+        self._failed = [self.add_variable((), dtype="int64", name="failed_inversions")]
+        self._curvature_updates = self.add_variable((), dtype="int64", name="curvature_updates")
+        self._warm_start_batches = self.add_variable((), dtype="int64", name="warm_start_batches")
+        self._skipped_curvature = self.add_variable(
+            (), dtype="int64", name="skipped_curvature_updates"
+        )
+
+        index = {id(v): i for i, v in enumerate(var_list)}
+        self._blocks = []
+        self._unfactored = {}
+        self._block_of = {}
+        owned = set()
+        for layer in self._layers:
+            reason = _why_not_factored(layer)
+            kernel = _kernel_variable(layer)
+            if reason is None and id(kernel) not in index:
+                reason = "its kernel is not among the optimized variables"
+            bias = getattr(layer, "bias", None)
+            if reason is None and bias is not None and id(bias) not in index:
+                reason = "its bias is not among the optimized variables"
+            if reason is not None:
+                if any(id(w) in index for w in layer.trainable_weights):
+                    self._unfactored[layer.name] = f"{type(layer).__name__}: {reason}"
+                continue
+            kind = "dense" if isinstance(layer, keras.layers.Dense) else "conv2d"
+            shape = tuple(kernel.shape)
+            block = LayerBlock(
+                layer=layer,
+                kind=kind,
+                kernel_index=index[id(kernel)],
+                bias_index=None if bias is None else index[id(bias)],
+                input_size=math.prod(shape[:-1]) + (0 if bias is None else 1),
+                output_size=shape[-1],
+            )
+            self._blocks.append(block)
+            for i in block.indices:
+                self._block_of[i] = len(self._blocks) - 1
+                owned.add(i)
+        self._factors = []
+        self._factor_inverses = []
+        self._block_flags = []
+        for block in self._blocks:
+            sdtype = statistics_dtype(var_list[block.kernel_index].dtype)
+            name = block.layer.name
+            sizes = (block.input_size, block.output_size)
+            self._factors.append(
+                [
+                    self.add_variable((d, d), dtype=sdtype, name=f"{name}_factor_{f}")
+                    for d, f in zip(sizes, "AG")
+                ]
+            )
+            self._factor_inverses.append(
+                [
+                    self.add_variable((d, d), dtype=sdtype, name=f"{name}_inverse_{f}")
+                    for d, f in zip(sizes, "AG")
+                ]
+            )
+            # Set by a member whose gradient was not finite this step; read by the last member.
+            self._block_flags.append(self.add_variable((), dtype="int64", name=f"{name}_flag"))
+        self._last_member = {max(block.indices): b for b, block in enumerate(self._blocks)}
+        if self._unfactored:
+            listed = ", ".join(f"{k} ({v})" for k, v in self._unfactored.items())
+            warnings.warn(
+                f"KFAC: {len(self._unfactored)} layer(s) are not Kronecker-factored and take the "
+                f"plain momentum step: {listed}.",
+                stacklevel=2,
+            )
+
+    # ------------------------------------------------------------- curvature
+
+    def curvature_due(self):
+        """``t % T1 == 0``, also at ``t = 0`` after a warm start (algorithm.md §3)."""
+        self._require_built("curvature_due")
+        t = self.iterations
+        due = ops.equal(t % self.curvature_update_period, 0)
+        if self.gradient_accumulation_steps:
+            first_micro = ops.equal(self._iterations % self.gradient_accumulation_steps, 0)
+            due = ops.logical_and(due, first_micro)
+        return due
+
+    def update_curvature(self, layer_statistics, condition=None) -> None:
+        """Folds one batch into the factors.
+
+        ``layer_statistics`` holds, for each of :attr:`blocks` in order, the pair
+        ``(inputs, preactivation_gradients)``: the layer's input and the gradient of the (scaled,
+        as for ``apply``) batch-mean loss at sampled labels with respect to its pre-activation
+        output. The first batch ever sets the factors; later ones take the moving average.
+        """
+        self._fold_layers(layer_statistics, warm_start=False, condition=condition)
+
+    def accumulate_curvature(self, layer_statistics) -> None:
+        """Warm start: the running mean of the factors of every warm-start batch."""
+        self._fold_layers(layer_statistics, warm_start=True)
+
+    def _fold_layers(self, layer_statistics, warm_start, condition=None):
+        self._require_built("update_curvature")
+        stats = list(layer_statistics)
+        if len(stats) != len(self._blocks):
+            raise ValueError(
+                f"`layer_statistics` must hold one (inputs, preactivation_gradients) pair per "
+                f"factored layer ({len(self._blocks)}); received {len(stats)}."
+            )
+        self._curvature_source = True
+        replicas = _distribute.num_replicas()
+
+        def contributions():
+            out = []
+            for block, (a, s) in zip(self._blocks, stats):
+                sdtype = statistics_dtype(self._trainable_variables[block.kernel_index].dtype)
+                if self.loss_scale_factor is not None:
+                    s = s / self.loss_scale_factor
+                out.extend(layer_factors(block, a, s, sdtype, replicas=replicas))
+            return out
+
+        if condition is not None and replicas > 1:
+            shapes = [(d, d) for b in self._blocks for d in (b.input_size, b.output_size)]
+            dtypes = [f.dtype for pair in self._factors for f in pair]
+            local = ops.cond(
+                condition,
+                contributions,
+                lambda: [ops.zeros(s, dtype=d) for s, d in zip(shapes, dtypes)],
+            )
+        else:
+            local = contributions()
+
+        def fold(factors):
+            finite = ops.all(ops.stack([ops.all(ops.isfinite(f)) for f in factors]))
+            ops.cond(
+                finite,
+                lambda: self._fold_factors(factors, warm_start),
+                lambda: self.assign_add(self._skipped_curvature, 1),
+            )
+
+        _distribute.fold_across_replicas(
+            local, self._trainable_variables[0], fold, condition=condition
+        )
+
+    def _fold_factors(self, factors, warm_start):
+        if warm_start:
+            count = self._warm_start_batches + 1
+        else:
+            first = ops.equal(self._curvature_updates, 0)
+        flat = [f for pair in self._factors for f in pair]
+        for var, new_value in zip(flat, factors):
+            sdtype = var.dtype
+            if warm_start:
+                j = ops.cast(count, sdtype)
+                keep, new = (j - 1) / j, 1 / j
+            else:
+                rho = ops.convert_to_tensor(self.statistics_decay, dtype=sdtype)
+                keep = ops.where(first, ops.zeros_like(rho), rho)
+                new = ops.where(first, ops.ones_like(rho), 1 - rho)
+            self.assign(var, keep * ops.convert_to_tensor(var) + new * ops.cast(new_value, sdtype))
+        self.assign_add(self._curvature_updates, 1)
+        if warm_start:
+            self.assign_add(self._warm_start_batches, 1)
+
+    def factors(self, layer) -> list:
+        """The factors ``[A, G]`` of a factored layer."""
+        return list(self._factors[self._block_index(layer)])
+
+    def factor_inverses(self, layer) -> list:
+        """The damped inverses ``[(A + √λ I)^-1, (G + √λ I)^-1]`` of a factored layer."""
+        return list(self._factor_inverses[self._block_index(layer)])
+
+    def _block_index(self, layer):
+        self._require_built("factors")
+        for b, block in enumerate(self._blocks):
+            if block.layer is layer:
+                return b
+        raise ValueError(f"Layer {layer.name!r} is not Kronecker-factored by this optimizer.")
+
+    def statistics(self, variable) -> list:
+        raise NotImplementedError("KFAC keeps per-layer factors: use `factors(layer)`.")
+
+    def inverses(self, variable) -> list:
+        raise NotImplementedError("KFAC keeps per-layer factors: use `factor_inverses(layer)`.")
+
+    # ------------------------------------------------------------------ step
+
+    def apply(self, grads, trainable_variables=None):
+        if trainable_variables is not None and self.built:
+            # A layer moves when its last member's update runs: keep the build order.
+            pairs = sorted(
+                zip(grads, trainable_variables), key=lambda p: self._get_variable_index(p[1])
+            )
+            grads = [g for g, _ in pairs]
+            trainable_variables = [v for _, v in pairs]
+            # A member without a gradient (unconnected) still has to reach its update.
+            grads = list(grads)
+            for block in self._blocks:
+                members = [self._get_variable_index(v) for v in trainable_variables]
+                present = [i for i, v_idx in enumerate(members) if v_idx in block.indices]
+                if any(grads[i] is not None for i in present):
+                    for i in present:
+                        if grads[i] is None:
+                            grads[i] = ops.zeros_like(trainable_variables[i])
+        return super().apply(grads, trainable_variables)
+
+    def update_step(self, gradient, variable, learning_rate):
+        idx = self._get_variable_index(variable)
+        if idx not in self._block_of:
+            super().update_step(gradient, variable, learning_rate)  # plain momentum (no modes)
+            return
+        b = self._block_of[idx]
+        dtype = variable.dtype
+        gradient = ops.cast(gradient, dtype)
+        finite = ops.all(ops.isfinite(gradient))
+
+        def accumulate():
+            m = self._momenta[idx]
+            momentum = ops.convert_to_tensor(self.momentum, dtype=dtype)
+            self.assign(m, momentum * ops.convert_to_tensor(m) + gradient)
+            return ops.zeros((), "int64")
+
+        def skip():
+            self.assign_add(self._skipped[idx], 1)
+            self.assign(self._block_flags[b], ops.ones((), "int64"))
+            return ops.zeros((), "int64")
+
+        ops.cond(finite, accumulate, skip)
+        if self._last_member.get(idx) == b:
+            ok = ops.equal(ops.convert_to_tensor(self._block_flags[b]), 0)
+            learning_rate = ops.cast(learning_rate, dtype)
+            ops.cond(ok, lambda: self._block_step(b, learning_rate), lambda: None)
+            self.assign(self._block_flags[b], ops.zeros((), "int64"))
+
+    def _refresh_due(self):
+        """``(t <= T2 and t % T1 == 0) or t % T2 == 0`` (bool tensor)."""
+        t = self.iterations
+        early = ops.logical_and(
+            t <= self.inverse_update_period, ops.equal(t % self.curvature_update_period, 0)
+        )
+        return ops.logical_or(early, ops.equal(t % self.inverse_update_period, 0))
+
+    def _refresh_block(self, b):
+        damping = math.sqrt(self.damping)
+        failed = ops.zeros((), dtype="int64")
+        for factor, inverse_var in zip(self._factors[b], self._factor_inverses[b]):
+            value = ops.convert_to_tensor(factor)
+            root = ops.convert_to_tensor(damping, dtype=value.dtype)  # not ops.cast: float32
+            inverse, ok = kronecker.damped_inverse(value, root)
+            self.assign(inverse_var, ops.where(ok, inverse, ops.convert_to_tensor(inverse_var)))
+            failed = failed + ops.cast(ops.logical_not(ok), "int64")
+        self.assign_add(self._failed[0], failed)
+
+    def _block_step(self, b, learning_rate):
+        block = self._blocks[b]
+        ops.cond(self._refresh_due(), lambda: self._refresh_block(b), lambda: None)
+        kernel = self._trainable_variables[block.kernel_index]
+        sdtype = statistics_dtype(kernel.dtype)
+        m_kernel = ops.convert_to_tensor(self._momenta[block.kernel_index])
+        rows = [ops.reshape(ops.cast(m_kernel, sdtype), (-1, block.output_size))]
+        if block.bias_index is not None:
+            m_bias = ops.convert_to_tensor(self._momenta[block.bias_index])
+            rows.append(ops.reshape(ops.cast(m_bias, sdtype), (1, block.output_size)))
+        stacked = ops.concatenate(rows, axis=0) if len(rows) > 1 else rows[0]
+        inverse_a, inverse_g = (ops.convert_to_tensor(v) for v in self._factor_inverses[b])
+        direction = ops.matmul(ops.matmul(inverse_a, stacked), inverse_g)
+        kernel_rows = block.input_size - (0 if block.bias_index is None else 1)
+        directions = {block.kernel_index: ops.reshape(direction[:kernel_rows], kernel.shape)}
+        if block.bias_index is not None:
+            directions[block.bias_index] = direction[kernel_rows]
+        for i, d in directions.items():
+            var = self._trainable_variables[i]
+            if self.weight_decay is not None and self._use_weight_decay(var):
+                wd = ops.convert_to_tensor(self.weight_decay, dtype=var.dtype)
+                self.assign(var, var - var * wd * learning_rate)
+            self.assign_sub(var, learning_rate * ops.cast(d, var.dtype))
+
+    # ---------------------------------------------------------------- config
+
+    def get_config(self):
+        config = super().get_config()
+        config.pop("empirical_fisher", None)
+        return config
