@@ -270,3 +270,37 @@ def test_trains_a_plain_keras_model():
     assert np.all(np.isfinite(losses))
     assert losses[-1] < 0.5 * losses[0], losses
     assert model.optimizer.failed_inversions == 0
+
+
+def _coupled_newton(a, p, tol, max_iterations):
+    """NumPy transcription of the iteration in algorithm.md §3, with its 1.2x growth guard."""
+    eye = np.eye(len(a))
+    z = (1 + p) / (2 * np.linalg.norm(a))
+    m, x = z * a, z ** (1 / p) * eye
+    err = np.max(np.abs(m - eye))
+    i = 0
+    while i < max_iterations and err > tol:
+        t = ((p + 1) * eye - m) / p
+        new_m = np.linalg.matrix_power(t, p) @ m
+        new_err = np.max(np.abs(new_m - eye))
+        i += 1
+        if not new_err <= 1.2 * err:
+            return x, i
+        m, x, err = new_m, x @ t, new_err
+    return x, i
+
+
+@pytest.mark.parametrize("negative", [-0.4, -0.9, -3.0])
+def test_inverse_pth_root_keeps_the_previous_iterate_when_the_error_grows(float64, negative):
+    # An indefinite matrix (which statistics never are, but round-off can approach) makes the
+    # error grow; the iteration must stop there and return the iterate before the growth.
+    rng = np.random.default_rng(7)
+    q, _ = np.linalg.qr(rng.standard_normal((6, 6)))
+    h = (q * np.array([2.0, 1.5, 1.0, 0.5, 0.25, negative])) @ q.T
+    h = 0.5 * (h + h.T)
+    expected, iterations = _coupled_newton(h, 4, 1e-6, 100)
+    root, ok, i, error = kronecker.inverse_pth_root(h, 4, 0.0, return_info=True)
+    assert int(i) == iterations < 100
+    assert float(error) > 1e-6  # stopped by the growth guard, not by convergence
+    np.testing.assert_allclose(np.array(root), expected, rtol=1e-10, atol=1e-12)
+    assert bool(ok)
