@@ -182,7 +182,14 @@ class FisherModel(keras.Model):
         )
         dynamic_scale = getattr(self.optimizer, "dynamic_scale", None)
         if dynamic_scale is not None:  # LossScaleOptimizer: undo its scale here
-            grads = [g / tf.cast(dynamic_scale, g.dtype) for g in grads]
+            # In float32 at least: pre-activation gradients (KFAC) are float16 under
+            # mixed_float16, and small ones would become subnormal after the division.
+            grads = [
+                tf.cast(g, tf.float32) / tf.cast(dynamic_scale, tf.float32)
+                if g.dtype in (tf.float16, tf.bfloat16)
+                else g / tf.cast(dynamic_scale, g.dtype)
+                for g in grads
+            ]
         return grads
 
     def _captured_layers(self, optimizer):
@@ -196,11 +203,18 @@ class FisherModel(keras.Model):
         pairs = []
         for layer in layers:
             calls = records[id(layer)]
-            if len(calls) != 1:
+            if not calls:
+                raise ValueError(
+                    f"KFAC factors layer {layer.name!r}, but the forward pass never called it (an "
+                    "unused or conditionally used layer). Freeze it (`trainable=False`) or remove "
+                    "it from the model."
+                )
+            if len(calls) > 1:
                 raise ValueError(
                     f"KFAC factors layer {layer.name!r} from its one call per forward pass, but "
-                    f"it ran {len(calls)} times. Shared (reused) layers are not supported by "
-                    "KFAC; use TNT or Shampoo, which precondition per tensor."
+                    f"it ran {len(calls)} times (a shared layer, or one inside TimeDistributed or "
+                    "Bidirectional). KFAC does not support that; use TNT or Shampoo, which "
+                    "precondition per tensor."
                 )
             pairs.append(calls[0])
         return pairs

@@ -42,6 +42,7 @@ import math
 import warnings
 
 import keras
+import tensorflow as tf
 from keras import ops
 
 from keras_tnt import _distribute
@@ -150,13 +151,16 @@ def _patches(layer, inputs):
     )
 
 
-def layer_factors(block: LayerBlock, inputs, preactivation_gradients, dtype, replicas: int = 1):
+def layer_factors(
+    block: LayerBlock, inputs, preactivation_gradients, dtype, replicas: int = 1, global_batch=None
+):
     """This replica's share of ``(A, G)`` for one layer (algorithm.md §3).
 
-    ``inputs`` is the layer's input and ``preactivation_gradients`` the gradient of the
-    (replica's share of the) batch-mean sampled loss with respect to the layer's pre-activation
-    output. Summed over ``replicas`` equal replicas, the shares give ``A`` and ``G`` of the global
-    batch.
+    ``inputs`` is the layer's input and ``preactivation_gradients`` the gradient of this
+    replica's loss (Keras' convention: the mean over its ``n`` examples divided by ``replicas``)
+    with respect to the layer's pre-activation output. ``global_batch`` is the number of
+    examples over all replicas (default ``n * replicas``); summed over the replicas, the shares
+    give ``A`` and ``G`` of the global batch. A replica without examples contributes zeros.
     """
     a = ops.cast(inputs, dtype)
     s = ops.cast(preactivation_gradients, dtype)
@@ -164,15 +168,20 @@ def layer_factors(block: LayerBlock, inputs, preactivation_gradients, dtype, rep
         a = _patches(block.layer, a)
         if block.layer.data_format == "channels_first":
             s = ops.transpose(s, (0, 2, 3, 1))
-    batch = ops.cast(ops.shape(a)[0], dtype)
+    one = ops.ones((), dtype=dtype)
+    local = ops.maximum(ops.cast(ops.shape(a)[0], dtype), one)
     a = ops.reshape(a, (-1, ops.shape(a)[-1]))
     s = ops.reshape(s, (-1, block.output_size))
     if block.bias_index is not None:
         a = ops.concatenate([a, ops.ones((ops.shape(a)[0], 1), dtype=dtype)], axis=1)
-    positions = ops.cast(ops.shape(s)[0], dtype) / batch
-    global_batch = batch * replicas
+    positions = ops.maximum(ops.cast(ops.shape(s)[0], dtype), one) / local
+    if global_batch is None:
+        global_batch = local * replicas
+    global_batch = ops.cast(global_batch, dtype)
+    # Per example, N s is the gradient of that example's own loss: here (n * replicas) s.
+    per_example = local * replicas
     factor_a = ops.matmul(ops.transpose(a), a) / global_batch
-    factor_g = ops.matmul(ops.transpose(s), s) * (global_batch / positions)
+    factor_g = ops.matmul(ops.transpose(s), s) * (per_example**2 / (global_batch * positions))
     return factor_a, factor_g
 
 
@@ -279,9 +288,8 @@ class KFAC(TNT):
 
         index = {id(v): i for i, v in enumerate(var_list)}
         self._blocks = []
-        self._unfactored = {}
         self._block_of = {}
-        owned = set()
+        reasons = {}
         for layer in self._layers:
             reason = _why_not_factored(layer)
             kernel = _kernel_variable(layer)
@@ -291,8 +299,7 @@ class KFAC(TNT):
             if reason is None and bias is not None and id(bias) not in index:
                 reason = "its bias is not among the optimized variables"
             if reason is not None:
-                if any(id(w) in index for w in layer.trainable_weights):
-                    self._unfactored[layer.name] = f"{type(layer).__name__}: {reason}"
+                reasons[id(layer)] = reason
                 continue
             kind = "dense" if isinstance(layer, keras.layers.Dense) else "conv2d"
             shape = tuple(kernel.shape)
@@ -307,7 +314,17 @@ class KFAC(TNT):
             self._blocks.append(block)
             for i in block.indices:
                 self._block_of[i] = len(self._blocks) - 1
-                owned.add(i)
+        # Report each variable no block owns under the innermost layer holding it (a container
+        # whose sublayers are all factored is not reported).
+        unowned = {i for i in range(len(var_list)) if i not in self._block_of}
+        self._unfactored = {}
+        for layer in reversed(self._layers):  # sublayers come after their parents
+            mine = {index[id(w)] for w in layer.trainable_weights if id(w) in index} & unowned
+            if mine:
+                reason = reasons.get(id(layer), "not a Dense or Conv2D layer")
+                self._unfactored[layer.name] = f"{type(layer).__name__}: {reason}"
+                unowned -= mine
+        self._unfactored = dict(reversed(list(self._unfactored.items())))
         self._factors = []
         self._factor_inverses = []
         self._block_flags = []
@@ -374,6 +391,12 @@ class KFAC(TNT):
             )
         self._curvature_source = True
         replicas = _distribute.num_replicas()
+        global_batch = None
+        ctx = tf.distribute.get_replica_context() if replicas > 1 else None
+        if ctx is not None and stats:
+            # Replicas may hold different numbers of examples (a partial last batch).
+            local = ops.cast(ops.shape(stats[0][0])[0], "float64")
+            global_batch = ctx.all_reduce(tf.distribute.ReduceOp.SUM, local)
 
         def contributions():
             out = []
@@ -381,7 +404,9 @@ class KFAC(TNT):
                 sdtype = statistics_dtype(self._trainable_variables[block.kernel_index].dtype)
                 if self.loss_scale_factor is not None:
                     s = s / self.loss_scale_factor
-                out.extend(layer_factors(block, a, s, sdtype, replicas=replicas))
+                out.extend(
+                    layer_factors(block, a, s, sdtype, replicas=replicas, global_batch=global_batch)
+                )
             return out
 
         if condition is not None and replicas > 1:

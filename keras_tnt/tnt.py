@@ -208,6 +208,8 @@ class TNT(keras.optimizers.Optimizer):
         )
 
     def load_own_variables(self, store):
+        if len(store.keys()) == 0:
+            return  # saved before it was ever built (compiled, not trained): fresh state
         if len(store.keys()) != len(self.variables):
             raise ValueError(
                 f"Cannot restore optimizer '{self.name}': the saved state has "

@@ -417,3 +417,73 @@ def test_jit_compile_matches_eager_graph(float64):
         results.append([np.array(w) for w in model.weights])
     for a, b in zip(*results):
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_mirrored_partial_last_batch_matches_one_device():
+    """Replicas with unequal (or no) examples: the factors are still the global batch's."""
+    devices = [d.name for d in tf.config.list_logical_devices("CPU")[:2]]
+    if len(devices) < 2:
+        pytest.skip("needs 2 logical CPU devices (configured in conftest)")
+    rng = np.random.default_rng(1)
+    for n in (39, 33):  # last batch of 7 (split 4 + 3) and of 1 (one replica empty)
+        x = rng.normal(size=(n, 4)).astype("float32")
+        factors = []
+        for strategy in (None, tf.distribute.MirroredStrategy(devices)):
+            scope = strategy.scope() if strategy else tf.distribute.get_strategy().scope()
+            with scope:
+                model = _mlp()
+                model.compile(optimizer=keras_tnt.KFAC(learning_rate=1e-3), loss=_ce_loss())
+            model.warm_start(x, batch_size=16, verbose=0)
+            opt = model.optimizer
+            assert opt.skipped_curvature_updates == 0
+            factors.append([np.array(f) for b in opt.blocks for f in opt.factors(b.layer)])
+        for a, b in zip(*factors):
+            np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
+
+
+def test_containers_are_not_reported_and_unused_layers_get_a_clear_error():
+    keras.utils.set_random_seed(0)
+    inner = keras.Sequential(
+        [keras.Input((4,)), keras.layers.Dense(3, activation="tanh", name="inner_dense")],
+        name="inner",
+    )
+    unused = keras.layers.Dense(2, name="unused")
+    unused.build((None, 4))
+    inputs = keras.Input((4,))
+    outputs = keras.layers.Dense(2, name="logits")(inner(inputs))
+    model = keras_tnt.FisherModel(inputs, outputs)
+    model.compile(optimizer=keras_tnt.KFAC(), loss=_ce_loss())
+    model.optimizer.build(model.trainable_variables)
+    assert [b.layer.name for b in model.optimizer.blocks] == ["inner_dense", "logits"]
+    assert model.optimizer.unfactored_layers == {}
+
+    class WithUnused(keras.layers.Layer):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.used = keras.layers.Dense(2)
+            self.unused = keras.layers.Dense(2)
+
+        def build(self, shape):
+            self.used.build(shape)
+            self.unused.build(shape)
+
+        def call(self, x):
+            return self.used(x)
+
+    outputs = WithUnused()(inputs)
+    model = keras_tnt.FisherModel(inputs, outputs)
+    model.compile(optimizer=keras_tnt.KFAC(), loss=_ce_loss())
+    with pytest.raises(ValueError, match="never called it"):
+        model.fit(np.zeros((4, 4)), np.zeros(4), verbose=0)
+
+
+@pytest.mark.parametrize("optimizer", [keras_tnt.KFAC, keras_tnt.TNT])
+def test_compiled_but_untrained_model_loads(tmp_path, optimizer):
+    model = _mlp()
+    model.compile(optimizer=optimizer(), loss=_ce_loss())
+    path = str(tmp_path / "untrained.keras")
+    model.save(path)
+    restored = keras.models.load_model(path, custom_objects={"ArgmaxTargets": ArgmaxTargets})
+    assert type(restored.optimizer) is optimizer
+    restored.fit(np.zeros((8, 4), "float32"), np.zeros(8), verbose=0)
+    assert int(restored.optimizer.iterations) == 1
