@@ -116,6 +116,8 @@ PROBLEMS: dict[str, Problem] = {
                 "tnt": {"learning_rate": 1e-3, "damping": 0.1},
                 # Ours: best of a 10-epoch lr x λ grid here (skipped steps beyond lr 0.1).
                 "kfac": {"learning_rate": 3e-2, "damping": 0.03},
+                # Ours: best of a 30-epoch sweep (docs/reproduction/sweeps).
+                "shampoo": {"learning_rate": 3e-3, "damping": 3e-3},
                 "adam": {"learning_rate": 1e-3, "epsilon": 1e-7},
                 "sgd": {"learning_rate": 1e-3},
             },
@@ -134,6 +136,7 @@ PROBLEMS: dict[str, Problem] = {
             defaults={
                 "tnt": {"learning_rate": 3e-3, "damping": 0.1},
                 "kfac": {"learning_rate": 3e-2, "damping": 0.01},  # ours, as above
+                "shampoo": {"learning_rate": 3e-3, "damping": 3e-3},  # ours, as above
                 "adam": {"learning_rate": 3e-3, "epsilon": 1e-7},
                 "sgd": {"learning_rate": 0.1},
             },
