@@ -6,6 +6,8 @@
 #                damping (3 points; Adam: its ε; SGD-m: none), lowest smoothed training loss
 #   classifier:  learning rate (3 points) x decoupled weight decay {0, 0.01, 0.1}, highest
 #                validation accuracy
+#   a grid whose best learning rate is on its edge is extended by two ladder points past that
+#   edge (same other axes), once; the better of the two sweeps is the optimizer's configuration
 #
 # Usage: bash tuning/digits.sh   (about 40 minutes on 2 CPU cores; finished trials and runs
 # are skipped when it is started again)
@@ -13,6 +15,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 SWEEPS=${SWEEPS:-runs/sweeps_digits}
+BEST=${BEST:-runs/sweeps_digits_best}
 RUNS=${RUNS:-runs/reproduce_digits}
 OPTIMIZERS=$($PY -c "from models import registry; print(' '.join(registry.OPTIMIZERS))")
 
@@ -28,13 +31,52 @@ print(",".join(f"{v:g}" for v in common.log_grid(defaults.get("learning_rate", 1
 PYEOF
 }
 
+extension() {  # two ladder points past the edge where sweep $1 found its best learning rate
+  $PY - "$1" <<'PYEOF'
+import csv, json, sys
+from tuning import common
+project = sys.argv[1]
+rates = sorted({float(r["learning_rate"]) for r in csv.DictReader(open(project + "/trials.csv"))})
+best = json.load(open(project + "/best.json"))["hyperparameters"]["learning_rate"]
+grid = common.log_grid(best, 2)
+grid = grid[3:] if best == rates[-1] else grid[:2] if best == rates[0] else []
+print(",".join(f"{v:g}" for v in grid))
+PYEOF
+}
+
+better() {  # copies the better best.flags of projects $2 and $3 to $1
+  $PY - "$@" <<'PYEOF'
+import json, os, shutil, sys
+target, projects = sys.argv[1], [p for p in sys.argv[2:] if os.path.exists(p + "/best.json")]
+bests = [json.load(open(p + "/best.json")) for p in projects]
+sign = 1 if bests[0]["direction"] == "min" else -1
+winner = min(range(len(bests)), key=lambda i: (sign * bests[i]["score"], i))
+os.makedirs(target, exist_ok=True)
+shutil.copy(projects[winner] + "/best.flags", target + "/best.flags")
+print(f"{target}: {projects[winner]} ({bests[winner]['hyperparameters']})")
+PYEOF
+}
+
+sweep() {  # problem optimizer [extra sweep flags]
+  local problem=$1 optimizer=$2
+  shift 2
+  local project="$SWEEPS/$problem-$optimizer"
+  $PY -m tuning.sweep --problem="$problem" --optimizer="$optimizer" --directory="$SWEEPS" "$@"
+  local more
+  more=$(extension "$project")
+  if [ -n "$more" ]; then
+    $PY -m tuning.sweep --problem="$problem" --optimizer="$optimizer" --directory="$SWEEPS" \
+      --project_name="$problem-$optimizer-extended" "$@" --learning_rates="$more"
+  fi
+  better "$BEST/$problem-$optimizer" "$project" "$project-extended"
+}
+
 for optimizer in $OPTIMIZERS; do
-  $PY -m tuning.sweep --problem=digits_autoencoder --optimizer="$optimizer" \
-    --directory="$SWEEPS" --learning_rates="$(learning_rates digits_autoencoder "$optimizer" 2)"
-  $PY -m tuning.sweep --problem=digits_classifier --optimizer="$optimizer" \
-    --directory="$SWEEPS" --weight_decays=0,0.01,0.1
+  sweep digits_autoencoder "$optimizer" \
+    --learning_rates="$(learning_rates digits_autoencoder "$optimizer" 2)"
+  sweep digits_classifier "$optimizer" --weight_decays=0,0.01,0.1
 done
 for problem in digits_autoencoder digits_classifier; do
-  $PY -m tuning.reproduce --problem="$problem" --seeds=3 --best_dir="$SWEEPS" \
+  $PY -m tuning.reproduce --problem="$problem" --seeds=3 --best_dir="$BEST" \
     --runs_dir="$RUNS" --output="docs/reproduction/$problem"
 done
