@@ -42,7 +42,6 @@ import math
 import warnings
 
 import keras
-import tensorflow as tf
 from keras import ops
 
 from keras_tnt import _distribute
@@ -151,16 +150,14 @@ def _patches(layer, inputs):
     )
 
 
-def layer_factors(
-    block: LayerBlock, inputs, preactivation_gradients, dtype, replicas: int = 1, global_batch=None
-):
-    """This replica's share of ``(A, G)`` for one layer (algorithm.md §3).
+def _layer_sums(block: LayerBlock, inputs, preactivation_gradients, dtype, replicas: int):
+    """``(n A, n G, n)`` of one replica's ``n`` examples (unnormalised factor sums).
 
-    ``inputs`` is the layer's input and ``preactivation_gradients`` the gradient of this
-    replica's loss (Keras' convention: the mean over its ``n`` examples divided by ``replicas``)
-    with respect to the layer's pre-activation output. ``global_batch`` is the number of
-    examples over all replicas (default ``n * replicas``); summed over the replicas, the shares
-    give ``A`` and ``G`` of the global batch. A replica without examples contributes zeros.
+    ``preactivation_gradients`` follow Keras' convention under ``tf.distribute``: the gradient of
+    this replica's loss, the mean over its ``n`` examples divided by ``replicas``; so ``n *
+    replicas * s`` is each example's own loss gradient. Summed over replicas and divided by the
+    total count, the sums give ``A`` and ``G`` of the global batch, however the batch was split
+    (a replica without examples contributes zeros).
     """
     a = ops.cast(inputs, dtype)
     s = ops.cast(preactivation_gradients, dtype)
@@ -169,20 +166,30 @@ def layer_factors(
         if block.layer.data_format == "channels_first":
             s = ops.transpose(s, (0, 2, 3, 1))
     one = ops.ones((), dtype=dtype)
-    local = ops.maximum(ops.cast(ops.shape(a)[0], dtype), one)
+    count = ops.cast(ops.shape(a)[0], dtype)
+    local = ops.maximum(count, one)
     a = ops.reshape(a, (-1, ops.shape(a)[-1]))
     s = ops.reshape(s, (-1, block.output_size))
     if block.bias_index is not None:
         a = ops.concatenate([a, ops.ones((ops.shape(a)[0], 1), dtype=dtype)], axis=1)
     positions = ops.maximum(ops.cast(ops.shape(s)[0], dtype), one) / local
-    if global_batch is None:
-        global_batch = local * replicas
-    global_batch = ops.cast(global_batch, dtype)
-    # Per example, N s is the gradient of that example's own loss: here (n * replicas) s.
     per_example = local * replicas
-    factor_a = ops.matmul(ops.transpose(a), a) / global_batch
-    factor_g = ops.matmul(ops.transpose(s), s) * (per_example**2 / (global_batch * positions))
-    return factor_a, factor_g
+    sum_a = ops.matmul(ops.transpose(a), a)
+    sum_g = ops.matmul(ops.transpose(s), s) * (per_example**2 / positions)
+    return sum_a, sum_g, count
+
+
+def layer_factors(block: LayerBlock, inputs, preactivation_gradients, dtype):
+    """``(A, G)`` of one layer for one batch (algorithm.md §3).
+
+    ``inputs`` is the layer's input and ``preactivation_gradients`` the gradient of the
+    batch-mean loss with respect to the layer's pre-activation output:
+    ``A = (1/N) Σ a aᵀ`` (a ones column for the bias; im2col patches, summed over the ``P``
+    positions, for a convolution) and ``G = (1/(N P)) Σ (N s)(N s)ᵀ``.
+    """
+    sum_a, sum_g, count = _layer_sums(block, inputs, preactivation_gradients, dtype, 1)
+    count = ops.maximum(count, ops.ones((), dtype=count.dtype))
+    return sum_a / count, sum_g / count
 
 
 # --------------------------------------------------------------- optimizer
@@ -391,23 +398,18 @@ class KFAC(TNT):
             )
         self._curvature_source = True
         replicas = _distribute.num_replicas()
-        global_batch = None
-        ctx = tf.distribute.get_replica_context() if replicas > 1 else None
-        if ctx is not None and stats:
-            # Replicas may hold different numbers of examples (a partial last batch).
-            local = ops.cast(ops.shape(stats[0][0])[0], "float64")
-            global_batch = ctx.all_reduce(tf.distribute.ReduceOp.SUM, local)
 
         def contributions():
+            # Unnormalised sums and this replica's example count, all-reduced together (one
+            # batch of collectives, in the same order on every replica), then divided.
             out = []
             for block, (a, s) in zip(self._blocks, stats):
                 sdtype = statistics_dtype(self._trainable_variables[block.kernel_index].dtype)
                 if self.loss_scale_factor is not None:
                     s = s / self.loss_scale_factor
-                out.extend(
-                    layer_factors(block, a, s, sdtype, replicas=replicas, global_batch=global_batch)
-                )
-            return out
+                sum_a, sum_g, count = _layer_sums(block, a, s, sdtype, replicas)
+                out += [sum_a, sum_g]
+            return out + [ops.cast(count, out[0].dtype)]
 
         if condition is not None and replicas > 1:
             shapes = [(d, d) for b in self._blocks for d in (b.input_size, b.output_size)]
@@ -415,12 +417,17 @@ class KFAC(TNT):
             local = ops.cond(
                 condition,
                 contributions,
-                lambda: [ops.zeros(s, dtype=d) for s, d in zip(shapes, dtypes)],
+                lambda: (
+                    [ops.zeros(s, dtype=d) for s, d in zip(shapes, dtypes)]
+                    + [ops.zeros((), dtype=dtypes[0])]
+                ),
             )
         else:
             local = contributions()
 
-        def fold(factors):
+        def fold(sums):
+            total = ops.maximum(sums[-1], ops.ones((), dtype=sums[-1].dtype))
+            factors = [f / ops.cast(total, f.dtype) for f in sums[:-1]]
             finite = ops.all(ops.stack([ops.all(ops.isfinite(f)) for f in factors]))
             ops.cond(
                 finite,

@@ -271,6 +271,15 @@ def test_schedules(T1, T2):
 # ----------------------------------------------------------------------- behaviour
 
 
+def _mirrored(devices):
+    # Reduction through one device, not collectives: TensorFlow's collective executor is
+    # process-wide, and a new MirroredStrategy reuses the instance keys of earlier ones (from
+    # other test files) with tensors of other shapes, which aborts the collective.
+    return tf.distribute.MirroredStrategy(
+        devices, cross_device_ops=tf.distribute.ReductionToOneDevice()
+    )
+
+
 def test_batchnorm_gets_plain_momentum_and_is_reported():
     keras.utils.set_random_seed(0)
     inputs = keras.Input((6,))
@@ -382,7 +391,7 @@ def test_mirrored_replicas_identical_and_equal_to_one_device():
     x = rng.normal(size=(64, 4)).astype("float32")
     y = rng.integers(0, 2, size=64)
     results = []
-    for strategy in (None, tf.distribute.MirroredStrategy(devices)):
+    for strategy in (None, _mirrored(devices)):
         scope = strategy.scope() if strategy else tf.distribute.get_strategy().scope()
         with scope:
             model = _mlp()
@@ -428,7 +437,7 @@ def test_mirrored_partial_last_batch_matches_one_device():
     for n in (39, 33):  # last batch of 7 (split 4 + 3) and of 1 (one replica empty)
         x = rng.normal(size=(n, 4)).astype("float32")
         factors = []
-        for strategy in (None, tf.distribute.MirroredStrategy(devices)):
+        for strategy in (None, _mirrored(devices)):
             scope = strategy.scope() if strategy else tf.distribute.get_strategy().scope()
             with scope:
                 model = _mlp()
