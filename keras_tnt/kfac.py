@@ -275,8 +275,8 @@ class KFAC(TNT):
                 "compile() registers them, or call `optimizer.register_layers(model)` before "
                 "building it."
             )
-        # The base TNT state: per-variable momentum and counters. Its Kronecker slots are
-        # created for nothing here: KFAC keeps per-layer factors instead.
+        # TNT's per-variable state (momentum, counters) without its per-mode slots: KFAC keeps
+        # per-layer factors instead.
         keras.optimizers.Optimizer.build(self, var_list)
         self._modes = [() for _ in var_list]
         self._momenta = [self.add_variable_from_reference(v, "momentum") for v in var_list]
@@ -428,36 +428,12 @@ class KFAC(TNT):
         def fold(sums):
             total = ops.maximum(sums[-1], ops.ones((), dtype=sums[-1].dtype))
             factors = [f / ops.cast(total, f.dtype) for f in sums[:-1]]
-            finite = ops.all(ops.stack([ops.all(ops.isfinite(f)) for f in factors]))
-            ops.cond(
-                finite,
-                lambda: self._fold_factors(factors, warm_start),
-                lambda: self.assign_add(self._skipped_curvature, 1),
-            )
+            flat = [f for pair in self._factors for f in pair]
+            self._if_finite(factors, lambda: self._average_into(zip(flat, factors), warm_start))
 
         _distribute.fold_across_replicas(
             local, self._trainable_variables[0], fold, condition=condition
         )
-
-    def _fold_factors(self, factors, warm_start):
-        if warm_start:
-            count = self._warm_start_batches + 1
-        else:
-            first = ops.equal(self._curvature_updates, 0)
-        flat = [f for pair in self._factors for f in pair]
-        for var, new_value in zip(flat, factors):
-            sdtype = var.dtype
-            if warm_start:
-                j = ops.cast(count, sdtype)
-                keep, new = (j - 1) / j, 1 / j
-            else:
-                rho = ops.convert_to_tensor(self.statistics_decay, dtype=sdtype)
-                keep = ops.where(first, ops.zeros_like(rho), rho)
-                new = ops.where(first, ops.ones_like(rho), 1 - rho)
-            self.assign(var, keep * ops.convert_to_tensor(var) + new * ops.cast(new_value, sdtype))
-        self.assign_add(self._curvature_updates, 1)
-        if warm_start:
-            self.assign_add(self._warm_start_batches, 1)
 
     def factors(self, layer) -> list:
         """The factors ``[A, G]`` of a factored layer."""
@@ -492,8 +468,8 @@ class KFAC(TNT):
             trainable_variables = [v for _, v in pairs]
             # A member without a gradient (unconnected) still has to reach its update.
             grads = list(grads)
+            members = [self._get_variable_index(v) for v in trainable_variables]
             for block in self._blocks:
-                members = [self._get_variable_index(v) for v in trainable_variables]
                 present = [i for i, v_idx in enumerate(members) if v_idx in block.indices]
                 if any(grads[i] is not None for i in present):
                     for i in present:

@@ -317,27 +317,39 @@ class TNT(keras.optimizers.Optimizer):
             grads = [g / self.loss_scale_factor for g in grads]
 
         def fold(local_grads):
-            finite = ops.all(ops.stack([ops.all(ops.isfinite(g)) for g in local_grads]))
-            ops.cond(
-                finite,
-                lambda: self._fold_finite(local_grads, warm_start),
-                lambda: self.assign_add(self._skipped_curvature, 1),
-            )
+            self._if_finite(local_grads, lambda: self._fold_finite(local_grads, warm_start))
 
         _distribute.fold_across_replicas(
             grads, self._trainable_variables[0], fold, condition=condition
         )
 
+    def _if_finite(self, values, fold):
+        """Runs ``fold()`` if every tensor of ``values`` is finite, else counts a skipped batch."""
+        finite = ops.all(ops.stack([ops.all(ops.isfinite(v)) for v in values]))
+        ops.cond(finite, fold, lambda: self.assign_add(self._skipped_curvature, 1))
+
     def _fold_finite(self, grads, warm_start):
+        pairs = []
+        for idx, g in enumerate(grads):
+            modes = self._modes[idx]
+            if modes:
+                sdtype = statistics_dtype(self._trainable_variables[idx].dtype)
+                contractions = kronecker.mode_contractions(ops.cast(g, sdtype), modes)
+                pairs += zip(self._statistics[idx], contractions)
+        self._average_into(pairs, warm_start)
+
+    def _average_into(self, pairs, warm_start):
+        """Folds ``(statistic variable, new value)`` pairs in and advances the counters.
+
+        Warm start: the running mean over warm-start batches. Otherwise the moving average with
+        decay ``ρ``, except that the first update ever sets the statistic.
+        """
         if warm_start:
             count = self._warm_start_batches + 1
         else:
             first = ops.equal(self._curvature_updates, 0)
-        for idx, g in enumerate(grads):
-            modes = self._modes[idx]
-            if not modes:
-                continue
-            sdtype = statistics_dtype(self._trainable_variables[idx].dtype)
+        for var, value in pairs:
+            sdtype = var.dtype
             if warm_start:
                 j = ops.cast(count, sdtype)
                 keep, new = (j - 1) / j, 1 / j
@@ -345,9 +357,7 @@ class TNT(keras.optimizers.Optimizer):
                 rho = ops.convert_to_tensor(self.statistics_decay, dtype=sdtype)
                 keep = ops.where(first, ops.zeros_like(rho), rho)
                 new = ops.where(first, ops.ones_like(rho), 1 - rho)
-            contractions = kronecker.mode_contractions(ops.cast(g, sdtype), modes)
-            for h, c in zip(self._statistics[idx], contractions):
-                self.assign(h, keep * ops.convert_to_tensor(h) + new * c)
+            self.assign(var, keep * ops.convert_to_tensor(var) + new * ops.cast(value, sdtype))
         self.assign_add(self._curvature_updates, 1)
         if warm_start:
             self.assign_add(self._warm_start_batches, 1)
