@@ -16,11 +16,27 @@ from __future__ import annotations
 from collections.abc import Callable
 from collections.abc import Sequence
 
+import keras
 import tensorflow as tf
 
 
 def num_replicas() -> int:
     return tf.distribute.get_strategy().num_replicas_in_sync
+
+
+def value_now(variable):
+    """The variable's current value as a NumPy value, also while a ``tf.function`` is traced."""
+    with tf.init_scope():
+        return keras.ops.convert_to_numpy(variable.value)
+
+
+def outside_graph():
+    """A context that runs eagerly now, also inside a ``tf.function`` being traced.
+
+    Keras builds an optimizer inside the traced training step; a state restored at build time
+    must be assigned once, then, not on every step.
+    """
+    return tf.init_scope()
 
 
 def fold_across_replicas(
@@ -32,7 +48,8 @@ def fold_across_replicas(
 ) -> None:
     """Calls ``fold(gradients)`` with gradients summed over replicas, on every replica.
 
-    ``anchor`` is a (mirrored) variable on whose devices the fold runs; ``fold`` receives the list
+    ``anchor`` is a (mirrored) variable on whose devices the fold runs (a Keras or a
+    ``tf.Variable``; the optimizer's own counter is used); ``fold`` receives the list
     of reduced gradients local to one device and may assign any optimizer variable (the update
     context writes the component on that device). ``condition`` (a scalar bool
     tensor, equal on every replica) gates the fold; ``on_skip`` runs when it is False.
@@ -43,6 +60,9 @@ def fold_across_replicas(
         _gated(fold, gradients, condition, on_skip)
         return
     reduced = ctx.all_reduce(tf.distribute.ReduceOp.SUM, list(gradients))
+    # A Keras variable wraps the (mirrored) tf.Variable that `update` needs; a raw tf.Variable
+    # has a `value` method instead.
+    anchor = anchor.value if isinstance(anchor, keras.Variable) else anchor
     if condition is None:
         condition = tf.constant(True)
 
@@ -53,7 +73,7 @@ def fold_across_replicas(
             # The gradients are mirrored: every device computes the same fold from the same
             # values. ``update`` runs ``fold`` once per device with that device's components.
             strategy.extended.update(
-                getattr(anchor, "value", anchor),
+                anchor,
                 lambda _, *g: fold(list(g)),
                 args=tuple(reduced),
                 group=False,

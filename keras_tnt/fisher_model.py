@@ -70,6 +70,13 @@ class FisherModel(keras.Model):
 
     # ---------------------------------------------------------------- config
 
+    # Properties that return the compiled optimizer: Keras' saving walks `dir(model)`, and would
+    # save (and load) the optimizer's state a second time under these names.
+    _NOT_SAVED = frozenset({"curvature_optimizer", "statistics_optimizer"})
+
+    def __dir__(self):
+        return [name for name in super().__dir__() if name not in self._NOT_SAVED]
+
     def get_config(self):
         config = super().get_config()
         config["fisher_seed"] = self.fisher_seed
@@ -106,6 +113,23 @@ class FisherModel(keras.Model):
 
     def get_compile_config(self):
         return super().get_compile_config()
+
+    def build_optimizer(self):
+        """Builds the compiled optimizer on the trainable variables, if it is not built yet.
+
+        Keras builds it lazily, inside the first traced training step; building it now restores
+        a state loaded into it before (``load_weights``), and lets a mismatch fail here.
+        """
+        optimizer = getattr(self, "optimizer", None)
+        if optimizer is not None and not optimizer.built and self.built:
+            with self.distribute_strategy.scope():
+                optimizer.build(self.trainable_variables)
+
+    def load_weights(self, filepath, skip_mismatch=False, **kwargs):
+        """As ``keras.Model.load_weights``; the optimizer is built first, so that its saved state
+        is restored (or refused, unless ``skip_mismatch``) now, not at the first step."""
+        self.build_optimizer()
+        return super().load_weights(filepath, skip_mismatch=skip_mismatch, **kwargs)
 
     def compile_from_config(self, config):
         # Keras skips compiling on load when `compile` is overridden; ours only adds checks.
@@ -192,11 +216,28 @@ class FisherModel(keras.Model):
             ]
         return grads
 
-    def _captured_layers(self, optimizer):
-        """Layers whose inputs/pre-activations the optimizer's statistics need (KFAC)."""
+    def _curvature_keys(self, optimizer):
+        """What the optimizer's statistics are keyed by, for ``update_curvature``'s 2nd argument.
+
+        The trainable variables (TNT, Shampoo), or for an optimizer that takes per-layer
+        statistics (KFAC) the factored layers whose kernel is trainable now: a layer frozen
+        after the optimizer was built keeps its factors, and is not recorded.
+        """
+        if getattr(optimizer, "curvature_inputs", "gradients") != "layers":
+            return list(self.trainable_variables)
+        trainable = {id(v) for v in self.trainable_variables}
+        return [
+            block.layer
+            for block in optimizer.blocks
+            if id(optimizer._trainable_variables[block.kernel_index]) in trainable
+        ]
+
+    @staticmethod
+    def _recorded_layers(optimizer, keys):
+        """The layers whose inputs and pre-activations the forward pass must record."""
         if getattr(optimizer, "curvature_inputs", "gradients") != "layers":
             return []
-        return [block.layer for block in optimizer.blocks]
+        return keys
 
     @staticmethod
     def _layer_records(layers, records):
@@ -220,14 +261,23 @@ class FisherModel(keras.Model):
         return pairs
 
     def _curvature_input(self, tape, y_pred, sample_weight, seed, layers, records):
-        """What ``optimizer.update_curvature`` takes: per-variable or per-layer Fisher data."""
-        if not layers:
+        """What ``optimizer.update_curvature`` takes: per-variable or per-layer Fisher data.
+
+        ``layers`` are the recorded layers (KFAC), or None for per-variable gradients.
+        """
+        if layers is None:
             return self._fisher_gradients(tape, y_pred, sample_weight, seed)
         pairs = self._layer_records(layers, records)
         grads = self._fisher_gradients(
             tape, y_pred, sample_weight, seed, sources=[z for _, z in pairs]
         )
         return [(a, s) for (a, _), s in zip(pairs, grads)]
+
+    def _curvature_zeros(self, layers, records):
+        """A zero ``_curvature_input`` of the same structure (replicas must all-reduce)."""
+        if layers is None:
+            return [tf.zeros_like(w) for w in self.trainable_variables]
+        return [(a, tf.zeros_like(z)) for a, z in self._layer_records(layers, records)]
 
     def _call_for_training(self, x):
         return self(x, training=True) if self._call_has_training_arg else self(x)
@@ -240,8 +290,10 @@ class FisherModel(keras.Model):
         if not optimizer.built:
             optimizer.build(self.trainable_variables)
         weights = self.trainable_variables
-        layers = self._captured_layers(optimizer)
-        with tf.GradientTape(persistent=True) as tape, capture_layers(layers) as records:
+        keys = self._curvature_keys(optimizer)
+        recorded = self._recorded_layers(optimizer, keys)
+        layers = recorded if optimizer.curvature_inputs == "layers" else None
+        with tf.GradientTape(persistent=True) as tape, capture_layers(recorded) as records:
             y_pred = self._call_for_training(x)
             loss = self._compute_loss(
                 x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
@@ -255,32 +307,22 @@ class FisherModel(keras.Model):
 
         due = optimizer.curvature_due()
         seed = self._seed(optimizer._iterations, stream=0)
-        if _distribute.num_replicas() == 1:
+        if keys and _distribute.num_replicas() == 1:
 
             def fold():
                 fisher = self._curvature_input(tape, y_pred, sample_weight, seed, layers, records)
-                optimizer.update_curvature(fisher)
+                optimizer.update_curvature(fisher, keys)
                 return tf.constant(0)
 
             tf.cond(due, fold, lambda: tf.constant(0))
-        else:
+        elif keys:
             # Every replica must reach the all-reduce inside update_curvature on every step.
-            if layers:
-                pairs = self._layer_records(layers, records)
-                zs = [z for _, z in pairs]
-                s = tf.cond(
-                    due,
-                    lambda: self._fisher_gradients(tape, y_pred, sample_weight, seed, zs),
-                    lambda: [tf.zeros_like(z) for z in zs],
-                )
-                fisher = [(a, g) for (a, _), g in zip(pairs, s)]
-            else:
-                fisher = tf.cond(
-                    due,
-                    lambda: self._fisher_gradients(tape, y_pred, sample_weight, seed),
-                    lambda: [tf.zeros_like(w) for w in weights],
-                )
-            optimizer.update_curvature(fisher, condition=due)
+            fisher = tf.cond(
+                due,
+                lambda: self._curvature_input(tape, y_pred, sample_weight, seed, layers, records),
+                lambda: self._curvature_zeros(layers, records),
+            )
+            optimizer.update_curvature(fisher, keys, condition=due)
         self.optimizer.apply(grads, weights)
         return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
 
@@ -295,10 +337,12 @@ class FisherModel(keras.Model):
 
         def replica_step(data):
             x_batch, y_batch, sample_weight = _unpack(data)
-            layers = self._captured_layers(optimizer)
+            keys = self._curvature_keys(optimizer)
+            recorded = self._recorded_layers(optimizer, keys)
+            layers = recorded if optimizer.curvature_inputs == "layers" else None
             with (
-                tf.GradientTape(persistent=bool(layers)) as tape,
-                capture_layers(layers) as records,
+                tf.GradientTape(persistent=bool(recorded)) as tape,
+                capture_layers(recorded) as records,
             ):
                 y_pred = self._call_for_training(x_batch)
                 if not sampled:  # empirical Fisher: the ordinary loss at the true targets
@@ -310,12 +354,10 @@ class FisherModel(keras.Model):
                 seed = self._seed(optimizer._warm_start_batches, stream=1)
                 grads = self._curvature_input(tape, y_pred, sample_weight, seed, layers, records)
             else:
-                grads = tape.gradient(
-                    loss,
-                    self.trainable_variables,
-                    unconnected_gradients=tf.UnconnectedGradients.ZERO,
-                )
-            optimizer.accumulate_curvature(grads)
+                # None for a variable the loss does not reach: it keeps its statistics, as in
+                # `apply` (the sampled pass gives such a variable its exact Fisher, zero).
+                grads = tape.gradient(loss, keys)
+            optimizer.accumulate_curvature(grads, keys)
 
         @tf.function(reduce_retracing=True)
         def step(data):
@@ -329,8 +371,9 @@ class FisherModel(keras.Model):
 
         Runs one pass over ``x`` (a ``tf.data.Dataset`` of batches, or arrays batched by
         ``batch_size``, default 32), or ``steps`` batches of it, and sets the statistics to the
-        running mean of their contractions (``optimizer.accumulate_curvature``). No weight
-        changes. Call it after ``compile`` and before ``fit``; see also :class:`WarmStart`.
+        running mean of their contractions (``optimizer.accumulate_curvature``; on statistics
+        that already hold batches, it continues their running mean). No weight changes. Call it
+        after ``compile`` and before ``fit``; see also :class:`WarmStart`.
         """
         optimizer = self.statistics_optimizer
         if optimizer is None:
@@ -376,7 +419,9 @@ class WarmStart(keras.callbacks.Callback):
     """Runs :meth:`FisherModel.warm_start` at the start of ``fit``, unless already done.
 
     A run resumed from a checkpoint (optimizer step > 0 or statistics already warm-started) is
-    not warm-started again.
+    not warm-started again. Copies (``copy.deepcopy``, which KerasTuner applies to a search's
+    callbacks for every trial) share ``data``, which the warm start only reads: a
+    ``tf.data.Dataset`` cannot be copied.
     """
 
     def __init__(self, data, batch_size: int | None = None, steps: int | None = None, verbose=1):
@@ -385,6 +430,13 @@ class WarmStart(keras.callbacks.Callback):
         self.batch_size = batch_size
         self.steps = steps
         self.verbose = verbose
+
+    def __deepcopy__(self, memo):
+        clone = type(self)(
+            self.data, batch_size=self.batch_size, steps=self.steps, verbose=self.verbose
+        )
+        memo[id(self)] = clone
+        return clone
 
     def on_train_begin(self, logs=None):
         if not isinstance(self.model, FisherModel):
@@ -398,7 +450,8 @@ class WarmStart(keras.callbacks.Callback):
                 "WarmStart needs the model compiled with keras_tnt.TNT (or another "
                 "optimizer with Fisher statistics)."
             )
-        if optimizer.built and (int(optimizer.iterations) > 0 or optimizer.warm_start_batches):
+        self.model.build_optimizer()  # a state loaded before the build is restored now
+        if int(optimizer.iterations) > 0 or optimizer.warm_start_batches:
             return
         self.model.warm_start(
             self.data, batch_size=self.batch_size, steps=self.steps, verbose=self.verbose

@@ -209,7 +209,9 @@ class KFAC(TNT):
 
     KFAC needs the model's layers: compile a :class:`keras_tnt.FisherModel` with it (it calls
     :meth:`register_layers`). A layer whose kernel or bias gradient is not finite keeps its
-    weights for that step (the finite gradients of the layer still enter the momentum).
+    weights for that step (the finite gradients of the layer still enter the momentum). A
+    variable whose gradient is ``None`` (or which is not passed to ``apply``) keeps its momentum
+    and its weights; the layer's other variable still takes its part of the layer's direction.
     """
 
     curvature_inputs = "layers"
@@ -223,7 +225,7 @@ class KFAC(TNT):
         curvature_update_period: int = 1,
         inverse_update_period: int = 20,
         weight_decay: float | None = None,
-        name="kfac",
+        name=None,
         **kwargs,
     ):
         kwargs.pop("empirical_fisher", None)
@@ -282,16 +284,13 @@ class KFAC(TNT):
         self._momenta = [self.add_variable_from_reference(v, "momentum") for v in var_list]
         self._statistics = [[] for _ in var_list]
         self._inverses = [[] for _ in var_list]
+        self._counts = [None for _ in var_list]
         self._skipped = []
         for var in var_list:
             prefix = var.path.replace("/", "_") if hasattr(var, "path") else str(var.name)
             self._skipped.append(self.add_variable((), dtype="int64", name=f"{prefix}_skipped"))
         self._failed = [self.add_variable((), dtype="int64", name="failed_inversions")]
-        self._curvature_updates = self.add_variable((), dtype="int64", name="curvature_updates")
-        self._warm_start_batches = self.add_variable((), dtype="int64", name="warm_start_batches")
-        self._skipped_curvature = self.add_variable(
-            (), dtype="int64", name="skipped_curvature_updates"
-        )
+        self._build_counters()
 
         index = {id(v): i for i, v in enumerate(var_list)}
         self._blocks = []
@@ -334,6 +333,7 @@ class KFAC(TNT):
         self._unfactored = dict(reversed(list(self._unfactored.items())))
         self._factors = []
         self._factor_inverses = []
+        self._block_counts = []
         self._block_flags = []
         for block in self._blocks:
             sdtype = statistics_dtype(var_list[block.kernel_index].dtype)
@@ -351,9 +351,13 @@ class KFAC(TNT):
                     for d, f in zip(sizes, "AG")
                 ]
             )
+            # Batches folded into the layer's factors (the first one sets them).
+            self._block_counts.append(
+                self.add_variable((), dtype="int64", name=f"{name}_factor_count")
+            )
             # Set by a member whose gradient was not finite this step; read by the last member.
             self._block_flags.append(self.add_variable((), dtype="int64", name=f"{name}_flag"))
-        self._last_member = {max(block.indices): b for b, block in enumerate(self._blocks)}
+        self._restore_pending()
         if self._unfactored:
             listed = ", ".join(f"{k} ({v})" for k, v in self._unfactored.items())
             warnings.warn(
@@ -374,36 +378,46 @@ class KFAC(TNT):
             due = ops.logical_and(due, first_micro)
         return due
 
-    def update_curvature(self, layer_statistics, condition=None) -> None:
+    def update_curvature(self, layer_statistics, layers=None, condition=None) -> None:
         """Folds one batch into the factors.
 
-        ``layer_statistics`` holds, for each of :attr:`blocks` in order, the pair
-        ``(inputs, preactivation_gradients)``: the layer's input and the gradient of the (scaled,
-        as for ``apply``) batch-mean loss at sampled labels with respect to its pre-activation
-        output. The first batch ever sets the factors; later ones take the moving average.
+        ``layer_statistics`` holds, for each layer of ``layers`` (any subset of the factored
+        layers, :attr:`blocks`; default: all of them, in that order), the pair ``(inputs,
+        preactivation_gradients)``: the layer's input and the gradient of the (scaled, as for
+        ``apply``) batch-mean loss at sampled labels with respect to its pre-activation output.
+        A ``None`` pair, or a layer left out, keeps its factors. A layer's first batch sets its
+        factors; later ones take the moving average.
         """
-        self._fold_layers(layer_statistics, warm_start=False, condition=condition)
+        self._fold_layers(layer_statistics, layers, warm_start=False, condition=condition)
 
-    def accumulate_curvature(self, layer_statistics) -> None:
-        """Warm start: the running mean of the factors of every warm-start batch."""
-        self._fold_layers(layer_statistics, warm_start=True)
+    def accumulate_curvature(self, layer_statistics, layers=None) -> None:
+        """Warm start: the running mean of the factors of every batch so far."""
+        self._fold_layers(layer_statistics, layers, warm_start=True)
 
-    def _fold_layers(self, layer_statistics, warm_start, condition=None):
+    def _fold_layers(self, layer_statistics, layers, warm_start, condition=None):
         self._require_built("update_curvature")
-        stats = list(layer_statistics)
-        if len(stats) != len(self._blocks):
-            raise ValueError(
-                f"`layer_statistics` must hold one (inputs, preactivation_gradients) pair per "
-                f"factored layer ({len(self._blocks)}); received {len(stats)}."
-            )
+        present = self._align(
+            layer_statistics,
+            layers,
+            "layer_statistics",
+            "(inputs, preactivation_gradients) pair",
+            "layers",
+            "factored layer",
+            self._block_index,
+            len(self._blocks),
+        )
         self._curvature_source = True
+        if not present:
+            return
+        blocks = [b for b, _ in present]
         replicas = _distribute.num_replicas()
 
         def contributions():
             # Unnormalised sums and this replica's example count, all-reduced together (one
             # batch of collectives, in the same order on every replica), then divided.
             out = []
-            for block, (a, s) in zip(self._blocks, stats):
+            for b, (a, s) in present:
+                block = self._blocks[b]
                 sdtype = statistics_dtype(self._trainable_variables[block.kernel_index].dtype)
                 if self.loss_scale_factor is not None:
                     s = s / self.loss_scale_factor
@@ -412,8 +426,8 @@ class KFAC(TNT):
             return out + [ops.cast(count, out[0].dtype)]
 
         if condition is not None and replicas > 1:
-            shapes = [(d, d) for b in self._blocks for d in (b.input_size, b.output_size)]
-            dtypes = [f.dtype for pair in self._factors for f in pair]
+            shapes = [(d, d) for b in blocks for d in self._factor_sizes(b)]
+            dtypes = [f.dtype for b in blocks for f in self._factors[b]]
             local = ops.cond(
                 condition,
                 contributions,
@@ -428,12 +442,20 @@ class KFAC(TNT):
         def fold(sums):
             total = ops.maximum(sums[-1], ops.ones((), dtype=sums[-1].dtype))
             factors = [f / ops.cast(total, f.dtype) for f in sums[:-1]]
-            flat = [f for pair in self._factors for f in pair]
-            self._if_finite(factors, lambda: self._average_into(zip(flat, factors), warm_start))
+            groups = [
+                (self._block_counts[b], list(zip(self._factors[b], factors[2 * k : 2 * k + 2])))
+                for k, b in enumerate(blocks)
+            ]
+            self._if_finite(factors, lambda: self._average_into(groups, warm_start))
 
-        _distribute.fold_across_replicas(
-            local, self._trainable_variables[0], fold, condition=condition
-        )
+        _distribute.fold_across_replicas(local, self._curvature_updates, fold, condition=condition)
+
+    def _factor_sizes(self, b):
+        return (self._blocks[b].input_size, self._blocks[b].output_size)
+
+    def factor_count(self, layer) -> int:
+        """How many batches have been folded into the factors of one factored layer."""
+        return int(self._block_counts[self._block_index(layer)].numpy())
 
     def factors(self, layer) -> list:
         """The factors ``[A, G]`` of a factored layer."""
@@ -459,23 +481,37 @@ class KFAC(TNT):
     # ------------------------------------------------------------------ step
 
     def apply(self, grads, trainable_variables=None):
-        if trainable_variables is not None and self.built:
-            # A layer moves when its last member's update runs: keep the build order.
-            pairs = sorted(
-                zip(grads, trainable_variables), key=lambda p: self._get_variable_index(p[1])
+        if not self.built and trainable_variables is not None:
+            with keras.name_scope(self.name, caller=self):
+                self.build(list(trainable_variables))
+        if self.built:
+            variables = (
+                self._trainable_variables
+                if trainable_variables is None
+                else list(trainable_variables)
             )
-            grads = [g for g, _ in pairs]
-            trainable_variables = [v for _, v in pairs]
-            # A member without a gradient (unconnected) still has to reach its update.
-            grads = list(grads)
-            members = [self._get_variable_index(v) for v in trainable_variables]
-            for block in self._blocks:
-                present = [i for i, v_idx in enumerate(members) if v_idx in block.indices]
-                if any(grads[i] is not None for i in present):
-                    for i in present:
-                        if grads[i] is None:
-                            grads[i] = ops.zeros_like(trainable_variables[i])
+            if len(variables) == len(grads):
+                self._check_variables_are_known(variables)
+                # A layer moves when the update of its last variable with a gradient runs: keep
+                # the build order, and note which of each layer's variables take part.
+                pairs = sorted(zip(grads, variables), key=lambda p: self._get_variable_index(p[1]))
+                grads = [g for g, _ in pairs]
+                trainable_variables = [v for _, v in pairs]
+                present = [self._get_variable_index(v) for g, v in pairs if g is not None]
+                members = {}
+                for i in present:
+                    if i in self._block_of:
+                        members.setdefault(self._block_of[i], []).append(i)
+                # Plain Python state of this trace, not optimizer state to track or save.
+                object.__setattr__(self, "_moving", {b: tuple(m) for b, m in members.items()})
         return super().apply(grads, trainable_variables)
+
+    def _moving_members(self, b):
+        """The variables of block ``b`` that have a gradient in the current ``apply``."""
+        moving = self.__dict__.get("_moving")
+        if moving is None:  # update_step called without `apply`: all of them
+            return self._blocks[b].indices
+        return moving.get(b, ())
 
     def update_step(self, gradient, variable, learning_rate):
         idx = self._get_variable_index(variable)
@@ -499,10 +535,11 @@ class KFAC(TNT):
             return ops.zeros((), "int64")
 
         ops.cond(finite, accumulate, skip)
-        if self._last_member.get(idx) == b:
+        members = self._moving_members(b)
+        if members and idx == max(members):
             ok = ops.equal(ops.convert_to_tensor(self._block_flags[b]), 0)
             learning_rate = ops.cast(learning_rate, dtype)
-            ops.cond(ok, lambda: self._block_step(b, learning_rate), lambda: None)
+            ops.cond(ok, lambda: self._block_step(b, learning_rate, members), lambda: None)
             self.assign(self._block_flags[b], ops.zeros((), "int64"))
 
     def _refresh_due(self):
@@ -524,7 +561,8 @@ class KFAC(TNT):
             failed = failed + ops.cast(ops.logical_not(ok), "int64")
         self.assign_add(self._failed[0], failed)
 
-    def _block_step(self, b, learning_rate):
+    def _block_step(self, b, learning_rate, members):
+        """The layer's direction from all its momenta; applied to ``members`` only."""
         block = self._blocks[b]
         ops.cond(self._refresh_due(), lambda: self._refresh_block(b), lambda: None)
         kernel = self._trainable_variables[block.kernel_index]
@@ -542,6 +580,8 @@ class KFAC(TNT):
         if block.bias_index is not None:
             directions[block.bias_index] = direction[kernel_rows]
         for i, d in directions.items():
+            if i not in members:
+                continue
             var = self._trainable_variables[i]
             if self.weight_decay is not None and self._use_weight_decay(var):
                 wd = ops.convert_to_tensor(self.weight_decay, dtype=var.dtype)

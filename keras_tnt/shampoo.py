@@ -60,7 +60,7 @@ class Shampoo(TNT):
         inverse_update_period: int = 20,
         weight_decay: float | None = None,
         refresh_at_inverse_period_only: bool = False,
-        name="shampoo",
+        name=None,
         **kwargs,
     ):
         if not isinstance(refresh_at_inverse_period_only, bool):

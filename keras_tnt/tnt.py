@@ -32,8 +32,10 @@ training step calls with the sampled-label gradients; a custom training loop cal
 from __future__ import annotations
 
 import numbers
+import warnings
 
 import keras
+import numpy as np
 from keras import ops
 
 from keras_tnt import _distribute
@@ -93,7 +95,22 @@ class TNT(keras.optimizers.Optimizer):
         **kwargs: every base keyword of ``keras.optimizers.Optimizer`` (``clipnorm``,
             ``clipvalue``, ``global_clipnorm``, ``use_ema``, ``ema_momentum``,
             ``ema_overwrite_frequency``, ``loss_scale_factor``,
-            ``gradient_accumulation_steps``, ``name``).
+            ``gradient_accumulation_steps``, ``name``; unnamed instances are ``tnt``,
+            ``tnt_1``, ... as in Keras).
+
+    Gradient accumulation (``gradient_accumulation_steps=k``) averages the ordinary gradients of
+    ``k`` micro-batches into one momentum step, as Keras does, but the statistics take the
+    sampled-label gradients of the first micro-batch of each window only (the window's other
+    micro-batches draw no Fisher pass). The update is therefore not the same as one step on the
+    ``k`` times larger batch: the momentum sees the mean gradient of all ``k`` micro-batches, the
+    Kronecker statistics a ``k`` times smaller sample. A Fisher pass on every micro-batch would
+    cost ``k`` second backward passes per update for statistics that are already a moving
+    average over many steps; the momentum, which sets the update, follows Keras' contract.
+
+    Gradients are matched to statistics by variable, as Keras matches them to its slots: pass
+    ``trainable_variables`` to :meth:`update_curvature` (a subset of the variables the optimizer
+    was built with, in any order); a variable whose gradient is ``None``, or which is not in the
+    list, keeps its statistics, its momentum and its weights for that step.
 
     Non-finite gradients never reach the weights: a tensor whose gradient holds NaN or inf keeps
     its weights and momentum for that step (counted in :attr:`skipped_updates`); a batch of
@@ -124,7 +141,7 @@ class TNT(keras.optimizers.Optimizer):
         ema_overwrite_frequency=None,
         loss_scale_factor=None,
         gradient_accumulation_steps=None,
-        name="tnt",
+        name=None,
         **kwargs,
     ):
         if isinstance(learning_rate, numbers.Real) and not isinstance(learning_rate, bool):
@@ -161,6 +178,8 @@ class TNT(keras.optimizers.Optimizer):
         # state); `apply` refuses to precondition with statistics nobody will ever fill. The
         # empirical Fisher feeds itself from the gradients given to `apply`.
         self._curvature_source = empirical_fisher
+        # What an optimizer saved before it was built holds (iterations, learning rate).
+        self._unbuilt_variable_count = len(self.variables)
 
     @property
     def needs_sampled_gradients(self) -> bool:
@@ -177,6 +196,7 @@ class TNT(keras.optimizers.Optimizer):
         self._momenta = []
         self._statistics = []
         self._inverses = []
+        self._counts = []
         self._skipped = []
         self._failed = []
         # The order of creation is the order of saving: it must never depend on anything but
@@ -199,28 +219,99 @@ class TNT(keras.optimizers.Optimizer):
                     for i, d in enumerate(modes)
                 ]
             )
+            # Batches folded into this variable's statistics (the first one sets them).
+            self._counts.append(
+                self.add_variable((), dtype="int64", name=f"{prefix}_statistics_count")
+            )
             self._skipped.append(self.add_variable((), dtype="int64", name=f"{prefix}_skipped"))
             self._failed.append(self.add_variable((), dtype="int64", name=f"{prefix}_failed"))
+        self._build_counters()
+        self._restore_pending()
+
+    def _build_counters(self):
+        """The optimizer-wide counters."""
         self._curvature_updates = self.add_variable((), dtype="int64", name="curvature_updates")
         self._warm_start_batches = self.add_variable((), dtype="int64", name="warm_start_batches")
         self._skipped_curvature = self.add_variable(
             (), dtype="int64", name="skipped_curvature_updates"
         )
 
+    def _restore_pending(self):
+        """Restores a state loaded before the optimizer was built (the end of ``build``)."""
+        pending = self.__dict__.pop("_pending_state", None)
+        if pending is None:
+            return
+        with _distribute.outside_graph():
+            try:
+                self._restore(pending)
+            except ValueError as error:
+                # Keras builds inside the first traced step, where an error would leave a
+                # half-built optimizer behind: `_restore` checks before it assigns anything, so
+                # say it loudly and train from the fresh state, as Keras' own optimizers do.
+                # (FisherModel builds its optimizer before loading, and raises.)
+                warnings.warn(
+                    f"{error} The loaded optimizer state was NOT restored: training starts "
+                    "from a fresh optimizer state.",
+                    stacklevel=2,
+                )
+
     def load_own_variables(self, store):
-        if len(store.keys()) == 0:
-            return  # saved before it was ever built (compiled, not trained): fresh state
+        """Restores the state saved by ``save_own_variables`` (``.keras`` files, weights files).
+
+        An optimizer that is not built yet (``model.load_weights`` on a freshly compiled model,
+        KerasTuner's ``get_best_models``) keeps the saved values and restores them when it is
+        built, so training continues from the saved state. A state saved for other variables is
+        an error, never a partial restore.
+        """
+        keys = list(store.keys())
+        if not self.built:
+            if keys:
+                # Not an attribute TensorFlow's checkpoint tracking should wrap or follow.
+                object.__setattr__(self, "_pending_state", {k: np.array(store[k]) for k in keys})
+            return
+        if not keys:
+            warnings.warn(
+                f"Optimizer '{self.name}': the file holds no optimizer state (it was saved "
+                "without one); the optimizer keeps its current state.",
+                stacklevel=2,
+            )
+            return
+        self._restore(store)
+
+    def save_own_variables(self, store):
+        pending = self.__dict__.get("_pending_state")
+        if not self.built and pending is not None:
+            # Loaded, not built yet: the loaded state is this optimizer's state.
+            for key, value in pending.items():
+                store[key] = value
+            return
+        super().save_own_variables(store)
+
+    def _restore(self, store):
+        if len(store.keys()) == self._unbuilt_variable_count < len(self.variables):
+            # Saved before it was ever built (compiled, not trained): its step counter and
+            # learning rate; the statistics start fresh, as they would have.
+            for i in range(self._unbuilt_variable_count):
+                self.variables[i].assign(store[str(i)])
+            return
         if len(store.keys()) != len(self.variables):
             raise ValueError(
                 f"Cannot restore optimizer '{self.name}': the saved state has "
                 f"{len(store.keys())} variables but this optimizer has {len(self.variables)}. "
                 "Build it on the same model (same trainable variables, same order) before "
                 "loading; restoring only part of the Kronecker statistics would silently change "
-                "the training run."
+                "the training run. To load only the model's weights, load them before "
+                "`compile()`, or pass `skip_mismatch=True`."
             )
-        super().load_own_variables(store)
-        if self.built and int(self._curvature_updates.numpy()) > 0:
-            self._curvature_source = True
+        for i, variable in enumerate(self.variables):
+            value = store[str(i)]
+            if tuple(variable.shape) != tuple(np.shape(value)):
+                raise ValueError(
+                    f"Cannot restore optimizer '{self.name}': saved variable {i} has shape "
+                    f"{tuple(np.shape(value))}, but {variable.path} has shape "
+                    f"{tuple(variable.shape)}. The state was saved for another model."
+                )
+        keras.optimizers.Optimizer.load_own_variables(self, store)
 
     @property
     def curvature_updates(self) -> int:
@@ -253,6 +344,10 @@ class TNT(keras.optimizers.Optimizer):
         """The damped inverses ``A_i`` of one trainable variable (one per mode)."""
         return [a for a in self._inverses[self._get_variable_index(variable)]]
 
+    def statistics_count(self, variable) -> int:
+        """How many batches have been folded into the statistics of one trainable variable."""
+        return int(self._counts[self._get_variable_index(variable)].numpy())
+
     # ------------------------------------------------------------- curvature
 
     def curvature_due(self):
@@ -272,25 +367,63 @@ class TNT(keras.optimizers.Optimizer):
             due = ops.logical_and(due, first_micro)
         return due
 
-    def update_curvature(self, fisher_gradients, condition=None) -> None:
+    def update_curvature(self, fisher_gradients, trainable_variables=None, condition=None) -> None:
         """Folds one batch of sampled-label gradients into the statistics.
 
-        ``fisher_gradients`` is a list aligned with the variables the optimizer was built with:
-        the gradients of the (scaled, like for ``apply``) batch-mean loss at labels drawn from
-        the model's predictions. The first batch ever sets the statistics; later ones take the
-        moving average ``H ← ρ H + (1-ρ) Ĝ^(i)``. Under ``tf.distribute`` the gradients are
-        summed across replicas first, so every replica holds the same statistics.
+        ``fisher_gradients`` are the gradients of the (scaled, like for ``apply``) batch-mean
+        loss at labels drawn from the model's predictions, one per variable of
+        ``trainable_variables``: any subset of the variables the optimizer was built with, in
+        any order (default: all of them, in the build order). A ``None`` gradient, or a variable
+        left out, keeps its statistics. A variable's first batch sets its statistics; later ones
+        take the moving average ``H ← ρ H + (1-ρ) Ĝ^(i)``. Under ``tf.distribute`` the gradients
+        are summed across replicas first, so every replica holds the same statistics.
         ``condition`` (optional scalar bool tensor) gates the update inside the graph.
         """
-        self._fold(fisher_gradients, warm_start=False, condition=condition)
+        self._fold(fisher_gradients, trainable_variables, warm_start=False, condition=condition)
 
-    def accumulate_curvature(self, fisher_gradients) -> None:
-        """Warm start: folds a batch into the running arithmetic mean of all warm-start batches.
+    def accumulate_curvature(self, fisher_gradients, trainable_variables=None) -> None:
+        """Warm start: folds a batch into the running arithmetic mean of all batches so far.
 
-        The ``j``-th call sets ``H ← ((j-1)/j) H + (1/j) Ĝ^(i)``. See
+        Before any other update the ``j``-th call sets ``H ← ((j-1)/j) H + (1/j) Ĝ^(i)``.
+        Gradients are matched to variables as in :meth:`update_curvature`. See
         :meth:`keras_tnt.FisherModel.warm_start`, which calls it over a dataset.
         """
-        self._fold(fisher_gradients, warm_start=True)
+        self._fold(fisher_gradients, trainable_variables, warm_start=True)
+
+    def _align(self, values, keys, what, item, keys_arg, noun, index_of, total):
+        """``[(slot index, value)]`` for ``values`` given per key (default: build order).
+
+        ``None`` values are dropped: they leave their slots untouched.
+        """
+        values = list(values)
+        if keys is None:
+            if len(values) != total:
+                raise ValueError(
+                    f"`{what}` must hold one {item} per {noun} the optimizer was built with "
+                    f"({total}) when `{keys_arg}` is not given; received {len(values)}. For a "
+                    f"subset, pass the matching `{keys_arg}`."
+                )
+            indices = list(range(total))
+        else:
+            keys = list(keys)
+            if len(keys) != len(values):
+                raise ValueError(
+                    f"`{what}` and `{keys_arg}` must have the same length; received "
+                    f"{len(values)} and {len(keys)}."
+                )
+            indices = [index_of(k) for k in keys]
+            if len(set(indices)) != len(indices):
+                raise ValueError(f"`{keys_arg}` names the same {noun} more than once.")
+        return [(i, v) for i, v in zip(indices, values) if v is not None]
+
+    def _variable_index(self, variable):
+        try:
+            return self._get_variable_index(variable)
+        except KeyError:
+            raise ValueError(
+                f"Unknown variable {getattr(variable, 'path', variable.name)!r}: this optimizer "
+                "was built with other variables (`trainable_variables` must be among them)."
+            ) from None
 
     def _require_built(self, what):
         if not self.built:
@@ -300,64 +433,69 @@ class TNT(keras.optimizers.Optimizer):
                 "for you)."
             )
 
-    def _fold(self, fisher_gradients, warm_start, condition=None):
+    def _fold(self, fisher_gradients, trainable_variables, warm_start, condition=None):
         self._require_built("update_curvature")
-        grads = list(fisher_gradients)
-        if len(grads) != len(self._trainable_variables):
-            raise ValueError(
-                f"`fisher_gradients` must hold one gradient per trainable variable the optimizer "
-                f"was built with ({len(self._trainable_variables)}); received {len(grads)}."
-            )
+        present = self._align(
+            fisher_gradients,
+            trainable_variables,
+            "fisher_gradients",
+            "gradient",
+            "trainable_variables",
+            "trainable variable",
+            self._variable_index,
+            len(self._trainable_variables),
+        )
         self._curvature_source = True
-        grads = [
-            ops.zeros(v.shape, dtype=v.dtype) if g is None else g
-            for g, v in zip(grads, self._trainable_variables)
-        ]
+        if not present:
+            return
+        indices = [i for i, _ in present]
+        grads = [g for _, g in present]
         if self.loss_scale_factor is not None:
             grads = [g / self.loss_scale_factor for g in grads]
 
         def fold(local_grads):
-            self._if_finite(local_grads, lambda: self._fold_finite(local_grads, warm_start))
+            self._if_finite(
+                local_grads, lambda: self._fold_finite(indices, local_grads, warm_start)
+            )
 
-        _distribute.fold_across_replicas(
-            grads, self._trainable_variables[0], fold, condition=condition
-        )
+        _distribute.fold_across_replicas(grads, self._curvature_updates, fold, condition=condition)
 
     def _if_finite(self, values, fold):
         """Runs ``fold()`` if every tensor of ``values`` is finite, else counts a skipped batch."""
         finite = ops.all(ops.stack([ops.all(ops.isfinite(v)) for v in values]))
         ops.cond(finite, fold, lambda: self.assign_add(self._skipped_curvature, 1))
 
-    def _fold_finite(self, grads, warm_start):
-        pairs = []
-        for idx, g in enumerate(grads):
+    def _fold_finite(self, indices, grads, warm_start):
+        groups = []
+        for idx, g in zip(indices, grads):
             modes = self._modes[idx]
             if modes:
                 sdtype = statistics_dtype(self._trainable_variables[idx].dtype)
                 contractions = kronecker.mode_contractions(ops.cast(g, sdtype), modes)
-                pairs += zip(self._statistics[idx], contractions)
-        self._average_into(pairs, warm_start)
+                groups.append((self._counts[idx], list(zip(self._statistics[idx], contractions))))
+        self._average_into(groups, warm_start)
 
-    def _average_into(self, pairs, warm_start):
-        """Folds ``(statistic variable, new value)`` pairs in and advances the counters.
+    def _average_into(self, groups, warm_start):
+        """Folds ``(count variable, [(statistic variable, new value), ...])`` groups in.
 
-        Warm start: the running mean over warm-start batches. Otherwise the moving average with
-        decay ``ρ``, except that the first update ever sets the statistic.
+        Each group's count is the number of batches its statistics hold. Warm start: the
+        running mean over those batches. Otherwise the moving average with decay ``ρ``, except
+        that a group's first batch sets its statistics. Then the counters advance.
         """
-        if warm_start:
-            count = self._warm_start_batches + 1
-        else:
-            first = ops.equal(self._curvature_updates, 0)
-        for var, value in pairs:
-            sdtype = var.dtype
-            if warm_start:
-                j = ops.cast(count, sdtype)
-                keep, new = (j - 1) / j, 1 / j
-            else:
-                rho = ops.convert_to_tensor(self.statistics_decay, dtype=sdtype)
-                keep = ops.where(first, ops.zeros_like(rho), rho)
-                new = ops.where(first, ops.ones_like(rho), 1 - rho)
-            self.assign(var, keep * ops.convert_to_tensor(var) + new * ops.cast(value, sdtype))
+        for count, pairs in groups:
+            n = ops.convert_to_tensor(count)
+            first = ops.equal(n, 0)
+            for var, value in pairs:
+                sdtype = var.dtype
+                if warm_start:
+                    j = ops.cast(n + 1, sdtype)
+                    keep, new = (j - 1) / j, 1 / j
+                else:
+                    rho = ops.convert_to_tensor(self.statistics_decay, dtype=sdtype)
+                    keep = ops.where(first, ops.zeros_like(rho), rho)
+                    new = ops.where(first, ops.ones_like(rho), 1 - rho)
+                self.assign(var, keep * ops.convert_to_tensor(var) + new * ops.cast(value, sdtype))
+            self.assign_add(count, ops.ones((), dtype=count.dtype))
         self.assign_add(self._curvature_updates, 1)
         if warm_start:
             self.assign_add(self._warm_start_batches, 1)
@@ -365,12 +503,15 @@ class TNT(keras.optimizers.Optimizer):
     # ------------------------------------------------------------------ step
 
     def apply(self, grads, trainable_variables=None):
-        if self.empirical_fisher:
-            if not self.built:
+        if not self.built and trainable_variables is not None:
+            # Built here, not in the base `apply`: a checkpoint restored before the build (e.g.
+            # `tf.train.Checkpoint.restore`) fills the slots as they are created.
+            with keras.name_scope(self.name, caller=self):
                 self.build(list(trainable_variables))
+        if self.empirical_fisher:
             # TNT-EF (the paper's D.4 ablation): statistics from the ordinary gradients.
-            self.update_curvature(grads, condition=self.curvature_due())
-        if not self._curvature_source:
+            self.update_curvature(grads, trainable_variables, condition=self.curvature_due())
+        if not self._has_statistics():
             raise ValueError(
                 "TNT preconditions with Fisher statistics from gradients of labels sampled from "
                 "the model's predictions, and nothing has provided them. Train with "
@@ -379,6 +520,15 @@ class TNT(keras.optimizers.Optimizer):
                 "`optimizer.update_curvature(fisher_gradients)` before `apply`."
             )
         return super().apply(grads, trainable_variables)
+
+    def _has_statistics(self) -> bool:
+        """Whether something feeds the statistics, or a restored state already holds some."""
+        if not self._curvature_source and self.built:
+            # Restored through tf.train.Checkpoint, set_weights or a weights file.
+            count = _distribute.value_now(self._curvature_updates)
+            # Empty while the variable is still being created inside the traced step.
+            self._curvature_source = bool(np.size(count) == 1 and int(count) > 0)
+        return self._curvature_source
 
     def _apply_weight_decay(self, variables):
         # Applied per tensor inside `update_step` instead (skipped with a non-finite gradient).
