@@ -24,12 +24,6 @@ def num_replicas() -> int:
     return tf.distribute.get_strategy().num_replicas_in_sync
 
 
-def value_now(variable):
-    """The variable's current value as a NumPy value, also while a ``tf.function`` is traced."""
-    with tf.init_scope():
-        return keras.ops.convert_to_numpy(variable.value)
-
-
 def outside_graph():
     """A context that runs eagerly now, also inside a ``tf.function`` being traced.
 
@@ -37,6 +31,12 @@ def outside_graph():
     must be assigned once, then, not on every step.
     """
     return tf.init_scope()
+
+
+def value_now(variable):
+    """The variable's current value as a NumPy value, also while a ``tf.function`` is traced."""
+    with outside_graph():
+        return keras.ops.convert_to_numpy(variable.value)
 
 
 def fold_across_replicas(

@@ -217,27 +217,22 @@ class FisherModel(keras.Model):
         return grads
 
     def _curvature_keys(self, optimizer):
-        """What the optimizer's statistics are keyed by, for ``update_curvature``'s 2nd argument.
+        """``(keys, layers)``: what ``update_curvature``'s 2nd argument is, and what to record.
 
-        The trainable variables (TNT, Shampoo), or for an optimizer that takes per-layer
-        statistics (KFAC) the factored layers whose kernel is trainable now: a layer frozen
-        after the optimizer was built keeps its factors, and is not recorded.
+        For per-variable statistics (TNT, Shampoo) the trainable variables and no layers. For
+        per-layer statistics (KFAC) the factored layers whose kernel is trainable now, both
+        times: a layer frozen after the optimizer was built keeps its factors and is not
+        recorded.
         """
         if getattr(optimizer, "curvature_inputs", "gradients") != "layers":
-            return list(self.trainable_variables)
+            return list(self.trainable_variables), None
         trainable = {id(v) for v in self.trainable_variables}
-        return [
+        layers = [
             block.layer
             for block in optimizer.blocks
             if id(optimizer._trainable_variables[block.kernel_index]) in trainable
         ]
-
-    @staticmethod
-    def _recorded_layers(optimizer, keys):
-        """The layers whose inputs and pre-activations the forward pass must record."""
-        if getattr(optimizer, "curvature_inputs", "gradients") != "layers":
-            return []
-        return keys
+        return layers, layers
 
     @staticmethod
     def _layer_records(layers, records):
@@ -290,10 +285,8 @@ class FisherModel(keras.Model):
         if not optimizer.built:
             optimizer.build(self.trainable_variables)
         weights = self.trainable_variables
-        keys = self._curvature_keys(optimizer)
-        recorded = self._recorded_layers(optimizer, keys)
-        layers = recorded if optimizer.curvature_inputs == "layers" else None
-        with tf.GradientTape(persistent=True) as tape, capture_layers(recorded) as records:
+        keys, layers = self._curvature_keys(optimizer)
+        with tf.GradientTape(persistent=True) as tape, capture_layers(layers or []) as records:
             y_pred = self._call_for_training(x)
             loss = self._compute_loss(
                 x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
@@ -337,12 +330,10 @@ class FisherModel(keras.Model):
 
         def replica_step(data):
             x_batch, y_batch, sample_weight = _unpack(data)
-            keys = self._curvature_keys(optimizer)
-            recorded = self._recorded_layers(optimizer, keys)
-            layers = recorded if optimizer.curvature_inputs == "layers" else None
+            keys, layers = self._curvature_keys(optimizer)
             with (
-                tf.GradientTape(persistent=bool(recorded)) as tape,
-                capture_layers(recorded) as records,
+                tf.GradientTape(persistent=bool(layers)) as tape,
+                capture_layers(layers or []) as records,
             ):
                 y_pred = self._call_for_training(x_batch)
                 if not sampled:  # empirical Fisher: the ordinary loss at the true targets

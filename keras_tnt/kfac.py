@@ -284,7 +284,6 @@ class KFAC(TNT):
         self._momenta = [self.add_variable_from_reference(v, "momentum") for v in var_list]
         self._statistics = [[] for _ in var_list]
         self._inverses = [[] for _ in var_list]
-        self._counts = [None for _ in var_list]
         self._skipped = []
         for var in var_list:
             prefix = var.path.replace("/", "_") if hasattr(var, "path") else str(var.name)
@@ -396,16 +395,7 @@ class KFAC(TNT):
 
     def _fold_layers(self, layer_statistics, layers, warm_start, condition=None):
         self._require_built("update_curvature")
-        present = self._align(
-            layer_statistics,
-            layers,
-            "layer_statistics",
-            "(inputs, preactivation_gradients) pair",
-            "layers",
-            "factored layer",
-            self._block_index,
-            len(self._blocks),
-        )
+        present = self._align(layer_statistics, layers)
         self._curvature_source = True
         if not present:
             return
@@ -426,7 +416,7 @@ class KFAC(TNT):
             return out + [ops.cast(count, out[0].dtype)]
 
         if condition is not None and replicas > 1:
-            shapes = [(d, d) for b in blocks for d in self._factor_sizes(b)]
+            shapes = [tuple(f.shape) for b in blocks for f in self._factors[b]]
             dtypes = [f.dtype for b in blocks for f in self._factors[b]]
             local = ops.cond(
                 condition,
@@ -450,8 +440,18 @@ class KFAC(TNT):
 
         _distribute.fold_across_replicas(local, self._curvature_updates, fold, condition=condition)
 
-    def _factor_sizes(self, b):
-        return (self._blocks[b].input_size, self._blocks[b].output_size)
+    _curvature_words = (
+        "layer_statistics",
+        "(inputs, preactivation_gradients) pair",
+        "layers",
+        "factored layer",
+    )
+
+    def _curvature_slots(self):
+        return len(self._blocks)
+
+    def _curvature_index(self, layer):
+        return self._block_index(layer)
 
     def factor_count(self, layer) -> int:
         """How many batches have been folded into the factors of one factored layer."""
@@ -478,12 +478,13 @@ class KFAC(TNT):
     def inverses(self, variable) -> list:
         raise NotImplementedError("KFAC keeps per-layer factors: use `factor_inverses(layer)`.")
 
+    def statistics_count(self, variable) -> int:
+        raise NotImplementedError("KFAC keeps per-layer factors: use `factor_count(layer)`.")
+
     # ------------------------------------------------------------------ step
 
     def apply(self, grads, trainable_variables=None):
-        if not self.built and trainable_variables is not None:
-            with keras.name_scope(self.name, caller=self):
-                self.build(list(trainable_variables))
+        self._build_for_apply(trainable_variables)
         if self.built:
             variables = (
                 self._trainable_variables

@@ -390,12 +390,23 @@ class TNT(keras.optimizers.Optimizer):
         """
         self._fold(fisher_gradients, trainable_variables, warm_start=True)
 
-    def _align(self, values, keys, what, item, keys_arg, noun, index_of, total):
+    # How `update_curvature`'s arguments are named in its errors: (values, one value, keys, key).
+    _curvature_words = (
+        "fisher_gradients",
+        "gradient",
+        "trainable_variables",
+        "trainable variable",
+    )
+
+    def _align(self, values, keys):
         """``[(slot index, value)]`` for ``values`` given per key (default: build order).
 
-        ``None`` values are dropped: they leave their slots untouched.
+        ``None`` values are dropped: they leave their slots untouched. Keys are looked up with
+        :meth:`_curvature_index`; there are :meth:`_curvature_slots` of them.
         """
+        what, item, keys_arg, noun = self._curvature_words
         values = list(values)
+        total = self._curvature_slots()
         if keys is None:
             if len(values) != total:
                 raise ValueError(
@@ -411,12 +422,15 @@ class TNT(keras.optimizers.Optimizer):
                     f"`{what}` and `{keys_arg}` must have the same length; received "
                     f"{len(values)} and {len(keys)}."
                 )
-            indices = [index_of(k) for k in keys]
+            indices = [self._curvature_index(k) for k in keys]
             if len(set(indices)) != len(indices):
                 raise ValueError(f"`{keys_arg}` names the same {noun} more than once.")
         return [(i, v) for i, v in zip(indices, values) if v is not None]
 
-    def _variable_index(self, variable):
+    def _curvature_slots(self):
+        return len(self._trainable_variables)
+
+    def _curvature_index(self, variable):
         try:
             return self._get_variable_index(variable)
         except KeyError:
@@ -435,16 +449,7 @@ class TNT(keras.optimizers.Optimizer):
 
     def _fold(self, fisher_gradients, trainable_variables, warm_start, condition=None):
         self._require_built("update_curvature")
-        present = self._align(
-            fisher_gradients,
-            trainable_variables,
-            "fisher_gradients",
-            "gradient",
-            "trainable_variables",
-            "trainable variable",
-            self._variable_index,
-            len(self._trainable_variables),
-        )
+        present = self._align(fisher_gradients, trainable_variables)
         self._curvature_source = True
         if not present:
             return
@@ -495,7 +500,7 @@ class TNT(keras.optimizers.Optimizer):
                     keep = ops.where(first, ops.zeros_like(rho), rho)
                     new = ops.where(first, ops.ones_like(rho), 1 - rho)
                 self.assign(var, keep * ops.convert_to_tensor(var) + new * ops.cast(value, sdtype))
-            self.assign_add(count, ops.ones((), dtype=count.dtype))
+            self.assign_add(count, 1)
         self.assign_add(self._curvature_updates, 1)
         if warm_start:
             self.assign_add(self._warm_start_batches, 1)
@@ -503,11 +508,7 @@ class TNT(keras.optimizers.Optimizer):
     # ------------------------------------------------------------------ step
 
     def apply(self, grads, trainable_variables=None):
-        if not self.built and trainable_variables is not None:
-            # Built here, not in the base `apply`: a checkpoint restored before the build (e.g.
-            # `tf.train.Checkpoint.restore`) fills the slots as they are created.
-            with keras.name_scope(self.name, caller=self):
-                self.build(list(trainable_variables))
+        self._build_for_apply(trainable_variables)
         if self.empirical_fisher:
             # TNT-EF (the paper's D.4 ablation): statistics from the ordinary gradients.
             self.update_curvature(grads, trainable_variables, condition=self.curvature_due())
@@ -520,6 +521,14 @@ class TNT(keras.optimizers.Optimizer):
                 "`optimizer.update_curvature(fisher_gradients)` before `apply`."
             )
         return super().apply(grads, trainable_variables)
+
+    def _build_for_apply(self, trainable_variables):
+        """Builds as the base ``apply`` would, before the statistics are looked at: a checkpoint
+        restored before the build (``tf.train.Checkpoint.restore``) fills the slots as they are
+        created."""
+        if not self.built and trainable_variables is not None:
+            with keras.name_scope(self.name, caller=self):
+                self.build(list(trainable_variables))
 
     def _has_statistics(self) -> bool:
         """Whether something feeds the statistics, or a restored state already holds some."""
