@@ -59,8 +59,18 @@ flags.DEFINE_integer("seed", 0, "Seed of weights, data order, augmentation and t
 flags.DEFINE_string("output_dir", None, "Run directory (default: runs/PROBLEM-OPTIMIZER-sSEED).")
 flags.DEFINE_string("data_dir", None, "tensorflow-datasets data directory.")
 flags.DEFINE_string("faces_path", None, "Path of newfaces_rot_single.mat (FACES problem).")
-flags.DEFINE_boolean("jit_compile", False, "Compile the training step with XLA.")
-flags.DEFINE_enum("strategy", "default", ["default", "mirrored"], "tf.distribute strategy.")
+flags.DEFINE_boolean(
+    "jit_compile",
+    None,
+    "Compile the training step with XLA (default: off on TensorFlow, where XLA is slower on "
+    "CPU; on with JAX, whose steps are always jax.jit-compiled unless this is False).",
+)
+flags.DEFINE_enum(
+    "strategy",
+    "default",
+    ["default", "mirrored"],
+    "tf.distribute strategy (TensorFlow backend only).",
+)
 flags.DEFINE_integer("verbose", 1, "Keras verbosity: 0 silent, 1 progress bar, 2 one line/epoch.")
 
 
@@ -133,7 +143,9 @@ def resolve_config() -> dict:
         "seed": FLAGS.seed,
         "data_dir": FLAGS.data_dir,
         "faces_path": FLAGS.faces_path,
-        "jit_compile": FLAGS.jit_compile,
+        "jit_compile": (
+            FLAGS.jit_compile if FLAGS.jit_compile is not None else keras.backend.backend() == "jax"
+        ),
         "strategy": FLAGS.strategy,
         "output_dir": FLAGS.output_dir
         or os.path.join("runs", f"{problem.name}-{opt}-s{FLAGS.seed}"),
@@ -257,6 +269,10 @@ def _dataset(config, split, epoch=0):
         target=problem.target,
         seed=config["seed"] * 100_003 + epoch,
         shuffle=split == "train",
+        # One pipeline per epoch, seeded by the epoch: the same order however often it is
+        # iterated (Keras' JAX trainer iterates once to build the model before training), so
+        # a resumed run sees the order an uninterrupted one does.
+        reshuffle_each_iteration=False,
     )
 
 
@@ -400,6 +416,12 @@ def run(config: dict) -> dict:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if FLAGS.strategy != "default" and keras.backend.backend() != "tensorflow":
+        raise app.UsageError(
+            f"--strategy={FLAGS.strategy} is a tf.distribute strategy and needs "
+            f"KERAS_BACKEND=tensorflow (the backend is {keras.backend.backend()!r}). On JAX, one "
+            "process trains on one device; see the README's JAX section."
+        )
     config = resolve_config()
     try:
         summary = run(config)

@@ -1,14 +1,15 @@
 """`FisherModel`: a `keras.Model` whose training step also feeds the optimizer's Fisher statistics.
 
-This is the TensorFlow-specific part of keras_tnt (a `GradientTape` training step and
-`tf.distribute`); the optimizer math itself is backend-neutral `keras.ops`.
-
 Each step makes ONE forward pass. The ordinary gradient ``g`` of the compiled loss goes to
 ``optimizer.apply`` as in Keras. On steps where the optimizer wants statistics
 (``optimizer.curvature_due()``), targets are drawn from the model's predictive distribution
 (:mod:`keras_tnt.sampling`) and a second backward pass from the same forward pass gives the
 sampled-label gradient ``Ĝ``, which goes to ``optimizer.update_curvature``. On other steps there is
 no second backward pass.
+
+What is shared by every backend lives here (configuration, checks, target drawing, which
+variables or layers get statistics, the warm-start loop); the training step itself is the
+backend's ``FisherTrainer`` (:mod:`keras_tnt.backend`), as Keras' own trainers are.
 """
 
 from __future__ import annotations
@@ -16,10 +17,9 @@ from __future__ import annotations
 import random
 
 import keras
-import tensorflow as tf
+from keras import ops
 
-from keras_tnt import _distribute
-from keras_tnt.kfac import capture_layers
+from keras_tnt import backend
 from keras_tnt.sampling import TargetSampler
 from keras_tnt.sampling import resolve_sampler
 
@@ -29,7 +29,7 @@ def _unpack(data):
 
 
 @keras.saving.register_keras_serializable(package="keras_tnt")
-class FisherModel(keras.Model):
+class FisherModel(backend.FisherTrainer, keras.Model):
     """A Keras model trained with the Fisher (sampled-label) pass that TNT needs.
 
     Build it like a functional model, ``FisherModel(inputs, outputs)``, or wrap an existing
@@ -122,7 +122,7 @@ class FisherModel(keras.Model):
         """
         optimizer = getattr(self, "optimizer", None)
         if optimizer is not None and not optimizer.built and self.built:
-            with self.distribute_strategy.scope():
+            with self._build_scope():
                 optimizer.build(self.trainable_variables)
 
     def load_weights(self, filepath, skip_mismatch=False, **kwargs):
@@ -167,54 +167,26 @@ class FisherModel(keras.Model):
         """
         return self._sampler.sample(y_pred, seed)
 
-    def _seed(self, counter, stream: int):
-        ctx = tf.distribute.get_replica_context()
-        replica = 0
-        if ctx is not None and _distribute.num_replicas() > 1:
-            replica = ctx.replica_id_in_sync_group
-        return tf.stack(
-            [
-                tf.constant(self.fisher_seed, tf.int64),
-                tf.constant(stream, tf.int64),
-                tf.cast(counter, tf.int64),
-                tf.cast(replica, tf.int64),
-            ]
-        )
-
-    def _fisher_gradients(self, tape, y_pred, sample_weight, seed, sources=None):
-        """Gradients of the compiled loss at sampled targets, from the forward pass on ``tape``.
-
-        With respect to the trainable variables, or to ``sources`` (tensors computed on the
-        tape, e.g. pre-activations for KFAC).
-        """
+    def _sampled_loss(self, targets, y_pred, sample_weight):
+        """The compiled loss at sampled targets, scaled as the optimizer scales the loss."""
         if self._sampler is None:
             raise ValueError("Compile the FisherModel before training it.")
-        targets = tf.stop_gradient(self.sample_targets(y_pred, seed))
-        with tf.GradientTape() as output_tape:
-            # A fresh tensor: Keras' probability losses otherwise reach past a softmax/sigmoid
-            # output to its cached logits, and the loss would not depend on the watched tensor.
-            outputs = tf.identity(y_pred)
-            output_tape.watch(outputs)
-            loss = self._sampler.loss(targets, outputs, sample_weight)
-            loss = self.optimizer.scale_loss(loss)
-        output_gradient = output_tape.gradient(loss, outputs)
-        grads = tape.gradient(
-            y_pred,
-            self.trainable_variables if sources is None else list(sources),
-            output_gradients=output_gradient,
-            unconnected_gradients=tf.UnconnectedGradients.ZERO,
-        )
+        return self.optimizer.scale_loss(self._sampler.loss(targets, y_pred, sample_weight))
+
+    def _unscale(self, grads):
+        """Undoes a LossScaleOptimizer's dynamic scale on sampled-label gradients."""
         dynamic_scale = getattr(self.optimizer, "dynamic_scale", None)
-        if dynamic_scale is not None:  # LossScaleOptimizer: undo its scale here
-            # In float32 at least: pre-activation gradients (KFAC) are float16 under
-            # mixed_float16, and small ones would become subnormal after the division.
-            grads = [
-                tf.cast(g, tf.float32) / tf.cast(dynamic_scale, tf.float32)
-                if g.dtype in (tf.float16, tf.bfloat16)
-                else g / tf.cast(dynamic_scale, g.dtype)
-                for g in grads
-            ]
-        return grads
+        if dynamic_scale is None:
+            return grads
+        out = []
+        for g in grads:
+            if keras.backend.standardize_dtype(g.dtype) in ("float16", "bfloat16"):
+                # In float32 at least: pre-activation gradients (KFAC) are float16 under
+                # mixed_float16, and small ones would become subnormal after the division.
+                out.append(ops.cast(g, "float32") / ops.cast(dynamic_scale, "float32"))
+            else:
+                out.append(g / ops.cast(dynamic_scale, g.dtype))
+        return out
 
     def _curvature_keys(self, optimizer):
         """``(keys, layers)``: what ``update_curvature``'s 2nd argument is, and what to record.
@@ -255,107 +227,10 @@ class FisherModel(keras.Model):
             pairs.append(calls[0])
         return pairs
 
-    def _curvature_input(self, tape, y_pred, sample_weight, seed, layers, records):
-        """What ``optimizer.update_curvature`` takes: per-variable or per-layer Fisher data.
-
-        ``layers`` are the recorded layers (KFAC), or None for per-variable gradients.
-        """
-        if layers is None:
-            return self._fisher_gradients(tape, y_pred, sample_weight, seed)
-        pairs = self._layer_records(layers, records)
-        grads = self._fisher_gradients(
-            tape, y_pred, sample_weight, seed, sources=[z for _, z in pairs]
-        )
-        return [(a, s) for (a, _), s in zip(pairs, grads)]
-
-    def _curvature_zeros(self, layers, records):
-        """A zero ``_curvature_input`` of the same structure (replicas must all-reduce)."""
-        if layers is None:
-            return [tf.zeros_like(w) for w in self.trainable_variables]
-        return [(a, tf.zeros_like(z)) for a, z in self._layer_records(layers, records)]
-
     def _call_for_training(self, x):
         return self(x, training=True) if self._call_has_training_arg else self(x)
 
-    def train_step(self, data):
-        optimizer = self.curvature_optimizer
-        if optimizer is None:
-            return super().train_step(data)
-        x, y, sample_weight = _unpack(data)
-        if not optimizer.built:
-            optimizer.build(self.trainable_variables)
-        weights = self.trainable_variables
-        keys, layers = self._curvature_keys(optimizer)
-        with tf.GradientTape(persistent=True) as tape, capture_layers(layers or []) as records:
-            y_pred = self._call_for_training(x)
-            loss = self._compute_loss(
-                x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
-            )
-            self._loss_tracker.update_state(
-                loss * _distribute.num_replicas(),
-                sample_weight=tf.shape(tf.nest.flatten(x)[0])[0],
-            )
-            scaled_loss = self.optimizer.scale_loss(loss)
-        grads = tape.gradient(scaled_loss, weights)
-
-        due = optimizer.curvature_due()
-        seed = self._seed(optimizer._iterations, stream=0)
-        if keys and _distribute.num_replicas() == 1:
-
-            def fold():
-                fisher = self._curvature_input(tape, y_pred, sample_weight, seed, layers, records)
-                optimizer.update_curvature(fisher, keys)
-                return tf.constant(0)
-
-            tf.cond(due, fold, lambda: tf.constant(0))
-        elif keys:
-            # Every replica must reach the all-reduce inside update_curvature on every step.
-            fisher = tf.cond(
-                due,
-                lambda: self._curvature_input(tape, y_pred, sample_weight, seed, layers, records),
-                lambda: self._curvature_zeros(layers, records),
-            )
-            optimizer.update_curvature(fisher, keys, condition=due)
-        self.optimizer.apply(grads, weights)
-        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
-
     # ------------------------------------------------------------ warm start
-
-    def _make_warm_start_function(self):
-        if getattr(self, "_warm_start_function", None) is not None:
-            return self._warm_start_function
-        optimizer = self.statistics_optimizer
-        strategy = self.distribute_strategy
-        sampled = getattr(optimizer, "needs_sampled_gradients", True)
-
-        def replica_step(data):
-            x_batch, y_batch, sample_weight = _unpack(data)
-            keys, layers = self._curvature_keys(optimizer)
-            with (
-                tf.GradientTape(persistent=bool(layers)) as tape,
-                capture_layers(layers or []) as records,
-            ):
-                y_pred = self._call_for_training(x_batch)
-                if not sampled:  # empirical Fisher: the ordinary loss at the true targets
-                    loss = self._compute_loss(
-                        x=x_batch, y=y_batch, y_pred=y_pred, sample_weight=sample_weight
-                    )
-                    loss = self.optimizer.scale_loss(loss)
-            if sampled:
-                seed = self._seed(optimizer._warm_start_batches, stream=1)
-                grads = self._curvature_input(tape, y_pred, sample_weight, seed, layers, records)
-            else:
-                # None for a variable the loss does not reach: it keeps its statistics, as in
-                # `apply` (the sampled pass gives such a variable its exact Fisher, zero).
-                grads = tape.gradient(loss, keys)
-            optimizer.accumulate_curvature(grads, keys)
-
-        @tf.function(reduce_retracing=True)
-        def step(data):
-            strategy.run(replica_step, args=(data,))
-
-        self._warm_start_function = step
-        return step
 
     def warm_start(self, x, batch_size: int | None = None, steps: int | None = None, verbose=1):
         """Folds sampled-label gradients at the current weights into the optimizer's statistics.
@@ -376,28 +251,15 @@ class FisherModel(keras.Model):
             isinstance(steps, bool) or not isinstance(steps, int) or steps < 1
         ):
             raise ValueError(f"`steps` must be None or an integer >= 1; received steps={steps!r}.")
-        strategy = self.distribute_strategy
         if not optimizer.built:
-            with strategy.scope():
+            with self._build_scope():
                 optimizer.build(self.trainable_variables)
-        if isinstance(x, tf.data.Dataset):
-            dataset = x
-        else:
-            dataset = tf.data.Dataset.from_tensor_slices(x).batch(batch_size or 32)
-        if steps is not None:
-            dataset = dataset.take(steps)
-        total = steps
-        cardinality = int(dataset.cardinality())
-        if cardinality >= 0:
-            total = cardinality
-        if _distribute.num_replicas() > 1:
-            dataset = strategy.experimental_distribute_dataset(dataset)
-        step = self._make_warm_start_function()
+        batches, total, step = self._warm_start_batches(x, batch_size, steps)
         progbar = keras.utils.Progbar(
             total, verbose=1 if verbose == "auto" else verbose, unit_name="warm-start batch"
         )
         done = 0
-        for data in dataset:
+        for data in batches:
             step(data)
             done += 1
             progbar.update(done)

@@ -36,7 +36,6 @@ gathers them itself and calls :meth:`KFAC.update_curvature`.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import warnings
@@ -44,8 +43,9 @@ import warnings
 import keras
 from keras import ops
 
-from keras_tnt import _distribute
+from keras_tnt import backend
 from keras_tnt import kronecker
+from keras_tnt._capture import capture_layers  # noqa: F401 (part of the KFAC API)
 from keras_tnt.tnt import TNT
 from keras_tnt.tnt import statistics_dtype
 
@@ -92,64 +92,6 @@ def _why_not_factored(layer) -> str | None:
     return None
 
 
-# ----------------------------------------------------------------- capture
-
-
-@contextlib.contextmanager
-def capture_layers(layers):
-    """Records the input and the pre-activation output of each layer while it runs.
-
-    Yields a dict ``id(layer) -> [(inputs, preactivations), ...]``, one entry per call. The
-    layers' own ``call`` runs unchanged (same weights, dtype policy and activation); only the
-    activation function is wrapped, to see the tensor it is applied to.
-    """
-    records = {id(layer): [] for layer in layers}
-    installed = []
-    try:
-        for layer in layers:
-
-            def call(inputs, *args, __layer=layer, **kwargs):
-                activation = __layer.activation
-                seen = []
-
-                def record(z):
-                    seen.append(z)
-                    return activation(z)
-
-                object.__setattr__(__layer, "activation", record)
-                try:
-                    outputs = type(__layer).call(__layer, inputs, *args, **kwargs)
-                finally:
-                    object.__setattr__(__layer, "activation", activation)
-                records[id(__layer)].append((inputs, seen[0]))
-                return outputs
-
-            object.__setattr__(layer, "call", call)
-            installed.append(layer)
-        yield records
-    finally:
-        for layer in installed:
-            layer.__dict__.pop("call", None)
-
-
-def _patches(layer, inputs):
-    """im2col: ``(N, H', W', kh*kw*C)`` patches in the order of the reshaped Keras kernel."""
-    import tensorflow as tf
-
-    if layer.data_format == "channels_first":
-        inputs = tf.transpose(inputs, (0, 2, 3, 1))
-    kh, kw = layer.kernel_size
-    sh, sw = layer.strides
-    dh, dw = layer.dilation_rate
-    return tf.image.extract_patches(
-        inputs,
-        sizes=(1, kh, kw, 1),
-        strides=(1, sh, sw, 1),
-        rates=(1, dh, dw, 1),
-        padding=layer.padding.upper(),
-    )
-
-
 def _layer_sums(block: LayerBlock, inputs, preactivation_gradients, dtype, replicas: int):
     """``(n A, n G, n)`` of one replica's ``n`` examples (unnormalised factor sums).
 
@@ -162,7 +104,7 @@ def _layer_sums(block: LayerBlock, inputs, preactivation_gradients, dtype, repli
     a = ops.cast(inputs, dtype)
     s = ops.cast(preactivation_gradients, dtype)
     if block.kind == "conv2d":
-        a = _patches(block.layer, a)
+        a = backend.extract_patches(block.layer, a)
         if block.layer.data_format == "channels_first":
             s = ops.transpose(s, (0, 2, 3, 1))
     one = ops.ones((), dtype=dtype)
@@ -400,7 +342,7 @@ class KFAC(TNT):
         if not present:
             return
         blocks = [b for b, _ in present]
-        replicas = _distribute.num_replicas()
+        replicas = backend.num_replicas()
 
         def contributions():
             # Unnormalised sums and this replica's example count, all-reduced together (one
@@ -415,7 +357,7 @@ class KFAC(TNT):
                 out += [sum_a, sum_g]
             return out + [ops.cast(count, out[0].dtype)]
 
-        if condition is not None and replicas > 1:
+        if condition is not None:  # nothing computed (or all-reduced zeros) when not due
             shapes = [tuple(f.shape) for b in blocks for f in self._factors[b]]
             dtypes = [f.dtype for b in blocks for f in self._factors[b]]
             local = ops.cond(
@@ -429,16 +371,14 @@ class KFAC(TNT):
         else:
             local = contributions()
 
-        def fold(sums):
+        def fold(sums, gate):
             total = ops.maximum(sums[-1], ops.ones((), dtype=sums[-1].dtype))
             factors = [f / ops.cast(total, f.dtype) for f in sums[:-1]]
-            groups = [
-                (self._block_counts[b], list(zip(self._factors[b], factors[2 * k : 2 * k + 2])))
-                for k, b in enumerate(blocks)
-            ]
-            self._if_finite(factors, lambda: self._average_into(groups, warm_start))
+            slots = [(self._block_counts[b], self._factors[b]) for b in blocks]
+            values = [factors[2 * k : 2 * k + 2] for k in range(len(blocks))]
+            self._average_into(slots, lambda: values, factors, gate, warm_start)
 
-        _distribute.fold_across_replicas(local, self._curvature_updates, fold, condition=condition)
+        backend.fold_across_replicas(local, self._curvature_updates, fold, condition=condition)
 
     _curvature_words = (
         "layer_statistics",
@@ -523,25 +463,37 @@ class KFAC(TNT):
         dtype = variable.dtype
         gradient = ops.cast(gradient, dtype)
         finite = ops.all(ops.isfinite(gradient))
-
-        def accumulate():
-            m = self._momenta[idx]
-            momentum = ops.convert_to_tensor(self.momentum, dtype=dtype)
-            self.assign(m, momentum * ops.convert_to_tensor(m) + gradient)
-            return ops.zeros((), "int64")
-
-        def skip():
-            self.assign_add(self._skipped[idx], 1)
-            self.assign(self._block_flags[b], ops.ones((), "int64"))
-            return ops.zeros((), "int64")
-
-        ops.cond(finite, accumulate, skip)
+        m = self._momenta[idx]
+        momentum = ops.convert_to_tensor(self.momentum, dtype=dtype)
+        current = ops.convert_to_tensor(m)
+        self.assign(m, ops.where(finite, momentum * current + gradient, current))
+        not_finite = ops.cast(ops.logical_not(finite), backend.count_dtype())
+        self.assign_add(self._skipped[idx], not_finite)
+        flag = ops.maximum(ops.convert_to_tensor(self._block_flags[b]), not_finite)
         members = self._moving_members(b)
-        if members and idx == max(members):
-            ok = ops.equal(ops.convert_to_tensor(self._block_flags[b]), 0)
-            learning_rate = ops.cast(learning_rate, dtype)
-            ops.cond(ok, lambda: self._block_step(b, learning_rate, members), lambda: None)
-            self.assign(self._block_flags[b], ops.zeros((), "int64"))
+        if not (members and idx == max(members)):
+            self.assign(self._block_flags[b], flag)
+            return
+        ok = ops.equal(flag, 0)
+        learning_rate = ops.cast(learning_rate, dtype)
+
+        def keep():
+            return (
+                [ops.convert_to_tensor(self._trainable_variables[i]) for i in members],
+                [ops.convert_to_tensor(v) for v in self._factor_inverses[b]],
+                ops.zeros((), backend.count_dtype()),
+            )
+
+        # Branches return values; the assignments follow (JAX's stateless mode needs this).
+        weights, inverses, failed = ops.cond(
+            ok, lambda: self._block_step(b, learning_rate, members), keep
+        )
+        for i, value in zip(members, weights):
+            self.assign(self._trainable_variables[i], value)
+        for inverse_var, value in zip(self._factor_inverses[b], inverses):
+            self.assign(inverse_var, value)
+        self.assign_add(self._failed[0], failed)
+        self.assign(self._block_flags[b], ops.zeros((), backend.count_dtype()))
 
     def _refresh_due(self):
         """``(t <= T2 and t % T1 == 0) or t % T2 == 0`` (bool tensor)."""
@@ -551,21 +503,32 @@ class KFAC(TNT):
         )
         return ops.logical_or(early, ops.equal(t % self.inverse_update_period, 0))
 
-    def _refresh_block(self, b):
+    def _new_block_inverses(self, b):
+        """``(inverses, failed)``: ``(A + √λ I)^-1, (G + √λ I)^-1`` of block ``b``."""
         damping = math.sqrt(self.damping)
-        failed = ops.zeros((), dtype="int64")
+        failed = ops.zeros((), backend.count_dtype())
+        out = []
         for factor, inverse_var in zip(self._factors[b], self._factor_inverses[b]):
             value = ops.convert_to_tensor(factor)
             root = ops.convert_to_tensor(damping, dtype=value.dtype)  # not ops.cast: float32
             inverse, ok = kronecker.damped_inverse(value, root)
-            self.assign(inverse_var, ops.where(ok, inverse, ops.convert_to_tensor(inverse_var)))
-            failed = failed + ops.cast(ops.logical_not(ok), "int64")
-        self.assign_add(self._failed[0], failed)
+            out.append(ops.where(ok, inverse, ops.convert_to_tensor(inverse_var)))
+            failed = failed + ops.cast(ops.logical_not(ok), backend.count_dtype())
+        return out, failed
 
     def _block_step(self, b, learning_rate, members):
-        """The layer's direction from all its momenta; applied to ``members`` only."""
+        """``(new weights of members, inverses, failed)``: the layer's step.
+
+        The direction comes from all the layer's momenta; only ``members`` move.
+        """
         block = self._blocks[b]
-        ops.cond(self._refresh_due(), lambda: self._refresh_block(b), lambda: None)
+        current = [ops.convert_to_tensor(v) for v in self._factor_inverses[b]]
+        failed = ops.zeros((), backend.count_dtype())
+        (inverse_a, inverse_g), failed = ops.cond(
+            self._refresh_due(),
+            lambda: self._new_block_inverses(b),
+            lambda: (current, failed),
+        )
         kernel = self._trainable_variables[block.kernel_index]
         sdtype = statistics_dtype(kernel.dtype)
         m_kernel = ops.convert_to_tensor(self._momenta[block.kernel_index])
@@ -574,20 +537,20 @@ class KFAC(TNT):
             m_bias = ops.convert_to_tensor(self._momenta[block.bias_index])
             rows.append(ops.reshape(ops.cast(m_bias, sdtype), (1, block.output_size)))
         stacked = ops.concatenate(rows, axis=0) if len(rows) > 1 else rows[0]
-        inverse_a, inverse_g = (ops.convert_to_tensor(v) for v in self._factor_inverses[b])
         direction = ops.matmul(ops.matmul(inverse_a, stacked), inverse_g)
         kernel_rows = block.input_size - (0 if block.bias_index is None else 1)
         directions = {block.kernel_index: ops.reshape(direction[:kernel_rows], kernel.shape)}
         if block.bias_index is not None:
             directions[block.bias_index] = direction[kernel_rows]
-        for i, d in directions.items():
-            if i not in members:
-                continue
+        weights = []
+        for i in members:
             var = self._trainable_variables[i]
+            w = ops.convert_to_tensor(var)
             if self.weight_decay is not None and self._use_weight_decay(var):
                 wd = ops.convert_to_tensor(self.weight_decay, dtype=var.dtype)
-                self.assign(var, var - var * wd * learning_rate)
-            self.assign_sub(var, learning_rate * ops.cast(d, var.dtype))
+                w = w - w * wd * learning_rate
+            weights.append(w - learning_rate * ops.cast(directions[i], var.dtype))
+        return weights, [inverse_a, inverse_g], failed
 
     # ---------------------------------------------------------------- config
 

@@ -19,18 +19,9 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import keras
 from keras import ops
 
-
-def _cholesky(x):
-    """Lower Cholesky factor; NaN (never an exception) where the factorisation fails."""
-    if keras.backend.backend() == "tensorflow":
-        import tensorflow as tf
-
-        # keras.ops.cholesky wraps this in check_numerics, which raises on failure.
-        return tf.linalg.cholesky(x)
-    return ops.cholesky(x)  # pragma: no cover - other backends
+from keras_tnt import backend
 
 
 def tensor_modes(shape: Sequence[int]) -> tuple[int, ...]:
@@ -124,7 +115,7 @@ def damped_inverse(u, damping):
     if isinstance(damping, (int, float)):
         damping = ops.convert_to_tensor(damping, dtype=u.dtype)
     damped = u + ops.cast(damping, u.dtype) * eye
-    lower = _cholesky(damped)
+    lower = backend.cholesky(damped)  # NaN, not an exception, on failure
     # Two triangular solves, L X = I then L^T A = X (cheaper here than L^{-T} L^{-1} by matmul),
     # then the symmetric part: the mode products rely on A = A^T.
     lower_inv = ops.solve_triangular(lower, eye, lower=True)

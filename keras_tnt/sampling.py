@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 
 import keras
-import tensorflow as tf
+from keras import ops
 
 from keras_tnt import losses as tnt_losses
 
@@ -65,71 +65,99 @@ class TargetSampler:
 
         ``seed``: a 1-D integer tensor (any length) from which the draws are a pure function.
         """
-        dtype = tf.float64 if y_pred.dtype == tf.float64 else tf.float32
-        y_pred = tf.stop_gradient(tf.cast(y_pred, dtype))
+        dtype = (
+            "float64" if keras.backend.standardize_dtype(y_pred.dtype) == "float64" else "float32"
+        )
+        y_pred = ops.stop_gradient(ops.cast(y_pred, dtype))
         if self.distribution in (_SPARSE, _CATEGORICAL):
             classes = y_pred.shape[-1]
-            flat = tf.reshape(y_pred, (-1, classes))
-            logits = flat if self.from_logits else tf.math.log(tf.maximum(flat, 1e-30))
+            flat = ops.reshape(y_pred, (-1, classes))
+            logits = flat if self.from_logits else ops.log(ops.maximum(flat, 1e-30))
             # Gumbel-max: argmax(logits + Gumbel noise) ~ Categorical(softmax(logits)).
-            u = counter_uniform(tf.shape(flat), seed, dtype)
-            draw = tf.argmax(logits - tf.math.log(-tf.math.log(u)), axis=-1, output_type=tf.int32)
-            labels = tf.reshape(draw, tf.shape(y_pred)[:-1])
+            u = counter_uniform(ops.shape(flat), seed, dtype)
+            draw = ops.cast(ops.argmax(logits - ops.log(-ops.log(u)), axis=-1), "int32")
+            labels = ops.reshape(draw, ops.shape(y_pred)[:-1])
             if self.distribution == _SPARSE:
                 return labels
-            return tf.one_hot(labels, classes, dtype=y_pred.dtype)
+            return ops.one_hot(labels, classes, dtype=y_pred.dtype)
         if self.distribution == _BERNOULLI:
-            p = tf.sigmoid(y_pred) if self.from_logits else y_pred
-            return tf.cast(counter_uniform(tf.shape(p), seed, dtype) < p, dtype)
+            p = ops.sigmoid(y_pred) if self.from_logits else y_pred
+            return ops.cast(counter_uniform(ops.shape(p), seed, dtype) < p, dtype)
         # Gaussian: half squared error has σ = 1; Keras' MSE, (1/C) Σ (y - z)^2, is the NLL
         # (up to a constant) of N(z, σ^2 I) with 2 σ^2 = C.
         std = 1.0 if self.half_squared else (y_pred.shape[-1] / 2.0) ** 0.5
-        return y_pred + std * counter_normal(tf.shape(y_pred), seed, dtype)
+        return y_pred + std * counter_normal(ops.shape(y_pred), seed, dtype)
 
 
 # A counter-based generator (the "lowbias32" integer hash of the element index, keyed by the
-# seed) instead of tf.random's stateless ops: those draw different numbers under XLA than
-# without it, and a training step must give the same update with jit_compile on or off.
+# seed) instead of the backends' stateless random ops: TensorFlow's draw different numbers under
+# XLA than without it (measured: `tf.random.stateless_uniform(alg="philox")` differs by up to
+# 0.98 between jit_compile on and off on CPU, and `alg="threefry"` does not run without XLA),
+# and JAX's differ from TensorFlow's. A training step must give the same update with jit on or
+# off and on either backend. Written in keras.ops on uint32 words (wrapping multiplication).
+
+
+def _u32(value):
+    return ops.convert_to_tensor(value & 0xFFFFFFFF, "uint32")
 
 
 def _mix(x):
-    x = tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, 16))
-    x = x * tf.constant(0x7FEB352D, tf.uint32)
-    x = tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, 15))
-    x = x * tf.constant(0x846CA68B, tf.uint32)
-    return tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, 16))
+    x = ops.bitwise_xor(x, ops.right_shift(x, _u32(16)))
+    x = ops.multiply(x, _u32(0x7FEB352D))
+    x = ops.bitwise_xor(x, ops.right_shift(x, _u32(15)))
+    x = ops.multiply(x, _u32(0x846CA68B))
+    return ops.bitwise_xor(x, ops.right_shift(x, _u32(16)))
+
+
+def _seed_words(seed):
+    """``[(low 32 bits, high 32 bits)]`` of each seed element (high is 0 for 32-bit seeds)."""
+    seed = ops.reshape(ops.convert_to_tensor(seed), (-1,))
+    wide = keras.backend.standardize_dtype(seed.dtype) in ("int64", "uint64")
+    words = []
+    for i in range(seed.shape[0]):
+        low = ops.cast(seed[i], "uint32")
+        high = ops.cast(ops.right_shift(seed[i], 32), "uint32") if wide else _u32(0)
+        words.append((low, high))
+    return words
 
 
 def _random_words(size, seed, stream: int):
-    key = tf.constant(0x9E3779B9 * (stream + 1) & 0xFFFFFFFF, tf.uint32)
-    seed = tf.reshape(tf.convert_to_tensor(seed), (-1,))
-    for i in range(seed.shape[0]):
-        key = _mix(key ^ tf.cast(seed[i], tf.uint32))
-        key = _mix(key + tf.cast(tf.bitwise.right_shift(tf.cast(seed[i], tf.int64), 32), tf.uint32))
-    index = tf.cast(tf.range(size), tf.uint32)
-    return _mix(_mix(index * tf.constant(0x9E3779B9, tf.uint32) + key) ^ key)
+    key = _u32(0x9E3779B9 * (stream + 1))
+    for low, high in _seed_words(seed):
+        key = _mix(ops.bitwise_xor(key, low))
+        key = _mix(ops.add(key, high))
+    index = ops.cast(ops.arange(size, dtype="int32"), "uint32")
+    return _mix(ops.bitwise_xor(_mix(ops.add(ops.multiply(index, _u32(0x9E3779B9)), key)), key))
 
 
-def counter_uniform(shape, seed, dtype=tf.float32, stream: int = 0):
+def _size(shape):
+    size = 1
+    for d in shape:
+        size = size * d
+    return size
+
+
+def counter_uniform(shape, seed, dtype="float32", stream: int = 0):
     """Uniform draws in the open interval (0, 1), a pure function of ``seed`` and position."""
-    size = tf.reduce_prod(shape)
+    dtype = keras.backend.standardize_dtype(dtype)
+    size = _size(shape)
     high = _random_words(size, seed, 2 * stream)
-    if dtype == tf.float64:
+    if dtype == "float64":
         low = _random_words(size, seed, 2 * stream + 1)
-        bits = tf.cast(tf.bitwise.right_shift(high, 5), tf.float64) * 67108864.0 + tf.cast(
-            tf.bitwise.right_shift(low, 6), tf.float64
+        bits = ops.cast(ops.right_shift(high, _u32(5)), "float64") * 67108864.0 + ops.cast(
+            ops.right_shift(low, _u32(6)), "float64"
         )
         u = (bits + 0.5) * (2.0**-53)
     else:
-        u = (tf.cast(tf.bitwise.right_shift(high, 8), tf.float32) + 0.5) * (2.0**-24)
-    return tf.reshape(tf.cast(u, dtype), shape)
+        u = (ops.cast(ops.right_shift(high, _u32(8)), "float32") + 0.5) * (2.0**-24)
+    return ops.reshape(ops.cast(u, dtype), shape)
 
 
-def counter_normal(shape, seed, dtype=tf.float32):
+def counter_normal(shape, seed, dtype="float32"):
     """Standard normal draws (Box-Muller on two counter-based uniform streams)."""
     u1 = counter_uniform(shape, seed, dtype, stream=1)
     u2 = counter_uniform(shape, seed, dtype, stream=2)
-    return tf.sqrt(-2.0 * tf.math.log(u1)) * tf.cos((2.0 * 3.141592653589793) * u2)
+    return ops.sqrt(-2.0 * ops.log(u1)) * ops.cos((2.0 * 3.141592653589793) * u2)
 
 
 class _FunctionLoss(keras.losses.Loss):

@@ -24,6 +24,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
+from keras_tnt import backend
 from keras_tnt import kronecker
 from keras_tnt.tnt import TNT
 
@@ -88,18 +89,19 @@ class Shampoo(TNT):
             return ops.equal(t % ops.cast(self.inverse_update_period, t.dtype), 0)
         return super()._refresh_due()
 
-    def _refresh_inverses(self, idx):
-        """Recomputes the roots ``P_i = (H_i + εI)^(-1/(2k))`` of variable ``idx``."""
+    def _new_inverses(self, idx):
+        """``(roots, failed)``: the refreshed ``P_i = (H_i + εI)^(-1/(2k))`` of variable ``idx``."""
         modes = self._modes[idx]
         p = 2 * len(modes)
         stats = [ops.convert_to_tensor(h) for h in self._statistics[idx]]
         damping = ops.convert_to_tensor(self.damping, dtype=stats[0].dtype)
-        failed = ops.zeros((), dtype="int64")
+        failed = ops.zeros((), backend.count_dtype())
+        out = []
         for h, root_var in zip(stats, self._inverses[idx]):
             root, ok = kronecker.inverse_pth_root(h, p, damping)
-            self.assign(root_var, ops.where(ok, root, ops.convert_to_tensor(root_var)))
-            failed = failed + ops.cast(ops.logical_not(ok), "int64")
-        self.assign_add(self._failed[idx], failed)
+            out.append(ops.where(ok, root, ops.convert_to_tensor(root_var)))
+            failed = failed + ops.cast(ops.logical_not(ok), backend.count_dtype())
+        return out, failed
 
     def get_config(self):
         config = super().get_config()

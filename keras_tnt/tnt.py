@@ -38,7 +38,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_tnt import _distribute
+from keras_tnt import backend
 from keras_tnt import kronecker
 
 
@@ -241,7 +241,7 @@ class TNT(keras.optimizers.Optimizer):
         pending = self.__dict__.pop("_pending_state", None)
         if pending is None:
             return
-        with _distribute.outside_graph():
+        with backend.outside_graph():
             try:
                 self._restore(pending)
             except ValueError as error:
@@ -458,52 +458,78 @@ class TNT(keras.optimizers.Optimizer):
         if self.loss_scale_factor is not None:
             grads = [g / self.loss_scale_factor for g in grads]
 
-        def fold(local_grads):
-            self._if_finite(
-                local_grads, lambda: self._fold_finite(indices, local_grads, warm_start)
+        def fold(local_grads, gate):
+            slots = [(self._counts[i], self._statistics[i]) for i in indices if self._modes[i]]
+            self._average_into(
+                slots,
+                lambda: self._contractions(indices, local_grads),
+                local_grads,
+                gate,
+                warm_start,
             )
 
-        _distribute.fold_across_replicas(grads, self._curvature_updates, fold, condition=condition)
+        backend.fold_across_replicas(grads, self._curvature_updates, fold, condition=condition)
 
-    def _if_finite(self, values, fold):
-        """Runs ``fold()`` if every tensor of ``values`` is finite, else counts a skipped batch."""
-        finite = ops.all(ops.stack([ops.all(ops.isfinite(v)) for v in values]))
-        ops.cond(finite, fold, lambda: self.assign_add(self._skipped_curvature, 1))
-
-    def _fold_finite(self, indices, grads, warm_start):
-        groups = []
+    def _contractions(self, indices, grads):
+        """The new per-mode contractions ``Ĝ^(i)`` of the variables with modes."""
+        out = []
         for idx, g in zip(indices, grads):
             modes = self._modes[idx]
             if modes:
                 sdtype = statistics_dtype(self._trainable_variables[idx].dtype)
-                contractions = kronecker.mode_contractions(ops.cast(g, sdtype), modes)
-                groups.append((self._counts[idx], list(zip(self._statistics[idx], contractions))))
-        self._average_into(groups, warm_start)
+                out.append(kronecker.mode_contractions(ops.cast(g, sdtype), modes))
+        return out
 
-    def _average_into(self, groups, warm_start):
-        """Folds ``(count variable, [(statistic variable, new value), ...])`` groups in.
+    def _average_into(self, slots, compute, inputs, gate, warm_start):
+        """Folds one batch into ``slots``, ``[(count variable, [statistic variables])]``.
 
-        Each group's count is the number of batches its statistics hold. Warm start: the
-        running mean over those batches. Otherwise the moving average with decay ``ρ``, except
-        that a group's first batch sets its statistics. Then the counters advance.
+        ``compute()`` gives the batch's values, ``[[value per statistic] per slot]``; it runs
+        only when ``gate`` (a bool tensor, or None for always) holds and every tensor of
+        ``inputs`` is finite (else the batch counts as skipped). Each slot's count is the number
+        of batches its statistics hold. Warm start: the running mean over those batches.
+        Otherwise the moving average with decay ``ρ``, except that a slot's first batch sets its
+        statistics. The branches return values and every assignment happens after them, so the
+        fold also runs in JAX's stateless mode under ``jit``.
         """
-        for count, pairs in groups:
-            n = ops.convert_to_tensor(count)
-            first = ops.equal(n, 0)
-            for var, value in pairs:
-                sdtype = var.dtype
-                if warm_start:
-                    j = ops.cast(n + 1, sdtype)
-                    keep, new = (j - 1) / j, 1 / j
-                else:
-                    rho = ops.convert_to_tensor(self.statistics_decay, dtype=sdtype)
-                    keep = ops.where(first, ops.zeros_like(rho), rho)
-                    new = ops.where(first, ops.ones_like(rho), 1 - rho)
-                self.assign(var, keep * ops.convert_to_tensor(var) + new * ops.cast(value, sdtype))
-            self.assign_add(count, 1)
-        self.assign_add(self._curvature_updates, 1)
+        finite = ops.all(ops.stack([ops.all(ops.isfinite(v)) for v in inputs]))
+        run = finite if gate is None else ops.logical_and(gate, finite)
+        skipped = ops.logical_not(finite)
+        if gate is not None:
+            skipped = ops.logical_and(gate, skipped)
+
+        def fold():
+            out = []
+            for (count, stats), values in zip(slots, compute()):
+                n = ops.convert_to_tensor(count)
+                first = ops.equal(n, 0)
+                new_stats = []
+                for var, value in zip(stats, values):
+                    sdtype = var.dtype
+                    if warm_start:
+                        j = ops.cast(n + 1, sdtype)
+                        keep, new = (j - 1) / j, 1 / j
+                    else:
+                        rho = ops.convert_to_tensor(self.statistics_decay, dtype=sdtype)
+                        keep = ops.where(first, ops.zeros_like(rho), rho)
+                        new = ops.where(first, ops.ones_like(rho), 1 - rho)
+                    new_stats.append(
+                        keep * ops.convert_to_tensor(var) + new * ops.cast(value, sdtype)
+                    )
+                out.append(new_stats)
+            return out
+
+        def keep():
+            return [[ops.convert_to_tensor(var) for var in stats] for _, stats in slots]
+
+        new_values = ops.cond(run, fold, keep)
+        for (count, stats), values in zip(slots, new_values):
+            for var, value in zip(stats, values):
+                self.assign(var, value)
+            self.assign_add(count, ops.cast(run, backend.count_dtype()))
+        self.assign_add(self._curvature_updates, ops.cast(run, backend.count_dtype()))
         if warm_start:
-            self.assign_add(self._warm_start_batches, 1)
+            self.assign_add(self._warm_start_batches, ops.cast(run, backend.count_dtype()))
+        self.assign_add(self._skipped_curvature, ops.cast(skipped, backend.count_dtype()))
 
     # ------------------------------------------------------------------ step
 
@@ -534,7 +560,7 @@ class TNT(keras.optimizers.Optimizer):
         """Whether something feeds the statistics, or a restored state already holds some."""
         if not self._curvature_source and self.built:
             # Restored through tf.train.Checkpoint, set_weights or a weights file.
-            count = _distribute.value_now(self._curvature_updates)
+            count = backend.value_now(self._curvature_updates)
             # Empty while the variable is still being created inside the traced step.
             self._curvature_source = bool(np.size(count) == 1 and int(count) > 0)
         return self._curvature_source
@@ -548,32 +574,56 @@ class TNT(keras.optimizers.Optimizer):
         dtype = variable.dtype
         gradient = ops.cast(gradient, dtype)
         learning_rate = ops.cast(learning_rate, dtype)
-        ops.cond(
-            ops.all(ops.isfinite(gradient)),
-            lambda: self._step(idx, gradient, variable, learning_rate),
-            lambda: self.assign_add(self._skipped[idx], 1),
+        finite = ops.all(ops.isfinite(gradient))
+        m = self._momenta[idx]
+        inverses = self._inverses[idx]
+
+        def step():
+            return self._step(idx, gradient, variable, learning_rate)
+
+        def skip():
+            return (
+                ops.convert_to_tensor(variable),
+                ops.convert_to_tensor(m),
+                [ops.convert_to_tensor(a) for a in inverses],
+                ops.zeros((), backend.count_dtype()),
+            )
+
+        # Branches return values; the assignments follow (JAX's stateless mode needs this).
+        new_variable, new_m, new_inverses, failed = ops.cond(finite, step, skip)
+        self.assign(m, new_m)
+        for a, value in zip(inverses, new_inverses):
+            self.assign(a, value)
+        if self._modes[idx]:
+            self.assign_add(self._failed[idx], failed)
+        self.assign_add(
+            self._skipped[idx], ops.cast(ops.logical_not(finite), backend.count_dtype())
         )
+        self.assign(variable, new_variable)
 
     def _step(self, idx, gradient, variable, learning_rate):
+        """``(new weights, new momentum, inverses, failed inversions)`` of one finite step."""
         dtype = variable.dtype
-        m = self._momenta[idx]
         momentum = ops.convert_to_tensor(self.momentum, dtype=dtype)
-        new_m = momentum * ops.convert_to_tensor(m) + gradient
-        self.assign(m, new_m)
+        new_m = momentum * ops.convert_to_tensor(self._momenta[idx]) + gradient
+        weights = ops.convert_to_tensor(variable)
         if self.weight_decay is not None and self._use_weight_decay(self._trainable_variables[idx]):
             # Decoupled decay, as Keras applies it, but here so that a skipped update skips it.
             wd = ops.convert_to_tensor(self.weight_decay, dtype=dtype)
-            self.assign(variable, variable - variable * wd * learning_rate)
+            weights = weights - weights * wd * learning_rate
         modes = self._modes[idx]
-        if modes:
-            ops.cond(self._refresh_due(), lambda: self._refresh_inverses(idx), lambda: None)
-            sdtype = statistics_dtype(dtype)
-            inverses = [ops.convert_to_tensor(a) for a in self._inverses[idx]]
-            direction = kronecker.precondition(ops.cast(new_m, sdtype), inverses, modes)
-            direction = ops.cast(direction, dtype)
-        else:
-            direction = new_m
-        self.assign_sub(variable, learning_rate * direction)
+        current = [ops.convert_to_tensor(a) for a in self._inverses[idx]]
+        failed = ops.zeros((), backend.count_dtype())
+        if not modes:
+            return weights - learning_rate * new_m, new_m, current, failed
+        inverses, failed = ops.cond(
+            self._refresh_due(),
+            lambda: self._new_inverses(idx),
+            lambda: (current, failed),
+        )
+        sdtype = statistics_dtype(dtype)
+        direction = kronecker.precondition(ops.cast(new_m, sdtype), inverses, modes)
+        return weights - learning_rate * ops.cast(direction, dtype), new_m, inverses, failed
 
     def _refresh_due(self):
         """Refresh every T1 steps while t < T2, then every T2 steps (bool tensor)."""
@@ -585,17 +635,21 @@ class TNT(keras.optimizers.Optimizer):
         )
         return ops.equal(t % ops.cast(period, t.dtype), 0)
 
-    def _refresh_inverses(self, idx):
-        """Recomputes the preconditioning factors ``A_i`` of variable ``idx``."""
+    def _new_inverses(self, idx):
+        """``(inverses, failed)``: the refreshed factors ``A_i`` of variable ``idx``.
+
+        A factor whose inversion fails keeps its previous value and counts in ``failed``.
+        """
         modes = self._modes[idx]
         stats = [ops.convert_to_tensor(h) for h in self._statistics[idx]]
         damping = ops.convert_to_tensor(self.damping, dtype=stats[0].dtype)
-        failed = ops.zeros((), dtype="int64")
+        failed = ops.zeros((), backend.count_dtype())
+        out = []
         for u, a in zip(kronecker.normalize_factors(stats, modes), self._inverses[idx]):
             inverse, ok = kronecker.damped_inverse(u, damping)
-            self.assign(a, ops.where(ok, inverse, ops.convert_to_tensor(a)))
-            failed = failed + ops.cast(ops.logical_not(ok), "int64")
-        self.assign_add(self._failed[idx], failed)
+            out.append(ops.where(ok, inverse, ops.convert_to_tensor(a)))
+            failed = failed + ops.cast(ops.logical_not(ok), backend.count_dtype())
+        return out, failed
 
     # ---------------------------------------------------------------- config
 

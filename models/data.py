@@ -103,6 +103,7 @@ def load(
     shuffle: bool | None = None,
     seed: int = 0,
     drop_remainder: bool | None = None,
+    reshuffle_each_iteration: bool = True,
 ) -> tf.data.Dataset:
     """Returns the batched ``(x, y)`` pipeline of one split of one of :data:`DATASETS`.
 
@@ -118,6 +119,11 @@ def load(
       seed: seed of the shuffling and of the CIFAR augmentation.
       drop_remainder: drop the last partial batch (default: for the training split only, so
         training steps see batches of one static size while evaluation sees every example).
+      reshuffle_each_iteration: a new order (and augmentation) each time the dataset is
+        iterated, as for ``fit(dataset, epochs=N)``. False: every iteration repeats the first
+        one, for callers that build one pipeline per epoch (train.py): Keras' JAX trainer
+        iterates a dataset once to build the model before the first epoch, which would
+        otherwise change that epoch's order.
 
     Raises:
       DataUnavailableError: the data set is not on this machine.
@@ -156,7 +162,9 @@ def load(
     # gathered (and, except for augmented CIFAR, preprocessed) in one vectorised op.
     indices = tf.data.Dataset.range(count)
     if shuffle:
-        indices = indices.shuffle(count, seed=seed, reshuffle_each_iteration=True)
+        indices = indices.shuffle(
+            count, seed=seed, reshuffle_each_iteration=reshuffle_each_iteration
+        )
 
     ds = indices.batch(batch_size, drop_remainder=drop_remainder)
     if name in ("cifar10", "cifar100"):
@@ -165,7 +173,7 @@ def load(
             # One stateless seed (a pair of int64) per batch, redrawn each iteration; the crop
             # and flip of each example of the batch are drawn from it.
             batch_seeds = tf.data.Dataset.random(
-                seed=seed + 1, rerandomize_each_iteration=True
+                seed=seed + 1, rerandomize_each_iteration=reshuffle_each_iteration
             ).batch(2)
         else:
             batch_seeds = tf.data.Dataset.from_tensors(tf.zeros([2], tf.int64)).repeat()

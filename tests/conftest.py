@@ -1,13 +1,76 @@
+"""Shared fixtures, and the backend selection of the suite.
+
+The suite runs once per Keras backend (``KERAS_BACKEND=tensorflow``, the default, and
+``KERAS_BACKEND=jax JAX_ENABLE_X64=1``; see tools/test.sh). A test runs on TensorFlow only unless
+it (or its module, through ``pytestmark``) is marked ``@pytest.mark.backends("tensorflow",
+"jax")``; the others are deselected, not skipped, on the other backend.
+"""
+
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-import tensorflow as tf  # noqa: E402
+
+BACKEND = keras.backend.backend()
 
 # Reference trajectory of the authors' implementation (see tests/data/GOLDEN.md).
 GOLDEN_DIR = os.path.join(os.path.dirname(__file__), "data")
+
+BOTH_BACKENDS = pytest.mark.backends("tensorflow", "jax")
+
+
+def tensor(x, dtype="float64"):
+    """A backend tensor of ``x``."""
+    return keras.ops.convert_to_tensor(np.asarray(x), dtype)
+
+
+def compiled(fn, jit_compile=False):
+    """``fn`` (a pure function of tensors) compiled as the backend compiles a training step."""
+    if BACKEND == "jax":
+        import jax
+
+        return jax.jit(fn) if jit_compile else fn
+    import tensorflow as tf
+
+    return tf.function(fn, jit_compile=jit_compile)
+
+
+def compiled_step(optimizer, variables, step):
+    """``step(*args)`` (optimizer calls that assign state) compiled as a training step is.
+
+    TensorFlow: a ``tf.function`` that assigns the variables. JAX: the stateless form Keras'
+    JAX trainer runs (``optimizer.stateless_apply``'s scope) under ``jax.jit``: every value of
+    ``variables`` and of the optimizer's variables goes in, the new ones come out and are
+    assigned afterwards. The optimizer must be built.
+    """
+    if BACKEND != "jax":
+        import tensorflow as tf
+
+        return tf.function(step)
+    import jax
+
+    def pure(values, optimizer_values, *args):
+        mapping = list(zip(variables, values)) + list(zip(optimizer.variables, optimizer_values))
+        with keras.StatelessScope(state_mapping=mapping) as scope:
+            step(*args)
+        return (
+            [scope.get_current_value(v) for v in variables],
+            [scope.get_current_value(v) for v in optimizer.variables],
+        )
+
+    jitted = jax.jit(pure)
+
+    def run(*args):
+        values, optimizer_values = jitted(
+            [v.value for v in variables], [v.value for v in optimizer.variables], *args
+        )
+        for v, value in zip(list(variables) + list(optimizer.variables), values + optimizer_values):
+            v.assign(value)
+
+    return run
 
 
 @pytest.fixture
@@ -28,6 +91,10 @@ def _fresh_session():
 
 
 def pytest_configure(config):
+    if BACKEND != "tensorflow":
+        return
+    import tensorflow as tf
+
     # Two logical CPU devices for the MirroredStrategy tests; must happen before TF initialises.
     cpus = tf.config.list_physical_devices("CPU")
     try:
@@ -36,3 +103,14 @@ def pytest_configure(config):
         )
     except RuntimeError:
         pass
+
+
+def pytest_collection_modifyitems(config, items):
+    keep, drop = [], []
+    for item in items:
+        marker = item.get_closest_marker("backends")
+        names = marker.args if marker else ("tensorflow",)
+        (keep if BACKEND in names else drop).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep

@@ -5,15 +5,19 @@ from functools import reduce
 
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from keras_tnt import kronecker
+from tests.conftest import BOTH_BACKENDS
+from tests.conftest import compiled
+from tests.conftest import tensor
+
+pytestmark = BOTH_BACKENDS
 
 RTOL = 1e-10
 
 
 def _t(x):
-    return tf.constant(np.asarray(x), tf.float64)
+    return tensor(x, "float64")
 
 
 def _np(x):
@@ -68,7 +72,10 @@ def test_tensor_modes(shape, modes):
     assert math.prod(got) == math.prod(shape)
 
 
+@pytest.mark.backends("tensorflow")
 def test_tensor_modes_accepts_tensor_shapes():
+    import tensorflow as tf
+
     assert kronecker.tensor_modes(tf.TensorShape([3, 3, 4, 8])) == (9, 4, 8)
     assert kronecker.tensor_modes(np.zeros((2, 5)).shape) == (2, 5)
 
@@ -309,7 +316,7 @@ def test_damped_inverse_accepts_float64_tensor_damping():
     rng = np.random.default_rng(7)
     x = rng.standard_normal((6, 9))
     u = x @ x.T / 6
-    inverse, ok = kronecker.damped_inverse(_t(u), tf.constant(0.1, tf.float64))
+    inverse, ok = kronecker.damped_inverse(_t(u), _t(0.1))
     assert bool(ok)
     _close(inverse, np.linalg.inv(u + 0.1 * np.eye(6)))
 
@@ -338,9 +345,7 @@ def test_damped_inverse_reports_failure(u, eps):
 
 
 def test_damped_inverse_reports_failure_in_graph():
-    @tf.function
-    def invert(u):
-        return kronecker.damped_inverse(u, 1e-3)
+    invert = compiled(lambda u: kronecker.damped_inverse(u, 1e-3))
 
     _, ok = invert(_t([[1.0, 2.0], [2.0, 1.0]]))
     assert not bool(ok)

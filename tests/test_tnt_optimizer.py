@@ -6,9 +6,13 @@ from functools import reduce
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import keras_tnt
+from tests.conftest import BOTH_BACKENDS
+from tests.conftest import compiled_step
+from tests.conftest import tensor
+
+pytestmark = BOTH_BACKENDS
 
 RTOL = 1e-12
 
@@ -131,7 +135,7 @@ def _vars(values, names=None):
 
 
 def _t(x):
-    return tf.constant(np.asarray(x), tf.float64)
+    return tensor(x, "float64")
 
 
 def _rand(rng, *shapes, scale=1.0):
@@ -320,7 +324,8 @@ def test_refresh_and_curvature_schedule(float64, T1, T2, warm, refresh_steps, cu
 
 
 def test_schedule_in_graph_mode_matches_eager(float64):
-    """The same steps under tf.function (how FisherModel runs them) give the same numbers."""
+    """The same steps compiled as FisherModel runs them (a tf.function; on JAX the stateless
+    step under jax.jit) give the same numbers."""
     shapes = [(4, 3), (3,)]
     kw = dict(HYPER, curvature_update_period=2, inverse_update_period=4, weight_decay=0.25)
     rng = np.random.default_rng(13)
@@ -331,10 +336,11 @@ def test_schedule_in_graph_mode_matches_eager(float64):
     ref = _ref(shapes, **kw)
     weights = [w.copy() for w in init]
 
-    @tf.function
-    def train_step(ghats, grads):
+    def step(ghats, grads):
         opt.update_curvature(ghats, condition=opt.curvature_due())
         opt.apply(grads, variables)
+
+    train_step = compiled_step(opt, variables, step)
 
     for _ in range(9):
         ghats, grads = _rand(rng, *shapes), _rand(rng, *shapes)
@@ -503,13 +509,13 @@ def test_failed_inversion_keeps_previous_inverse():
     kernel = keras.Variable(rng.standard_normal((4, 3)).astype("float32"), name="kernel")
     opt = keras_tnt.TNT(learning_rate=0.0625)
     opt.build([kernel])
-    opt.update_curvature([tf.constant(rng.standard_normal((4, 3)), tf.float32)])
-    opt.apply([tf.constant(rng.standard_normal((4, 3)), tf.float32)], [kernel])
+    opt.update_curvature([tensor(rng.standard_normal((4, 3)), "float32")])
+    opt.apply([tensor(rng.standard_normal((4, 3)), "float32")], [kernel])
     inverses = [np.array(a.numpy()) for a in opt.inverses(kernel)]
-    huge = tf.constant(np.full((4, 3), 1e30), tf.float32)  # finite; 1e60 overflows float32
+    huge = tensor(np.full((4, 3), 1e30), "float32")  # finite; 1e60 overflows float32
     opt.update_curvature([huge])
     assert not np.all(np.isfinite(opt.statistics(kernel)[0].numpy()))
-    opt.apply([tf.constant(rng.standard_normal((4, 3)), tf.float32)], [kernel])
+    opt.apply([tensor(rng.standard_normal((4, 3)), "float32")], [kernel])
     assert opt.failed_inversions >= 1
     for a, b in zip(opt.inverses(kernel), inverses):
         np.testing.assert_array_equal(a.numpy(), b)
@@ -683,7 +689,7 @@ def test_loss_scale_factor_divides_gradients_and_fisher_gradients(float64):
         for a, b in zip(s_vars, u_vars):
             for x, y in zip(scaled.statistics(a), unscaled.statistics(b)):
                 _close(x, y.numpy())
-    assert float(scaled.scale_loss(tf.constant(1.5, tf.float64))) == 6.0
+    assert float(scaled.scale_loss(_t(1.5))) == 6.0
 
 
 # ---------------------------------------------------------------- 5. hyper-parameters
@@ -793,23 +799,23 @@ def test_apply_before_any_curvature_raises():
     kernel = keras.Variable(np.ones((3, 2), "float32"), name="kernel")
     opt = keras_tnt.TNT()
     with pytest.raises(ValueError, match="FisherModel"):
-        opt.apply([tf.ones((3, 2))], [kernel])
+        opt.apply([keras.ops.ones((3, 2))], [kernel])
     opt.build([kernel])
     with pytest.raises(ValueError, match="update_curvature"):
-        opt.apply([tf.ones((3, 2))], [kernel])
+        opt.apply([keras.ops.ones((3, 2))], [kernel])
     np.testing.assert_array_equal(kernel.numpy(), 1.0)
     # A warm start alone is a curvature source.
-    opt.accumulate_curvature([tf.ones((3, 2))])
-    opt.apply([tf.ones((3, 2))], [kernel])
+    opt.accumulate_curvature([keras.ops.ones((3, 2))])
+    opt.apply([keras.ops.ones((3, 2))], [kernel])
     assert int(opt.iterations) == 1
 
 
 def test_curvature_before_build_raises():
     opt = keras_tnt.TNT()
     with pytest.raises(ValueError, match="build"):
-        opt.update_curvature([tf.ones((3, 2))])
+        opt.update_curvature([keras.ops.ones((3, 2))])
     with pytest.raises(ValueError, match="build"):
-        opt.accumulate_curvature([tf.ones((3, 2))])
+        opt.accumulate_curvature([keras.ops.ones((3, 2))])
     with pytest.raises(ValueError, match="build"):
         opt.curvature_due()
 
@@ -820,10 +826,10 @@ def test_wrong_number_of_gradients_raises():
     opt = keras_tnt.TNT()
     opt.build([kernel, bias])
     with pytest.raises(ValueError, match="one gradient per trainable variable"):
-        opt.update_curvature([tf.ones((3, 2))])
+        opt.update_curvature([keras.ops.ones((3, 2))])
     with pytest.raises(ValueError, match="2"):
-        opt.update_curvature([tf.ones((3, 2)), tf.ones((2,)), tf.ones((2,))])
+        opt.update_curvature([keras.ops.ones((3, 2)), keras.ops.ones((2,)), keras.ops.ones((2,))])
     assert opt.curvature_updates == 0
-    opt.update_curvature([tf.ones((3, 2)), tf.ones((2,))])
+    opt.update_curvature([keras.ops.ones((3, 2)), keras.ops.ones((2,))])
     with pytest.raises(ValueError):
-        opt.apply([tf.ones((3, 2))])
+        opt.apply([keras.ops.ones((3, 2))])

@@ -1,22 +1,42 @@
 #!/usr/bin/env bash
-# Sets up .venv from the project's own files (if needed), then runs ruff and the default pytest run.
+# Sets up .venv from the project's own files (if needed), then runs ruff and the default pytest
+# run on each Keras backend: TensorFlow (every test), then JAX in float64-capable mode (the tests
+# marked for it; see tests/conftest.py). Prints how long each part took.
 # Usage: bash tools/test.sh [extra pytest args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+SECONDS=0
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e ".[cpu,test]"
+.venv/bin/python -m pip install -q -e ".[cpu,jax,test]"
+echo "== environment ready (${SECONDS} s)"
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
-set +e
-.venv/bin/python -m pytest -m "not slow" "$@"
-rc=$?
-set -e
-if [ "$rc" -eq 5 ]; then
-  echo "pytest collected no tests (exit 5): treated as success"
-  rc=0
-fi
-exit "$rc"
+
+run_pytest() {  # $1: backend; the rest: pytest args. Exit code 5 (nothing collected) is success.
+  local backend=$1 start=$SECONDS rc
+  shift
+  set +e
+  if [ "$backend" = jax ]; then
+    KERAS_BACKEND=jax JAX_ENABLE_X64=1 .venv/bin/python -m pytest -m "not slow" "$@"
+  else
+    KERAS_BACKEND=tensorflow .venv/bin/python -m pytest -m "not slow" "$@"
+  fi
+  rc=$?
+  set -e
+  if [ "$rc" -eq 5 ]; then
+    echo "pytest ($backend) collected no tests (exit 5): treated as success"
+    rc=0
+  fi
+  echo "== pytest on $backend: exit $rc ($((SECONDS - start)) s)"
+  return "$rc"
+}
+
+status=0
+run_pytest tensorflow "$@" || status=1
+run_pytest jax "$@" || status=1
+echo "== all done (${SECONDS} s)"
+exit "$status"

@@ -1,0 +1,35 @@
+"""What differs between Keras backends, in one module per backend (as Keras' own trainers).
+
+The optimizer math (:mod:`keras_tnt.tnt`, :mod:`keras_tnt.kronecker`, ...) is ``keras.ops`` and
+runs unchanged on every backend; it reaches the backend only through the functions below. Each
+backend module provides the same names:
+
+* ``FisherTrainer``: the mixin that gives :class:`keras_tnt.FisherModel` its training step (one
+  forward pass; a second backward pass for the sampled-label gradients only when statistics are
+  due) and the warm-start loop.
+* ``num_replicas()``, ``fold_across_replicas(values, anchor, fold, condition)``: how a batch of
+  curvature data reaches the statistics of every replica.
+* ``outside_graph()``, ``value_now(variable)``: reading a variable's stored value while a step
+  is being traced (to restore, or to check, state at build time).
+* ``cholesky(x)``, ``extract_patches(layer, inputs)``: the few kernels ``keras.ops`` does not
+  give as the math needs them.
+
+Only the module of the active backend is imported: with ``KERAS_BACKEND=jax`` keras_tnt never
+imports TensorFlow.
+"""
+
+from __future__ import annotations
+
+import keras
+
+NAME = keras.backend.backend()
+
+if NAME == "tensorflow":
+    from keras_tnt.backend.tensorflow import *  # noqa: F403
+elif NAME == "jax":
+    from keras_tnt.backend.jax import *  # noqa: F403
+else:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        f"keras_tnt runs on Keras' 'tensorflow' and 'jax' backends; KERAS_BACKEND is {NAME!r}. "
+        "Set KERAS_BACKEND=tensorflow or KERAS_BACKEND=jax before importing keras."
+    )

@@ -1,0 +1,312 @@
+"""The JAX backend: a stateless training step with one forward pass (``jax.vjp``).
+
+Keras' JAX trainer runs ``train_step(state, data)`` as a pure function under ``jax.jit``; the
+optimizer updates run in a ``keras.StatelessScope`` (as in ``optimizer.stateless_apply``). The
+optimizer math is written for that: its ``ops.cond`` branches return values and the assignments
+happen outside them.
+
+One forward pass per step: ``jax.vjp`` of the model function gives its outputs and a pullback;
+the pullback is applied to the cotangent of the compiled loss (the ordinary gradient) and, inside
+a ``lax.cond`` that only runs when statistics are due, to the cotangent of the loss at targets
+sampled from the outputs (the sampled-label gradient). On other steps there is no second
+backward pass.
+
+Under ``keras.distribution.DataParallel`` the step is one SPMD program over the global batch:
+the gradients are already those of the whole batch, so nothing is reduced here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from collections.abc import Callable
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import keras
+import numpy as np
+
+from keras_tnt._capture import capture_layers
+
+__all__ = [
+    "FisherTrainer",
+    "cholesky",
+    "count_dtype",
+    "extract_patches",
+    "fold_across_replicas",
+    "num_replicas",
+    "outside_graph",
+    "value_now",
+]
+
+
+def num_replicas() -> int:
+    return 1
+
+
+def count_dtype() -> str:
+    """The integer type of counter arithmetic (the counters are saved as int64 everywhere)."""
+    return "int64" if jax.config.jax_enable_x64 else "int32"
+
+
+def outside_graph():
+    """Nothing to escape: Keras builds the optimizer outside ``jax.jit`` on JAX."""
+    return contextlib.nullcontext()
+
+
+def value_now(variable):
+    """The variable's stored value as a NumPy value, also inside a traced stateless step."""
+    value = getattr(variable, "_value", None)
+    return np.zeros((0,)) if value is None else np.asarray(value)
+
+
+def cholesky(x):
+    """Lower Cholesky factor; NaN (never an exception) where the factorisation fails.
+
+    (``keras.ops.cholesky`` raises eagerly when the result holds NaN.)
+    """
+    return jnp.linalg.cholesky(x)
+
+
+def extract_patches(layer, inputs):
+    """im2col: ``(N, H', W', kh*kw*C)`` patches in the order of the reshaped Keras kernel."""
+    if layer.data_format == "channels_first":
+        inputs = jnp.transpose(inputs, (0, 2, 3, 1))
+    return keras.ops.image.extract_patches(
+        inputs,
+        size=tuple(layer.kernel_size),
+        strides=tuple(layer.strides),
+        dilation_rate=tuple(layer.dilation_rate),
+        padding=layer.padding,
+        data_format="channels_last",
+    )
+
+
+def fold_across_replicas(values: Sequence, anchor, fold: Callable, condition=None) -> None:
+    """Calls ``fold(values, condition)``: one program holds the whole batch (see above)."""
+    del anchor
+    fold(list(values), condition)
+
+
+def _unpack(data):
+    return keras.utils.unpack_x_y_sample_weight(data)
+
+
+class FisherTrainer:
+    """The JAX training step of :class:`keras_tnt.FisherModel` (stateless, one forward pass)."""
+
+    def _build_scope(self):
+        return contextlib.nullcontext()
+
+    def _seed(self, counter, stream: int):
+        # int64 needs `jax_enable_x64`; every word fits 32 bits otherwise, and the generator
+        # hashes a 32-bit word exactly as it hashes the same int64 value.
+        dtype = jnp.int64 if jax.config.jax_enable_x64 else jnp.int32
+        return jnp.stack(
+            [
+                jnp.asarray(self.fisher_seed, dtype),
+                jnp.asarray(stream, dtype),
+                jnp.asarray(counter).astype(dtype),
+                jnp.asarray(0, dtype),
+            ]
+        )
+
+    def _forward(self, trainable, non_trainable, x, layers=None):
+        """One forward pass: ``(y_pred, losses, pullback, non-trainable values, inputs)``.
+
+        ``pullback(cotangent)`` gives ``(gradients of the trainable values, gradients of the
+        pre-activations of ``layers``)`` (the latter None without layers); ``inputs`` are the
+        layers' inputs (KFAC) or None.
+        """
+        kwargs = {"training": True} if self._call_has_training_arg else {}
+
+        def forward(trainable, offsets):
+            with capture_layers(layers or [], offsets) as records:
+                y_pred, new_non_trainable, losses = self.stateless_call(
+                    trainable, non_trainable, x, return_losses=True, **kwargs
+                )
+            pairs = self._layer_records(layers, records) if layers else []
+            aux = (new_non_trainable, [a for a, _ in pairs], [z for _, z in pairs])
+            return (y_pred, list(losses)), aux
+
+        offsets = None
+        if layers:
+            shapes = jax.eval_shape(lambda t: forward(t, None)[1][2], trainable)
+            offsets = {id(layer): jnp.zeros(z.shape, z.dtype) for layer, z in zip(layers, shapes)}
+        (y_pred, losses), vjp, (non_trainable, inputs, _) = jax.vjp(
+            forward, trainable, offsets, has_aux=True
+        )
+
+        def pullback(cotangent):
+            grads, offset_grads = vjp(cotangent)
+            if not layers:
+                return list(grads), None
+            return list(grads), [offset_grads[id(layer)] for layer in layers]
+
+        return y_pred, losses, pullback, non_trainable, (inputs if layers else None)
+
+    def _loss_gradients(self, state, pullback, y_pred, losses, x, y, sample_weight):
+        """Gradients of the scaled compiled loss (with the forward pass's own losses).
+
+        Returns ``(grads, unscaled loss, non-trainable values, metrics values)``.
+        """
+        trainable, non_trainable, optimizer_values, metrics_values = state
+
+        def total_loss(y_pred, losses):
+            if losses:
+                self._losses_override.clear()
+                self._losses_override = losses
+            loss, (_, new_non_trainable, new_metrics) = self.stateless_compute_loss(
+                trainable,
+                non_trainable,
+                metrics_values,
+                x=x,
+                y=y,
+                y_pred=y_pred,
+                sample_weight=sample_weight,
+                training=True,
+            )
+            if losses:
+                self._losses_override.clear()
+            with self._optimizer_scope(optimizer_values):
+                scaled = self.optimizer.scale_loss(loss)
+            return scaled, (loss, new_non_trainable, new_metrics)
+
+        scaled, loss_pullback, (loss, non_trainable, metrics_values) = jax.vjp(
+            total_loss, y_pred, losses, has_aux=True
+        )
+        grads, _ = pullback(loss_pullback(jnp.ones_like(scaled)))
+        return grads, loss, non_trainable, metrics_values
+
+    def _optimizer_scope(self, optimizer_values):
+        return keras.StatelessScope(
+            state_mapping=list(zip(self.optimizer.variables, optimizer_values))
+        )
+
+    def _fisher_pullback(self, pullback, y_pred, losses, sample_weight, seed, state, layers=None):
+        """Sampled-label gradients from the pullback of the forward pass: per trainable
+        variable, or (``layers``) per layer with respect to its pre-activations."""
+        _, non_trainable, optimizer_values, _ = state
+        mapping = list(zip(self.non_trainable_variables, non_trainable))
+        mapping += list(zip(self.optimizer.variables, optimizer_values))
+        with keras.StatelessScope(state_mapping=mapping):
+            targets = jax.lax.stop_gradient(self.sample_targets(y_pred, seed))
+            output_gradient = jax.grad(lambda out: self._sampled_loss(targets, out, sample_weight))(
+                y_pred
+            )
+            grads, offset_grads = pullback((output_gradient, [jnp.zeros_like(v) for v in losses]))
+            return list(self._unscale(offset_grads if layers else grads))
+
+    def train_step(self, state, data):
+        optimizer = self.curvature_optimizer
+        if optimizer is None:
+            return super().train_step(state, data)
+        trainable, non_trainable, optimizer_values, metrics_values = state
+        x, y, sample_weight = _unpack(data)
+        keys, layers = self._curvature_keys(optimizer)
+        y_pred, losses, pullback, non_trainable, inputs = self._forward(
+            trainable, non_trainable, x, layers
+        )
+        forward_state = (trainable, non_trainable, optimizer_values, metrics_values)
+        grads, loss, non_trainable, metrics_values = self._loss_gradients(
+            forward_state, pullback, y_pred, losses, x, y, sample_weight
+        )
+        with self._optimizer_scope(optimizer_values):
+            due = optimizer.curvature_due()
+            seed = self._seed(optimizer._iterations, stream=0)
+
+        def fisher():
+            return self._fisher_pullback(
+                pullback, y_pred, losses, sample_weight, seed, forward_state, layers
+            )
+
+        zeros = [jnp.zeros(s.shape, s.dtype) for s in jax.eval_shape(fisher)]
+        fisher_grads = jax.lax.cond(due, fisher, lambda: zeros)
+        if layers:  # KFAC: (inputs, pre-activation gradients) per layer
+            fisher_grads = list(zip(inputs, fisher_grads))
+
+        mapping = list(zip(self.trainable_variables, trainable))
+        mapping += list(zip(self.optimizer.variables, optimizer_values))
+        with keras.StatelessScope(state_mapping=mapping) as scope:
+            optimizer.update_curvature(fisher_grads, keys, condition=due)
+            self.optimizer.apply(grads)
+        trainable = [scope.get_current_value(v) for v in self.trainable_variables]
+        optimizer_values = [scope.get_current_value(v) for v in self.optimizer.variables]
+        logs, metrics_values = self._update_metrics_variables(
+            metrics_values, loss, x, y, y_pred, sample_weight
+        )
+        return logs, (trainable, non_trainable, optimizer_values, metrics_values)
+
+    # ------------------------------------------------------------ warm start
+
+    def _make_warm_start_function(self):
+        if getattr(self, "_warm_start_function", None) is not None:
+            return self._warm_start_function
+        optimizer = self.statistics_optimizer
+        sampled = getattr(optimizer, "needs_sampled_gradients", True)
+
+        def step(state, data):
+            trainable, non_trainable, optimizer_values, metrics_values = state
+            x, y, sample_weight = _unpack(data)
+            keys, layers = self._curvature_keys(optimizer)
+            y_pred, losses, pullback, non_trainable, inputs = self._forward(
+                trainable, non_trainable, x, layers
+            )
+            state = (trainable, non_trainable, optimizer_values, metrics_values)
+            if sampled:
+                with self._optimizer_scope(optimizer_values):
+                    seed = self._seed(optimizer._warm_start_batches, stream=1)
+                grads = self._fisher_pullback(
+                    pullback, y_pred, losses, sample_weight, seed, state, layers
+                )
+                if layers:  # KFAC: (inputs, pre-activation gradients) per layer
+                    grads = list(zip(inputs, grads))
+            else:  # empirical Fisher: the ordinary loss at the true targets
+                grads, *_ = self._loss_gradients(
+                    state, pullback, y_pred, losses, x, y, sample_weight
+                )
+            mapping = list(zip(self.trainable_variables, trainable))
+            mapping += list(zip(self.optimizer.variables, optimizer_values))
+            with keras.StatelessScope(state_mapping=mapping) as scope:
+                optimizer.accumulate_curvature(grads, keys)
+            optimizer_values = [scope.get_current_value(v) for v in self.optimizer.variables]
+            return optimizer_values, non_trainable
+
+        jitted = jax.jit(step)
+
+        def run(data):
+            state = tuple(
+                [v.value for v in variables]
+                for variables in (
+                    self.trainable_variables,
+                    self.non_trainable_variables,
+                    self.optimizer.variables,
+                    self.metrics_variables,
+                )
+            )
+            optimizer_values, non_trainable = jitted(state, data)
+            for variable, value in zip(self.optimizer.variables, optimizer_values):
+                variable.assign(value)
+            for variable, value in zip(self.non_trainable_variables, non_trainable):
+                variable.assign(value)
+
+        self._warm_start_function = run
+        return run
+
+    def _warm_start_batches(self, x, batch_size, steps):
+        """``(iterable of batches, number of batches or None, run one batch)``."""
+        from keras.src.trainers.data_adapters import get_data_adapter
+
+        if getattr(self, "_jax_state", None) is not None:
+            self.jax_state_sync()  # called during `fit` (WarmStart): the variables are current
+        y = sample_weight = None
+        if isinstance(x, tuple) and 1 < len(x) <= 3:  # (x, y) or (x, y, sample_weight) arrays
+            x, y, sample_weight = (tuple(x) + (None,))[:3]
+        adapter = get_data_adapter(x, y, sample_weight, batch_size=batch_size or 32, shuffle=False)
+        batches = adapter.get_jax_iterator()
+        total = adapter.num_batches
+        if steps is not None:
+            batches = itertools.islice(batches, steps)
+            total = steps if total is None else min(total, steps)
+        return batches, total, self._make_warm_start_function()

@@ -1,0 +1,284 @@
+"""The TensorFlow backend: ``tf.GradientTape`` training step and ``tf.distribute`` glue.
+
+Keras all-reduces the ordinary gradients inside ``optimizer.apply``; gradients from an extra
+backward pass (the sampled-label "Fisher" gradients) are not. Without care every replica would fold
+its own local gradient into its own copy of the statistics and the replicas would drift apart.
+:func:`fold_across_replicas` sums the gradients over replicas (Keras losses are already divided by
+the number of replicas, as for ``apply``), then runs the fold once per device in cross-replica
+context, under the condition, so every replica gets bit-identical statistics.
+
+A ``tf.cond`` around an all-reduce fails under ``MirroredStrategy``: the all-reduce runs on every
+step and the condition is applied after it, in cross-replica context.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from collections.abc import Sequence
+
+import keras
+import tensorflow as tf
+
+from keras_tnt._capture import capture_layers
+
+__all__ = [
+    "FisherTrainer",
+    "cholesky",
+    "count_dtype",
+    "extract_patches",
+    "fold_across_replicas",
+    "num_replicas",
+    "outside_graph",
+    "value_now",
+]
+
+
+def num_replicas() -> int:
+    return tf.distribute.get_strategy().num_replicas_in_sync
+
+
+def count_dtype() -> str:
+    """The integer type of counter arithmetic (the counters are saved as int64 everywhere)."""
+    return "int64"
+
+
+def outside_graph():
+    """A context that runs eagerly now, also inside a ``tf.function`` being traced.
+
+    Keras builds an optimizer inside the traced training step; a state restored at build time
+    must be assigned once, then, not on every step.
+    """
+    return tf.init_scope()
+
+
+def value_now(variable):
+    """The variable's current value as a NumPy value, also while a ``tf.function`` is traced."""
+    with outside_graph():
+        return keras.ops.convert_to_numpy(variable.value)
+
+
+def cholesky(x):
+    """Lower Cholesky factor; NaN (never an exception) where the factorisation fails.
+
+    (``keras.ops.cholesky`` wraps this in ``check_numerics``, which raises on failure.)
+    """
+    return tf.linalg.cholesky(x)
+
+
+def extract_patches(layer, inputs):
+    """im2col: ``(N, H', W', kh*kw*C)`` patches in the order of the reshaped Keras kernel."""
+    if layer.data_format == "channels_first":
+        inputs = tf.transpose(inputs, (0, 2, 3, 1))
+    kh, kw = layer.kernel_size
+    sh, sw = layer.strides
+    dh, dw = layer.dilation_rate
+    return tf.image.extract_patches(
+        inputs,
+        sizes=(1, kh, kw, 1),
+        strides=(1, sh, sw, 1),
+        rates=(1, dh, dw, 1),
+        padding=layer.padding.upper(),
+    )
+
+
+def fold_across_replicas(values: Sequence, anchor, fold: Callable, condition=None) -> None:
+    """Calls ``fold(values, condition)`` with values summed over replicas, on every replica.
+
+    ``anchor`` is a (mirrored) variable on whose devices the fold runs (a Keras or a
+    ``tf.Variable``; the optimizer's own counter is used); ``fold`` receives the list of reduced
+    values local to one device and the gate (a scalar bool tensor, equal on every replica, or
+    None), and assigns optimizer variables (the update context writes the component on that
+    device). The fold applies the gate itself, with branches that return values.
+    """
+    ctx = tf.distribute.get_replica_context()
+    if ctx is None or num_replicas() == 1:
+        # One replica (or called in cross-replica context by the user): no reduction needed.
+        fold(list(values), condition)
+        return
+    reduced = ctx.all_reduce(tf.distribute.ReduceOp.SUM, list(values))
+    # A Keras variable wraps the (mirrored) tf.Variable that `update` needs; a raw tf.Variable
+    # has a `value` method instead.
+    anchor = anchor.value if isinstance(anchor, keras.Variable) else anchor
+    if condition is None:
+        condition = tf.constant(True)
+
+    def merge_fn(strategy, reduced, condition):
+        gate = strategy.experimental_local_results(condition)[0]
+        # The values are mirrored: every device computes the same fold from the same values.
+        # ``update`` runs ``fold`` once per device with that device's components.
+        strategy.extended.update(
+            anchor, lambda _, *v: fold(list(v), gate), args=tuple(reduced), group=False
+        )
+
+    ctx.merge_call(merge_fn, args=(reduced, condition))
+
+
+def _unpack(data):
+    return keras.utils.unpack_x_y_sample_weight(data)
+
+
+class FisherTrainer:
+    """The TensorFlow training step of :class:`keras_tnt.FisherModel` (a ``tf.GradientTape``).
+
+    Each step makes ONE forward pass on a persistent tape. The ordinary gradient goes to
+    ``optimizer.apply``; when statistics are due, a second backward pass from the same forward
+    pass (``tape.gradient(y_pred, ..., output_gradients=dL_sampled/dy_pred)``, inside a
+    ``tf.cond``) gives the sampled-label gradients for ``optimizer.update_curvature``.
+    """
+
+    def _build_scope(self):
+        """Where optimizer variables are created (mirrored under a strategy)."""
+        return self.distribute_strategy.scope()
+
+    def _seed(self, counter, stream: int):
+        ctx = tf.distribute.get_replica_context()
+        replica = 0
+        if ctx is not None and num_replicas() > 1:
+            replica = ctx.replica_id_in_sync_group
+        return tf.stack(
+            [
+                tf.constant(self.fisher_seed, tf.int64),
+                tf.constant(stream, tf.int64),
+                tf.cast(counter, tf.int64),
+                tf.cast(replica, tf.int64),
+            ]
+        )
+
+    def _fisher_gradients(self, tape, y_pred, sample_weight, seed, sources=None):
+        """Gradients of the compiled loss at sampled targets, from the forward pass on ``tape``.
+
+        With respect to the trainable variables, or to ``sources`` (tensors computed on the
+        tape, e.g. pre-activations for KFAC).
+        """
+        targets = tf.stop_gradient(self.sample_targets(y_pred, seed))
+        with tf.GradientTape() as output_tape:
+            # A fresh tensor: Keras' probability losses otherwise reach past a softmax/sigmoid
+            # output to its cached logits, and the loss would not depend on the watched tensor.
+            outputs = tf.identity(y_pred)
+            output_tape.watch(outputs)
+            loss = self._sampled_loss(targets, outputs, sample_weight)
+        output_gradient = output_tape.gradient(loss, outputs)
+        grads = tape.gradient(
+            y_pred,
+            self.trainable_variables if sources is None else list(sources),
+            output_gradients=output_gradient,
+            unconnected_gradients=tf.UnconnectedGradients.ZERO,
+        )
+        return self._unscale(grads)
+
+    def _curvature_input(self, tape, y_pred, sample_weight, seed, layers, records):
+        """What ``optimizer.update_curvature`` takes: per-variable or per-layer Fisher data.
+
+        ``layers`` are the recorded layers (KFAC), or None for per-variable gradients.
+        """
+        if layers is None:
+            return self._fisher_gradients(tape, y_pred, sample_weight, seed)
+        pairs = self._layer_records(layers, records)
+        grads = self._fisher_gradients(
+            tape, y_pred, sample_weight, seed, sources=[z for _, z in pairs]
+        )
+        return [(a, s) for (a, _), s in zip(pairs, grads)]
+
+    def _curvature_zeros(self, layers, records):
+        """A zero ``_curvature_input`` of the same structure (replicas must all-reduce)."""
+        if layers is None:
+            return [tf.zeros_like(w) for w in self.trainable_variables]
+        return [(a, tf.zeros_like(z)) for a, z in self._layer_records(layers, records)]
+
+    def train_step(self, data):
+        optimizer = self.curvature_optimizer
+        if optimizer is None:
+            return super().train_step(data)
+        x, y, sample_weight = _unpack(data)
+        if not optimizer.built:
+            optimizer.build(self.trainable_variables)
+        weights = self.trainable_variables
+        keys, layers = self._curvature_keys(optimizer)
+        with tf.GradientTape(persistent=True) as tape, capture_layers(layers or []) as records:
+            y_pred = self._call_for_training(x)
+            loss = self._compute_loss(
+                x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True
+            )
+            self._loss_tracker.update_state(
+                loss * num_replicas(),
+                sample_weight=tf.shape(tf.nest.flatten(x)[0])[0],
+            )
+            scaled_loss = self.optimizer.scale_loss(loss)
+        grads = tape.gradient(scaled_loss, weights)
+
+        due = optimizer.curvature_due()
+        seed = self._seed(optimizer._iterations, stream=0)
+        if keys and num_replicas() == 1:
+
+            def fold():
+                fisher = self._curvature_input(tape, y_pred, sample_weight, seed, layers, records)
+                optimizer.update_curvature(fisher, keys)
+                return tf.constant(0)
+
+            # TensorFlow runs the fold's assignments inside the branch; the fold itself is
+            # written with value-returning branches (what JAX needs) and works either way.
+            tf.cond(due, fold, lambda: tf.constant(0))
+        elif keys:
+            # Every replica must reach the all-reduce inside update_curvature on every step.
+            fisher = tf.cond(
+                due,
+                lambda: self._curvature_input(tape, y_pred, sample_weight, seed, layers, records),
+                lambda: self._curvature_zeros(layers, records),
+            )
+            optimizer.update_curvature(fisher, keys, condition=due)
+        self.optimizer.apply(grads, weights)
+        return self.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+    # ------------------------------------------------------------ warm start
+
+    def _make_warm_start_function(self):
+        if getattr(self, "_warm_start_function", None) is not None:
+            return self._warm_start_function
+        optimizer = self.statistics_optimizer
+        strategy = self.distribute_strategy
+        sampled = getattr(optimizer, "needs_sampled_gradients", True)
+
+        def replica_step(data):
+            x_batch, y_batch, sample_weight = _unpack(data)
+            keys, layers = self._curvature_keys(optimizer)
+            with (
+                tf.GradientTape(persistent=bool(layers)) as tape,
+                capture_layers(layers or []) as records,
+            ):
+                y_pred = self._call_for_training(x_batch)
+                if not sampled:  # empirical Fisher: the ordinary loss at the true targets
+                    loss = self._compute_loss(
+                        x=x_batch, y=y_batch, y_pred=y_pred, sample_weight=sample_weight
+                    )
+                    loss = self.optimizer.scale_loss(loss)
+            if sampled:
+                seed = self._seed(optimizer._warm_start_batches, stream=1)
+                grads = self._curvature_input(tape, y_pred, sample_weight, seed, layers, records)
+            else:
+                # None for a variable the loss does not reach: it keeps its statistics, as in
+                # `apply` (the sampled pass gives such a variable its exact Fisher, zero).
+                grads = tape.gradient(loss, keys)
+            optimizer.accumulate_curvature(grads, keys)
+
+        @tf.function(reduce_retracing=True)
+        def step(data):
+            strategy.run(replica_step, args=(data,))
+
+        self._warm_start_function = step
+        return step
+
+    def _warm_start_batches(self, x, batch_size, steps):
+        """``(iterable of batches, number of batches or None, run one batch)``."""
+        if isinstance(x, tf.data.Dataset):
+            dataset = x
+        else:
+            dataset = tf.data.Dataset.from_tensor_slices(x).batch(batch_size or 32)
+        if steps is not None:
+            dataset = dataset.take(steps)
+        total = steps
+        cardinality = int(dataset.cardinality())
+        if cardinality >= 0:
+            total = cardinality
+        if num_replicas() > 1:
+            dataset = self.distribute_strategy.experimental_distribute_dataset(dataset)
+        return dataset, total, self._make_warm_start_function()

@@ -1,0 +1,136 @@
+"""Runs in a subprocess with a chosen KERAS_BACKEND for tests/test_backends.py.
+
+python -m tests.backend_worker digits OUT.json --seed 0 --epochs 4
+python -m tests.backend_worker save MODEL.keras OUT.npz
+python -m tests.backend_worker resume MODEL.keras OUT.npz
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+import keras_tnt  # noqa: E402
+
+IMPORTED_TENSORFLOW = "tensorflow" in sys.modules  # right after `import keras_tnt`
+
+
+def digits():
+    from sklearn.datasets import load_digits
+
+    return (load_digits().data / 16.0).astype("float32")
+
+
+def autoencoder(seed: int) -> keras_tnt.FisherModel:
+    """examples/digits.py's model, with weights drawn by NumPy (the same on every backend)."""
+    inputs = keras.Input((64,))
+    h = keras.layers.Dense(48, activation="relu")(inputs)
+    h = keras.layers.Dense(16)(h)
+    h = keras.layers.Dense(48, activation="relu")(h)
+    outputs = keras.layers.Dense(64)(h)
+    model = keras_tnt.FisherModel(inputs, outputs, fisher_seed=seed)
+    rng = np.random.default_rng(seed)
+    model.set_weights(
+        [rng.uniform(-1, 1, w.shape) * np.sqrt(6 / sum(w.shape)) for w in model.get_weights()]
+    )
+    return model
+
+
+def compile_tnt(model, optimizer="tnt"):
+    optimizers = {
+        "tnt": lambda: keras_tnt.TNT(learning_rate=1e-3, damping=0.1, inverse_update_period=20),
+        "kfac": lambda: keras_tnt.KFAC(learning_rate=1e-3, damping=0.3, inverse_update_period=20),
+    }
+    model.compile(
+        optimizer=optimizers[optimizer](),
+        loss=keras_tnt.losses.SummedBinaryCrossentropy(from_logits=True),
+    )
+
+
+def conv_classifier(seed: int) -> keras_tnt.FisherModel:
+    """A small Conv2D (3x3, stride 1, then 2) + Dense classifier of the 8x8 digits."""
+    inputs = keras.Input((8, 8, 1))
+    h = keras.layers.Conv2D(4, 3, activation="relu")(inputs)
+    h = keras.layers.Conv2D(6, 3, strides=2, padding="same", activation="relu")(h)
+    h = keras.layers.Flatten()(h)
+    outputs = keras.layers.Dense(10)(h)
+    model = keras_tnt.FisherModel(inputs, outputs, fisher_seed=seed)
+    rng = np.random.default_rng(seed)
+    model.set_weights([rng.uniform(-0.5, 0.5, w.shape) for w in model.get_weights()])
+    return model
+
+
+def run_digits(out, seed, epochs, optimizer="tnt"):
+    x = digits()
+    if optimizer == "kfac-conv":
+        from sklearn.datasets import load_digits
+
+        y = load_digits().target
+        model = conv_classifier(seed)
+        model.compile(
+            optimizer=keras_tnt.KFAC(learning_rate=3e-3, damping=0.1, inverse_update_period=20),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
+        x = x.reshape(-1, 8, 8, 1)
+    else:
+        y = x
+        model = autoencoder(seed)
+        compile_tnt(model, optimizer)
+    history = model.fit(
+        x,
+        y,
+        batch_size=100,
+        epochs=epochs,
+        shuffle=False,
+        verbose=0,
+        callbacks=[keras_tnt.WarmStart(x, batch_size=100, verbose=0)],
+    )
+    with open(out, "w") as f:
+        json.dump({"loss": history.history["loss"], "tensorflow": IMPORTED_TENSORFLOW}, f)
+
+
+def state(model):
+    """Every optimizer variable, the weights and the loss of one more step."""
+    return {
+        **{f"opt/{i}/{v.path}": np.asarray(v) for i, v in enumerate(model.optimizer.variables)},
+        **{f"w/{i}": np.asarray(w) for i, w in enumerate(model.get_weights())},
+    }
+
+
+def save(path, out):
+    x = digits()[:400]
+    model = autoencoder(1)
+    compile_tnt(model)
+    model.fit(x, x, batch_size=100, epochs=2, shuffle=False, verbose=0)
+    model.save(path)
+    before = state(model)
+    logs = model.train_on_batch(x[:100], x[:100], return_dict=True)
+    np.savez(out, loss=logs["loss"], **before, **{f"next/{k}": v for k, v in state(model).items()})
+
+
+def resume(path, out):
+    x = digits()[:400]
+    model = keras.models.load_model(path)
+    loaded = state(model)
+    logs = model.train_on_batch(x[:100], x[:100], return_dict=True)
+    np.savez(out, loss=logs["loss"], **loaded, **{f"next/{k}": v for k, v in state(model).items()})
+
+
+if __name__ == "__main__":
+    task, *args = sys.argv[1:]
+    if task == "digits":
+        run_digits(
+            args[0], seed=int(args[2]), epochs=int(args[4]), optimizer=(args[5:] or ["tnt"])[0]
+        )
+    elif task == "save":
+        save(*args)
+    elif task == "resume":
+        resume(*args)
+    else:
+        raise SystemExit(f"unknown task {task!r}")
