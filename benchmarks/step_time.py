@@ -4,7 +4,11 @@ Runs `model.fit` on synthetic data, side by side in one process, and prints rati
 
 * MNIST autoencoder 784-1000-500-250-30-250-500-1000-784, batch 1000: TNT (T1=1, T2=20),
   TNT (T1=10, T2=100), Shampoo and KFAC (T1=1, T2=20, as the paper ran them) against Keras Adam;
-* ResNet-32, batch 128: TNT (T1=10, T2=100) against Keras SGD with momentum 0.9.
+* ResNet-32, batch 128: TNT (T1=10, T2=100) against Keras SGD with momentum 0.9;
+* ``autoencoder_2replicas`` (TensorFlow only; run it on its own, it sets up two logical CPU
+  devices): the autoencoder under MirroredStrategy on two replicas, global batch 1000: TNT
+  (T1=1, T2=20) with its preconditioner work split across the replicas and without, against
+  Adam on the same two replicas.
 
 Every step is timed by a callback. TNT is timed in its steady state (step counter >= T2, where
 the inverses are refreshed every T2 steps) over a window of whole periods when it is affordable;
@@ -24,6 +28,7 @@ precision; ``--extra_baselines`` adds SGD-m to the autoencoder and Adam to ResNe
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -43,7 +48,11 @@ from models import mnist_autoencoder  # noqa: E402
 from models import resnet32  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("problems", ["autoencoder", "resnet32"], "Which benchmarks to run.")
+flags.DEFINE_list(
+    "problems",
+    ["autoencoder", "resnet32"],
+    "Which benchmarks to run: autoencoder, resnet32, autoencoder_2replicas.",
+)
 flags.DEFINE_integer("rounds", 2, "Alternating rounds of every configuration.")
 flags.DEFINE_integer("resnet_steps", 30, "Measured ResNet-32 steps per configuration and round.")
 flags.DEFINE_boolean("jit_compile", False, "Compile the training step with XLA.")
@@ -122,9 +131,24 @@ def optimizer_bytes(optimizer) -> int:
 # -------------------------------------------------------------------- timing
 
 
+PROBLEMS = ("autoencoder", "resnet32", "autoencoder_2replicas")
+
+
+def _strategy(problem):
+    """MirroredStrategy on two logical CPU devices for the 2-replica rows, else None."""
+    if problem != "autoencoder_2replicas":
+        return None
+    import tensorflow as tf
+
+    devices = [d.name for d in tf.config.list_logical_devices("CPU")][:2]
+    return tf.distribute.MirroredStrategy(
+        devices, cross_device_ops=tf.distribute.ReductionToOneDevice()
+    )
+
+
 def _dataset(problem, batch):
     rng = np.random.default_rng(0)
-    if problem == "autoencoder":
+    if problem.startswith("autoencoder"):
         # Real images at MNIST's size: scikit-learn's 8x8 digits, upsampled to 28x28.
         from sklearn.datasets import load_digits
 
@@ -180,13 +204,15 @@ def _kind(t, t1, t2):
 
 def _build(problem, config, dataset):
     keras.utils.set_random_seed(0)
-    if problem == "autoencoder":
-        model = mnist_autoencoder()
-        loss = keras_tnt.losses.SummedBinaryCrossentropy(from_logits=True)
-    else:
-        model = resnet32()
-        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    model.compile(optimizer=config.make_optimizer(), loss=loss, jit_compile=FLAGS.jit_compile)
+    strategy = _strategy(problem)
+    with strategy.scope() if strategy else contextlib.nullcontext():
+        if problem.startswith("autoencoder"):
+            model = mnist_autoencoder()
+            loss = keras_tnt.losses.SummedBinaryCrossentropy(from_logits=True)
+        else:
+            model = resnet32()
+            loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        model.compile(optimizer=config.make_optimizer(), loss=loss, jit_compile=FLAGS.jit_compile)
     if config.t1 is not None:
         model.warm_start(dataset, steps=5, verbose=0)
     # Trace and run a few steps; then jump TNT into its steady state (t >= T2).
@@ -208,7 +234,7 @@ def _check_finite(config):
 
 def _measure(config, dataset, steps):
     # The first step of every `fit` call carries its setup (iterator, callbacks): not timed.
-    start = int(config.model.optimizer.iterations) + 1
+    start = int(keras.ops.convert_to_numpy(config.model.optimizer.iterations.value)) + 1
     timer = StepTimer()
     config.model.fit(
         dataset, steps_per_epoch=steps + 1, epochs=1, verbose=0, shuffle=False, callbacks=[timer]
@@ -236,9 +262,24 @@ def _summary(config):
 
 
 def run_problem(problem):
-    batch = 1000 if problem == "autoencoder" else 128
+    batch = 128 if problem == "resnet32" else 1000
     dataset = _dataset(problem, batch)
-    if problem == "autoencoder":
+    if problem == "autoencoder_2replicas":
+        base = Config("Adam, 2 replicas", lambda: keras.optimizers.Adam(LR))
+        tnts = [
+            Config(
+                f"TNT T1=1 T2=20, 2 replicas, {name}",
+                lambda split=split: keras_tnt.TNT(
+                    LR, 0.1, 0.9, 0.9, 1, 20, split_preconditioner=split
+                ),
+                1,
+                20,
+            )
+            for name, split in (("split", True), ("not split", False))
+        ]
+        extras = []
+        steps = {c.label: 60 for c in [base] + tnts}
+    elif problem == "autoencoder":
         base = Config("Adam", lambda: keras.optimizers.Adam(LR))
         tnts = [
             Config("TNT T1=1 T2=20", lambda: keras_tnt.TNT(LR, 0.1, 0.9, 0.9, 1, 20), 1, 20),
@@ -281,12 +322,13 @@ def run_problem(problem):
     b = _summary(base)
     base_bytes = optimizer_bytes(base.model.optimizer)
     print(f"\n== {problem}, batch {batch}, {FLAGS.rounds} rounds, jit_compile={FLAGS.jit_compile}")
+    width = max(18, *(len(c.label) + 2 for c in configs))
     print(
-        f"{'optimizer':<18}{'median ms':>10}{'mean ms':>9}{'median x':>10}{'mean x':>8}"
+        f"{'optimizer':<{width}}{'median ms':>10}{'mean ms':>9}{'median x':>10}{'mean x':>8}"
         f"{'MAC x':>7}{'state MB':>10}{'state x':>9}{'window mean ms':>16}"
     )
     print(
-        f"{base.label:<18}{1e3 * b['median_s']:>10.1f}{1e3 * b['mean_s']:>9.1f}"
+        f"{base.label:<{width}}{1e3 * b['median_s']:>10.1f}{1e3 * b['mean_s']:>9.1f}"
         f"{1.0:>10.2f}{1.0:>8.2f}{1.0:>7.2f}{base_bytes / 2**20:>10.1f}{1.0:>9.2f}"
         f"{1e3 * b['window_mean_s']:>16.1f}"
     )
@@ -299,7 +341,7 @@ def run_problem(problem):
         macs = arithmetic(c.model, batch, c.t1, c.t2) if is_tnt else {"ratio": float("nan")}
         nbytes = optimizer_bytes(c.model.optimizer)
         print(
-            f"{c.label:<18}{1e3 * s['median_s']:>10.1f}{1e3 * s['mean_s']:>9.1f}"
+            f"{c.label:<{width}}{1e3 * s['median_s']:>10.1f}{1e3 * s['mean_s']:>9.1f}"
             f"{s['median_s'] / b['median_s']:>10.2f}{s['mean_s'] / b['mean_s']:>8.2f}"
             f"{macs['ratio']:>7.2f}{nbytes / 2**20:>10.1f}{nbytes / base_bytes:>9.2f}"
             f"{1e3 * s['window_mean_s']:>16.1f}"
@@ -309,7 +351,10 @@ def run_problem(problem):
             for k, v in s.items()
             if k.endswith("_mean_s") and k != "window_mean_s"
         }
-        print(f"{'':<18}per kind, median ms: {kinds}")
+        print(f"{'':<{width}}per kind, median ms: {kinds}")
+        work = c.model.optimizer.replica_work() if is_tnt else []
+        if work:
+            print(f"{'':<{width}}work per replica: {work}")
         results["configs"][c.label] = {
             **s,
             "median_ratio": s["median_s"] / b["median_s"],
@@ -322,9 +367,19 @@ def run_problem(problem):
 
 def main(argv):
     del argv
-    unknown = set(FLAGS.problems) - {"autoencoder", "resnet32"}
+    unknown = set(FLAGS.problems) - set(PROBLEMS)
     if unknown:
-        raise app.UsageError(f"--problems: unknown {sorted(unknown)}; use autoencoder, resnet32")
+        raise app.UsageError(f"--problems: unknown {sorted(unknown)}; use {', '.join(PROBLEMS)}")
+    if "autoencoder_2replicas" in FLAGS.problems:
+        if JAX:
+            raise app.UsageError("--problems=autoencoder_2replicas needs the TensorFlow backend.")
+        import tensorflow as tf
+
+        # Before TensorFlow starts its runtime: two logical devices on the CPU.
+        cpus = tf.config.list_physical_devices("CPU")
+        tf.config.set_logical_device_configuration(
+            cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2
+        )
     keras.config.set_dtype_policy(FLAGS.dtype_policy)
     if JAX:
         import jax

@@ -159,13 +159,16 @@ class FisherModel(backend.FisherTrainer, keras.Model):
 
     # ---------------------------------------------------------------- Fisher
 
-    def sample_targets(self, y_pred, seed):
+    def sample_targets(self, y_pred, seed, first_example=0):
         """Targets drawn from the model's predictive distribution at ``y_pred`` (no gradient).
 
-        ``seed`` is a 1-D int64 tensor (model seed, stream, step, replica); the draws are a pure
-        function of it. Override to feed recorded targets (the golden-trajectory test does).
+        ``seed`` is a 1-D integer tensor (model seed, stream, step); the draws are a pure
+        function of it and of each example's position in the global batch, whose examples
+        ``first_example, ...`` ``y_pred`` holds (a replica's slice; 0 on one device). So one
+        device and R replicas draw the same targets. Override to feed recorded targets (the
+        golden-trajectory test does).
         """
-        return self._sampler.sample(y_pred, seed)
+        return self._sampler.sample(y_pred, seed, first_example=first_example)
 
     def _sampled_loss(self, targets, y_pred, sample_weight):
         """The compiled loss at sampled targets, scaled as the optimizer scales the loss."""
@@ -304,7 +307,7 @@ class WarmStart(keras.callbacks.Callback):
                 "optimizer with Fisher statistics)."
             )
         self.model.build_optimizer()  # a state loaded before the build is restored now
-        if int(optimizer.iterations) > 0 or optimizer.warm_start_batches:
+        if int(backend.value_now(optimizer.iterations)) > 0 or optimizer.warm_start_batches:
             return
         self.model.warm_start(
             self.data, batch_size=self.batch_size, steps=self.steps, verbose=self.verbose

@@ -157,6 +157,8 @@ class KFAC(TNT):
     """
 
     curvature_inputs = "layers"
+    # Its per-layer blocks are not split across replicas yet (see TNT's split_preconditioner).
+    _splits = False
 
     def __init__(
         self,
@@ -229,8 +231,8 @@ class KFAC(TNT):
         self._skipped = []
         for var in var_list:
             prefix = var.path.replace("/", "_") if hasattr(var, "path") else str(var.name)
-            self._skipped.append(self.add_variable((), dtype="int64", name=f"{prefix}_skipped"))
-        self._failed = [self.add_variable((), dtype="int64", name="failed_inversions")]
+            self._skipped.append(self._add_counter(f"{prefix}_skipped"))
+        self._failed = [self._add_counter("failed_inversions")]
         self._build_counters()
 
         index = {id(v): i for i, v in enumerate(var_list)}
@@ -293,11 +295,9 @@ class KFAC(TNT):
                 ]
             )
             # Batches folded into the layer's factors (the first one sets them).
-            self._block_counts.append(
-                self.add_variable((), dtype="int64", name=f"{name}_factor_count")
-            )
+            self._block_counts.append(self._add_counter(f"{name}_factor_count"))
             # Set by a member whose gradient was not finite this step; read by the last member.
-            self._block_flags.append(self.add_variable((), dtype="int64", name=f"{name}_flag"))
+            self._block_flags.append(self._add_counter(f"{name}_flag"))
         self._restore_pending()
         if self._unfactored:
             listed = ", ".join(f"{k} ({v})" for k, v in self._unfactored.items())

@@ -241,3 +241,38 @@ def inverse_pth_root(
     if return_info:
         return root, ok, i, error
     return root, ok
+
+
+# ------------------------------------------------------------ ownership across replicas
+
+
+def preconditioner_cost(modes: Sequence[int]) -> int:
+    """Multiply-adds of one tensor's preconditioner work, to balance it across replicas.
+
+    ``Σ d_i³`` for the factorisations of a refresh plus ``2 Π d_i · Σ d_i`` for the mode
+    contractions and the preconditioned direction (one product per mode each). A tensor with no
+    modes costs nothing.
+    """
+    if not modes:
+        return 0
+    size = math.prod(modes)
+    return int(sum(d**3 for d in modes) + 2 * size * sum(modes))
+
+
+def plan_owners(costs: Sequence[int], replicas: int) -> list[int]:
+    """The replica that owns each tensor: longest processing time first.
+
+    Tensors are taken by decreasing cost (ties: lower index first) and each goes to the replica
+    with the least work so far (ties: lower replica id), so the plan is deterministic and the
+    same on every replica and worker. The heaviest replica carries at most ``4/3`` of the
+    optimum (Graham's bound).
+    """
+    if replicas < 1:
+        raise ValueError(f"`replicas` must be >= 1; received {replicas}.")
+    load = [0] * replicas
+    owners = [0] * len(costs)
+    for index in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        replica = min(range(replicas), key=lambda r: (load[r], r))
+        owners[index] = replica
+        load[replica] += costs[index]
+    return owners

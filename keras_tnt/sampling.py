@@ -14,8 +14,9 @@ Keras mean squared error (mean over the last axis)     ``z + N(0, C/2)`` with ``
 =====================================================  ===========================================
 
 Draws are a pure function of an explicit seed (the training step passes the model's
-``fisher_seed``, the optimizer's step and the replica id), so a step is reproducible, gives the
-same draws with and without XLA, and every replica draws differently.
+``fisher_seed``, the optimizer's step) and of the example's position in the global batch, so a
+step is reproducible, gives the same draws with and without XLA, and a replica holding a slice
+of the global batch draws for it what one device draws for the whole batch.
 """
 
 from __future__ import annotations
@@ -60,21 +61,27 @@ class TargetSampler:
     loss: keras.losses.Loss
     half_squared: bool = False
 
-    def sample(self, y_pred, seed):
+    def sample(self, y_pred, seed, first_example=0):
         """One target per example (per unit for Bernoulli/Gaussian), without gradient.
 
-        ``seed``: a 1-D integer tensor (any length) from which the draws are a pure function.
+        ``seed``: a 1-D integer tensor (any length) from which the draws are a pure function,
+        with the example's position: ``y_pred`` holds the examples ``first_example, ...`` of
+        a global batch (a replica's slice), and draws what one device would draw for them.
         """
         dtype = (
             "float64" if keras.backend.standardize_dtype(y_pred.dtype) == "float64" else "float32"
         )
         y_pred = ops.stop_gradient(ops.cast(y_pred, dtype))
+        first = 0
+        if not (isinstance(first_example, int) and first_example == 0):
+            per_example = _size(ops.shape(y_pred)[1:])
+            first = ops.multiply(ops.cast(first_example, "int32"), per_example)
         if self.distribution in (_SPARSE, _CATEGORICAL):
             classes = y_pred.shape[-1]
             flat = ops.reshape(y_pred, (-1, classes))
             logits = flat if self.from_logits else ops.log(ops.maximum(flat, 1e-30))
             # Gumbel-max: argmax(logits + Gumbel noise) ~ Categorical(softmax(logits)).
-            u = counter_uniform(ops.shape(flat), seed, dtype)
+            u = counter_uniform(ops.shape(flat), seed, dtype, first=first)
             draw = ops.cast(ops.argmax(logits - ops.log(-ops.log(u)), axis=-1), "int32")
             labels = ops.reshape(draw, ops.shape(y_pred)[:-1])
             if self.distribution == _SPARSE:
@@ -82,11 +89,11 @@ class TargetSampler:
             return ops.one_hot(labels, classes, dtype=y_pred.dtype)
         if self.distribution == _BERNOULLI:
             p = ops.sigmoid(y_pred) if self.from_logits else y_pred
-            return ops.cast(counter_uniform(ops.shape(p), seed, dtype) < p, dtype)
+            return ops.cast(counter_uniform(ops.shape(p), seed, dtype, first=first) < p, dtype)
         # Gaussian: half squared error has σ = 1; Keras' MSE, (1/C) Σ (y - z)^2, is the NLL
         # (up to a constant) of N(z, σ^2 I) with 2 σ^2 = C.
         std = 1.0 if self.half_squared else (y_pred.shape[-1] / 2.0) ** 0.5
-        return y_pred + std * counter_normal(ops.shape(y_pred), seed, dtype)
+        return y_pred + std * counter_normal(ops.shape(y_pred), seed, dtype, first=first)
 
 
 # A counter-based generator (the "lowbias32" integer hash of the element index, keyed by the
@@ -121,12 +128,14 @@ def _seed_words(seed):
     return words
 
 
-def _random_words(size, seed, stream: int):
+def _random_words(size, seed, stream: int, first=0):
     key = _u32(0x9E3779B9 * (stream + 1))
     for low, high in _seed_words(seed):
         key = _mix(ops.bitwise_xor(key, low))
         key = _mix(ops.add(key, high))
     index = ops.cast(ops.arange(size, dtype="int32"), "uint32")
+    if not (isinstance(first, int) and first == 0):
+        index = ops.add(index, ops.cast(first, "uint32"))
     return _mix(ops.bitwise_xor(_mix(ops.add(ops.multiply(index, _u32(0x9E3779B9)), key)), key))
 
 
@@ -137,13 +146,17 @@ def _size(shape):
     return size
 
 
-def counter_uniform(shape, seed, dtype="float32", stream: int = 0):
-    """Uniform draws in the open interval (0, 1), a pure function of ``seed`` and position."""
+def counter_uniform(shape, seed, dtype="float32", stream: int = 0, first=0):
+    """Uniform draws in the open interval (0, 1), a pure function of ``seed`` and position.
+
+    Element ``i`` (row-major) gets the draw at position ``first + i``: the draws of a slice of
+    a larger array are that slice of the larger array's draws.
+    """
     dtype = keras.backend.standardize_dtype(dtype)
     size = _size(shape)
-    high = _random_words(size, seed, 2 * stream)
+    high = _random_words(size, seed, 2 * stream, first)
     if dtype == "float64":
-        low = _random_words(size, seed, 2 * stream + 1)
+        low = _random_words(size, seed, 2 * stream + 1, first)
         bits = ops.cast(ops.right_shift(high, _u32(5)), "float64") * 67108864.0 + ops.cast(
             ops.right_shift(low, _u32(6)), "float64"
         )
@@ -153,10 +166,10 @@ def counter_uniform(shape, seed, dtype="float32", stream: int = 0):
     return ops.reshape(ops.cast(u, dtype), shape)
 
 
-def counter_normal(shape, seed, dtype="float32"):
+def counter_normal(shape, seed, dtype="float32", first=0):
     """Standard normal draws (Box-Muller on two counter-based uniform streams)."""
-    u1 = counter_uniform(shape, seed, dtype, stream=1)
-    u2 = counter_uniform(shape, seed, dtype, stream=2)
+    u1 = counter_uniform(shape, seed, dtype, stream=1, first=first)
+    u2 = counter_uniform(shape, seed, dtype, stream=2, first=first)
     return ops.sqrt(-2.0 * ops.log(u1)) * ops.cos((2.0 * 3.141592653589793) * u2)
 
 

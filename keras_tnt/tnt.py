@@ -92,6 +92,13 @@ class TNT(keras.optimizers.Optimizer):
             given to ``apply`` (the empirical Fisher; "TNT-EF", the paper's ablation D.4) instead
             of sampled-label gradients. It then works on any model and any loss, with no Fisher
             training step.
+        split_preconditioner: with more than one replica (``tf.distribute``), whether each
+            trainable tensor's contractions, inverse refreshes and preconditioned direction are
+            computed by one replica only (its owner, balanced by cost) and shared with the
+            others by an all-reduce. The results are the same either way (float64: exactly).
+            None (default) or True: split (except with ``gradient_accumulation_steps``, where
+            Keras makes the update conditional); False: every replica computes everything.
+            See :meth:`replica_work`.
         **kwargs: every base keyword of ``keras.optimizers.Optimizer`` (``clipnorm``,
             ``clipvalue``, ``global_clipnorm``, ``use_ema``, ``ema_momentum``,
             ``ema_overwrite_frequency``, ``loss_scale_factor``,
@@ -133,6 +140,7 @@ class TNT(keras.optimizers.Optimizer):
         inverse_update_period: int = 20,
         weight_decay: float | None = None,
         empirical_fisher: bool = False,
+        split_preconditioner: bool | None = None,
         clipnorm=None,
         clipvalue=None,
         global_clipnorm=None,
@@ -174,6 +182,17 @@ class TNT(keras.optimizers.Optimizer):
                 f"`empirical_fisher` must be True or False; received {empirical_fisher!r}."
             )
         self.empirical_fisher = empirical_fisher
+        if split_preconditioner is not None and not isinstance(split_preconditioner, bool):
+            raise TypeError(
+                "`split_preconditioner` must be None, True or False; received "
+                f"{split_preconditioner!r}."
+            )
+        if split_preconditioner and not self._splits:
+            raise ValueError(
+                f"{type(self).__name__} cannot split its preconditioner work across replicas "
+                "yet; pass `split_preconditioner=None` or False."
+            )
+        self.split_preconditioner = split_preconditioner
         # Set once something feeds statistics (update_curvature, a FisherModel, a restored
         # state); `apply` refuses to precondition with statistics nobody will ever fill. The
         # empirical Fisher feeds itself from the gradients given to `apply`.
@@ -220,21 +239,22 @@ class TNT(keras.optimizers.Optimizer):
                 ]
             )
             # Batches folded into this variable's statistics (the first one sets them).
-            self._counts.append(
-                self.add_variable((), dtype="int64", name=f"{prefix}_statistics_count")
-            )
-            self._skipped.append(self.add_variable((), dtype="int64", name=f"{prefix}_skipped"))
-            self._failed.append(self.add_variable((), dtype="int64", name=f"{prefix}_failed"))
+            self._counts.append(self._add_counter(f"{prefix}_statistics_count"))
+            self._skipped.append(self._add_counter(f"{prefix}_skipped"))
+            self._failed.append(self._add_counter(f"{prefix}_failed"))
         self._build_counters()
+        backend.make_work_counter(self)
         self._restore_pending()
+
+    def _add_counter(self, name):
+        """A scalar integer slot (int64; int32 on JAX without x64, as Keras' `iterations`)."""
+        return self.add_variable((), dtype=backend.count_dtype(), name=name)
 
     def _build_counters(self):
         """The optimizer-wide counters."""
-        self._curvature_updates = self.add_variable((), dtype="int64", name="curvature_updates")
-        self._warm_start_batches = self.add_variable((), dtype="int64", name="warm_start_batches")
-        self._skipped_curvature = self.add_variable(
-            (), dtype="int64", name="skipped_curvature_updates"
-        )
+        self._curvature_updates = self._add_counter("curvature_updates")
+        self._warm_start_batches = self._add_counter("warm_start_batches")
+        self._skipped_curvature = self._add_counter("skipped_curvature_updates")
 
     def _restore_pending(self):
         """Restores a state loaded before the optimizer was built (the end of ``build``)."""
@@ -458,17 +478,45 @@ class TNT(keras.optimizers.Optimizer):
         if self.loss_scale_factor is not None:
             grads = [g / self.loss_scale_factor for g in grads]
 
-        def fold(local_grads, gate):
-            slots = [(self._counts[i], self._statistics[i]) for i in indices if self._modes[i]]
-            self._average_into(
-                slots,
-                lambda: self._contractions(indices, local_grads),
-                local_grads,
-                gate,
-                warm_start,
-            )
+        slots = [(self._counts[i], self._statistics[i]) for i in indices if self._modes[i]]
+        owners = self._owners()
+        if owners is None:
 
-        backend.fold_across_replicas(grads, self._curvature_updates, fold, condition=condition)
+            def fold(local_grads, gate):
+                self._average_into(
+                    slots,
+                    lambda: self._contractions(indices, local_grads),
+                    local_grads,
+                    gate,
+                    warm_start,
+                )
+
+            backend.fold_across_replicas(grads, self._curvature_updates, fold, condition)
+            return
+
+        # Split: the owner of each tensor computes its contractions; the others add zeros.
+        def contract(k, gradient, gate):
+            idx = indices[k]
+            run = ops.convert_to_tensor(True) if gate is None else gate
+            self._count_work(idx, contraction=run)
+            return ops.cond(run, lambda: self._contractions([idx], [gradient])[0], lambda: zeros(k))
+
+        def zeros(k):
+            idx = indices[k]
+            sdtype = statistics_dtype(self._trainable_variables[idx].dtype)
+            return [ops.zeros((d, d), sdtype) for d in self._modes[idx]]
+
+        def fold_shared(local_grads, gate, shared):
+            contractions = [c for k, c in enumerate(shared) if self._modes[indices[k]]]
+            self._average_into(slots, lambda: contractions, local_grads, gate, warm_start)
+
+        backend.fold_across_replicas(
+            grads,
+            self._curvature_updates,
+            fold_shared,
+            condition,
+            share=([owners[i] for i in indices], contract, zeros),
+        )
 
     def _contractions(self, indices, grads):
         """The new per-mode contractions ``Ĝ^(i)`` of the variables with modes."""
@@ -571,12 +619,20 @@ class TNT(keras.optimizers.Optimizer):
 
     def update_step(self, gradient, variable, learning_rate):
         idx = self._get_variable_index(variable)
+        values = self._update_values(idx, gradient, variable, learning_rate)
+        self._assign_update(idx, variable, values)
+
+    def _update_values(self, idx, gradient, variable, learning_rate):
+        """``(new weights, new momentum, new inverses, failed inversions, skipped)`` of one step.
+
+        Computes, assigns nothing (the branches return values; the assignments follow in
+        :meth:`_assign_update`, which JAX's stateless mode needs, and which lets the replica
+        that owns a tensor compute its update for all of them).
+        """
         dtype = variable.dtype
         gradient = ops.cast(gradient, dtype)
         learning_rate = ops.cast(learning_rate, dtype)
         finite = ops.all(ops.isfinite(gradient))
-        m = self._momenta[idx]
-        inverses = self._inverses[idx]
 
         def step():
             return self._step(idx, gradient, variable, learning_rate)
@@ -584,22 +640,111 @@ class TNT(keras.optimizers.Optimizer):
         def skip():
             return (
                 ops.convert_to_tensor(variable),
-                ops.convert_to_tensor(m),
-                [ops.convert_to_tensor(a) for a in inverses],
+                ops.convert_to_tensor(self._momenta[idx]),
+                [ops.convert_to_tensor(a) for a in self._inverses[idx]],
                 ops.zeros((), backend.count_dtype()),
             )
 
-        # Branches return values; the assignments follow (JAX's stateless mode needs this).
         new_variable, new_m, new_inverses, failed = ops.cond(finite, step, skip)
-        self.assign(m, new_m)
-        for a, value in zip(inverses, new_inverses):
+        skipped = ops.cast(ops.logical_not(finite), backend.count_dtype())
+        return new_variable, new_m, new_inverses, failed, skipped
+
+    def _zero_update_values(self, idx, variable):
+        """Zeros of the structure of :meth:`_update_values` (what a non-owner contributes)."""
+        zero = ops.zeros((), backend.count_dtype())
+        return (
+            ops.zeros(variable.shape, variable.dtype),
+            ops.zeros(variable.shape, self._momenta[idx].dtype),
+            [ops.zeros(a.shape, a.dtype) for a in self._inverses[idx]],
+            zero,
+            zero,
+        )
+
+    def _assign_update(self, idx, variable, values):
+        new_variable, new_m, new_inverses, failed, skipped = values
+        self.assign(self._momenta[idx], new_m)
+        for a, value in zip(self._inverses[idx], new_inverses):
             self.assign(a, value)
         if self._modes[idx]:
             self.assign_add(self._failed[idx], failed)
-        self.assign_add(
-            self._skipped[idx], ops.cast(ops.logical_not(finite), backend.count_dtype())
-        )
+        self.assign_add(self._skipped[idx], skipped)
         self.assign(variable, new_variable)
+
+    # ------------------------------------------------------ split across replicas
+
+    # Whether the preconditioner work of this class can be split across replicas.
+    _splits = True
+
+    def _owners(self):
+        """The replica owning each variable's preconditioner work, or None (no split).
+
+        Split when the optimizer is asked to (``split_preconditioner``, default on), runs in a
+        replica context of more than one replica and the backend supports it (tf.distribute).
+        The plan depends only on the variables' shapes and the replica count.
+        """
+        if self.split_preconditioner is False or not self._splits:
+            return None
+        if self.gradient_accumulation_steps:
+            # Keras runs the update inside a cond there; collectives must not be conditional.
+            return None
+        replicas = backend.split_replicas()
+        if replicas is None:
+            return None
+        plan = self.__dict__.get("_owner_plan")
+        if plan is None or plan[0] != replicas:
+            costs = [kronecker.preconditioner_cost(modes) for modes in self._modes]
+            plan = (replicas, kronecker.plan_owners(costs, replicas))
+            object.__setattr__(self, "_owner_plan", plan)
+        return plan[1]
+
+    def _backend_update_step(self, grads, trainable_variables, learning_rate):
+        owners = self._owners()
+        if owners is None:
+            return super()._backend_update_step(grads, trainable_variables, learning_rate)
+        indices = [self._get_variable_index(v) for v in trainable_variables]
+
+        def compute(k, gradient):
+            idx = indices[k]
+            finite = ops.all(ops.isfinite(gradient))
+            refresh = ops.logical_and(finite, self._refresh_due())
+            self._count_work(idx, refresh=refresh, preconditioning=finite)
+            return self._update_values(idx, gradient, trainable_variables[k], learning_rate)
+
+        def zeros(k):
+            return self._zero_update_values(indices[k], trainable_variables[k])
+
+        def assign(values):
+            for k, v in enumerate(values):
+                self._assign_update(indices[k], trainable_variables[k], v)
+
+        backend.update_from_owners(
+            grads, [owners[i] for i in indices], compute, zeros, assign, self._curvature_updates
+        )
+
+    def _count_work(self, idx, refresh=False, contraction=False, preconditioning=False):
+        """Counts, on this replica, the work it does for variable ``idx`` (split runs only):
+        factorisations (one per mode when ``refresh``), a contraction, a preconditioning."""
+        modes = self._modes[idx]
+        if not modes:
+            return
+        n = backend.count_dtype()
+        counts = [
+            ops.cast(refresh, n) * len(modes),
+            ops.cast(contraction, n),
+            ops.cast(preconditioning, n),
+        ]
+        backend.count_replica_work(self, counts)
+
+    def replica_work(self):
+        """What each local replica did in split runs: a list with one dict per replica.
+
+        Keys ``factorizations`` (factor inversions or roots computed), ``contractions``
+        (tensors whose mode contractions were computed) and ``preconditionings`` (tensors
+        whose update was computed), counted since the optimizer was built. Empty when the
+        work is not split (one replica, ``split_preconditioner=False``, the JAX backend):
+        then every replica does all of it.
+        """
+        return backend.replica_work(self)
 
     def _step(self, idx, gradient, variable, learning_rate):
         """``(new weights, new momentum, inverses, failed inversions)`` of one finite step."""
@@ -663,6 +808,7 @@ class TNT(keras.optimizers.Optimizer):
                 "curvature_update_period": self.curvature_update_period,
                 "inverse_update_period": self.inverse_update_period,
                 "empirical_fisher": self.empirical_fisher,
+                "split_preconditioner": self.split_preconditioner,
             }
         )
         return config

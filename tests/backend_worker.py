@@ -3,6 +3,7 @@
 python -m tests.backend_worker digits OUT.json --seed 0 --epochs 4
 python -m tests.backend_worker save MODEL.keras OUT.npz
 python -m tests.backend_worker resume MODEL.keras OUT.npz
+python -m tests.backend_worker data_parallel OUT.npz   # JAX, two devices (XLA_FLAGS)
 """
 
 from __future__ import annotations
@@ -122,6 +123,44 @@ def resume(path, out):
     np.savez(out, loss=logs["loss"], **loaded, **{f"next/{k}": v for k, v in state(model).items()})
 
 
+def data_parallel(out):
+    """The same TNT run on one device and under keras.distribution.DataParallel on two."""
+    import jax
+
+    devices = jax.devices()
+    if len(devices) != 2:
+        raise SystemExit(f"expected 2 devices (XLA_FLAGS), got {devices}")
+    x = digits()[:800]
+    results = {}
+    for name, distribution in [
+        ("single", None),
+        ("parallel", keras.distribution.DataParallel(devices=devices)),
+    ]:
+        keras.distribution.set_distribution(distribution)
+        model = autoencoder(3)
+        compile_tnt(model)
+        history = model.fit(
+            x,
+            x,
+            batch_size=100,
+            epochs=3,
+            shuffle=False,
+            verbose=0,
+            callbacks=[keras_tnt.WarmStart(x, batch_size=100, verbose=0)],
+        )
+        results[f"{name}/loss"] = np.array(history.history["loss"])
+        for i, value in enumerate(model.optimizer.variables + model.weights):
+            results[f"{name}/{i}"] = np.asarray(value)
+        if distribution is not None:
+            shardings = {str(v.value.sharding) for v in model.optimizer.variables}
+            results["devices"] = np.array(
+                [len(v.value.sharding.device_set) for v in model.optimizer.variables]
+            )
+            print("optimizer variable shardings:", shardings)
+    keras.distribution.set_distribution(None)
+    np.savez(out, **results)
+
+
 if __name__ == "__main__":
     task, *args = sys.argv[1:]
     if task == "digits":
@@ -132,5 +171,7 @@ if __name__ == "__main__":
         save(*args)
     elif task == "resume":
         resume(*args)
+    elif task == "data_parallel":
+        data_parallel(*args)
     else:
         raise SystemExit(f"unknown task {task!r}")

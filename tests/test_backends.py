@@ -22,8 +22,8 @@ from tests.conftest import BACKEND
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _worker(backend, *args, timeout=600):
-    env = dict(os.environ, KERAS_BACKEND=backend, PYTHONPATH=ROOT)
+def _worker(backend, *args, timeout=600, **extra_env):
+    env = dict(os.environ, KERAS_BACKEND=backend, PYTHONPATH=ROOT, **extra_env)
     env.pop("JAX_ENABLE_X64", None)
     result = subprocess.run(
         [sys.executable, "-m", "tests.backend_worker", *map(str, args)],
@@ -259,3 +259,26 @@ def test_train_py_on_jax_resumes_exactly(tmp_path):
     assert resumed["steps"] == straight["steps"] == 45
     assert resumed["final_loss"] == straight["final_loss"]
     assert resumed["final_val_loss"] == straight["final_val_loss"]
+
+
+def test_jax_data_parallel_on_two_devices_is_the_single_device_run(tmp_path):
+    """keras.distribution.DataParallel on two CPU devices: the global batch is sharded, the
+    optimizer state replicated on both devices, and (the draws depend on the example's position
+    in the global batch, not on the device) the run is the single-device run, to float32
+    reduction-order round-off. Fails, not skips, when the two devices cannot be set up."""
+    out = tmp_path / "dp.npz"
+    _worker(
+        "jax",
+        "data_parallel",
+        out,
+        XLA_FLAGS="--xla_force_host_platform_device_count=2",
+    )
+    r = np.load(out)
+    assert set(r["devices"]) == {2}  # every optimizer variable lives on both devices
+    single = sorted((k for k in r.files if k.startswith("single/")), key=lambda k: k.split("/")[1])
+    assert len(single) > 60
+    assert r["single/loss"][-1] < 0.7 * r["single/loss"][0]
+    for key in single:
+        a, b = r[key].astype(float), r["parallel/" + key.split("/", 1)[1]].astype(float)
+        scale = max(np.max(np.abs(a)), 1e-30)
+        assert np.max(np.abs(a - b)) <= 1e-5 * scale, key

@@ -98,7 +98,7 @@ def test_xla_step_matches_graph_step(float64, model_cls):
 class ArgmaxTargets(keras_tnt.FisherModel):
     """Deterministic "draws" so that one device and two replicas see the same targets."""
 
-    def sample_targets(self, y_pred, seed):
+    def sample_targets(self, y_pred, seed, first_example=0):
         return tf.argmax(y_pred, axis=-1)
 
 
@@ -107,6 +107,15 @@ def _two_devices():
     if len(devices) < 2:
         pytest.skip("needs 2 logical CPU devices (configured in conftest)")
     return [d.name for d in devices[:2]]
+
+
+def _mirrored(devices):
+    # Reduction through one device, not collectives: TensorFlow's collective executor is
+    # process-wide, and a new MirroredStrategy reuses the instance keys of earlier ones (from
+    # other tests) with tensors of other types, which aborts the collective.
+    return tf.distribute.MirroredStrategy(
+        devices, cross_device_ops=tf.distribute.ReductionToOneDevice()
+    )
 
 
 def _components(variable):
@@ -118,7 +127,7 @@ def test_mirrored_replicas_identical_and_equal_to_one_device():
     devices = _two_devices()
     x, y = _data(n=64)
     results = []
-    for strategy in (None, tf.distribute.MirroredStrategy(devices)):
+    for strategy in (None, _mirrored(devices)):
         scope = strategy.scope() if strategy else tf.distribute.get_strategy().scope()
         with scope:
             model = _compile(_classifier(model_cls=ArgmaxTargets))
@@ -139,7 +148,7 @@ def test_mirrored_replicas_identical_and_equal_to_one_device():
 def test_mirrored_with_sampled_targets_keeps_replicas_identical():
     devices = _two_devices()
     x, y = _data(n=64)
-    with tf.distribute.MirroredStrategy(devices).scope():
+    with _mirrored(devices).scope():
         model = _compile(_classifier(), curvature_update_period=1)
     model.fit(x, y, batch_size=32, epochs=2, verbose=0)
     assert model.optimizer.curvature_updates == 4

@@ -26,7 +26,7 @@ class RecordedTargets(keras_tnt.FisherModel):
     current value on either backend (on JAX it is part of the step's state).
     """
 
-    def sample_targets(self, y_pred, seed):
+    def sample_targets(self, y_pred, seed, first_example=0):
         return keras.ops.convert_to_tensor(self.recorded)
 
 

@@ -487,36 +487,60 @@ def test_fisher_seed_step_counter_and_stream_set_the_draw(float64):
     assert not np.allclose(fisher(model, 1), fisher(other, 1))
 
 
-def test_replicas_draw_differently():
+def test_a_slice_draws_what_the_whole_batch_draws_there():
+    """``first_example`` shifts the positions: the draws of rows k.. of a batch are rows k.. of
+    the whole batch's draws, for every distribution."""
+    rng = np.random.default_rng(0)
+    for case in ("sparse_logits", "categorical_probs", "bce_logits", "mse_object"):
+        factory, activation, _ = CASES[case]
+        sampler, _, output = _sampler_and_output(factory(), activation)
+        z = rng.normal(size=(50, len(output)))
+        if activation == "softmax":
+            z = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+        elif activation == "sigmoid":
+            z = 1 / (1 + np.exp(-z))
+        y_pred = tf.constant(z)
+        whole = sampler.sample(y_pred, _seed(3, 1)).numpy()
+        for k in (1, 17, 49):
+            part = sampler.sample(y_pred[k:], _seed(3, 1), first_example=tf.constant(k)).numpy()
+            np.testing.assert_array_equal(part, whole[k:], case)
+        # Not the same numbers at another position.
+        shifted = sampler.sample(y_pred[1:], _seed(3, 1)).numpy()
+        assert not np.array_equal(shifted, whole[1:]), case
+
+
+@pytest.mark.parametrize("n", [128, 127])
+def test_replicas_draw_for_their_slice_what_one_device_draws(n):
+    """Under MirroredStrategy each replica holds a consecutive slice of the global batch (a
+    partial one too: 64 + 63) and draws for it what one device draws for the whole batch."""
     devices = tf.config.list_logical_devices("CPU")
-    if len(devices) < 2:
-        pytest.skip("needs two logical CPU devices (set up in conftest.py)")
-    strategy = tf.distribute.MirroredStrategy([d.name for d in devices[:2]])
+    assert len(devices) >= 2, "needs two logical CPU devices (set up in conftest.py)"
+    strategy = tf.distribute.MirroredStrategy(
+        [d.name for d in devices[:2]], cross_device_ops=tf.distribute.ReductionToOneDevice()
+    )
     with strategy.scope():
         model = _tiny_model()
         model.compile(
             optimizer=keras_tnt.TNT(),
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         )
-    x = tf.constant(np.tile(X, (64, 1)), tf.float32)
+    x = np.random.default_rng(1).normal(size=(n, 3)).astype("float32")
+    seed = model._seed(tf.constant(7, tf.int64), stream=0)
+    one_device = model._sampler.sample(model(x), seed).numpy()
+    dataset = strategy.experimental_distribute_dataset(
+        tf.data.Dataset.from_tensor_slices(x).batch(n)
+    )
 
     @tf.function
-    def run():
-        def replica_fn():
-            seed = model._seed(tf.constant(7, tf.int64), stream=0)
-            with tf.GradientTape() as tape:
-                y_pred = model(x)
-            labels = model._sampler.sample(y_pred, seed)
-            grads = model._fisher_gradients(tape, y_pred, None, seed)
-            return seed, labels, grads[1]
+    def run(batch):
+        def replica_fn(xb):
+            y_pred = model(xb)
+            first = model._first_example(y_pred)
+            return first, model.sample_targets(y_pred, seed, first_example=first)
 
-        return strategy.run(replica_fn)
+        return strategy.run(replica_fn, args=(batch,))
 
-    seeds, labels, bias_grads = (strategy.experimental_local_results(t) for t in run())
-    assert not np.array_equal(seeds[0].numpy(), seeds[1].numpy())
-    assert not np.array_equal(labels[0].numpy(), labels[1].numpy())
-    assert not np.allclose(bias_grads[0].numpy(), bias_grads[1].numpy())
-    # Deterministic: the same step draws the same labels again.
-    _, labels_again, _ = (strategy.experimental_local_results(t) for t in run())
-    for replica in range(2):
-        np.testing.assert_array_equal(labels[replica].numpy(), labels_again[replica].numpy())
+    firsts, labels = (strategy.experimental_local_results(t) for t in run(next(iter(dataset))))
+    assert [int(f) for f in firsts] == [0, len(labels[0])]
+    assert len(labels[0]) + len(labels[1]) == n and len(labels[1]) > 0
+    np.testing.assert_array_equal(np.concatenate([t.numpy() for t in labels]), one_device)

@@ -33,10 +33,15 @@ __all__ = [
     "FisherTrainer",
     "cholesky",
     "count_dtype",
+    "count_replica_work",
     "extract_patches",
     "fold_across_replicas",
+    "make_work_counter",
     "num_replicas",
     "outside_graph",
+    "replica_work",
+    "split_replicas",
+    "update_from_owners",
     "value_now",
 ]
 
@@ -46,7 +51,7 @@ def num_replicas() -> int:
 
 
 def count_dtype() -> str:
-    """The integer type of counter arithmetic (the counters are saved as int64 everywhere)."""
+    """The integer type of the optimizers' counters: int64 (int32 on JAX without x64)."""
     return "int64" if jax.config.jax_enable_x64 else "int32"
 
 
@@ -83,10 +88,40 @@ def extract_patches(layer, inputs):
     )
 
 
-def fold_across_replicas(values: Sequence, anchor, fold: Callable, condition=None) -> None:
+def fold_across_replicas(
+    values: Sequence, anchor, fold: Callable, condition=None, share=None
+) -> None:
     """Calls ``fold(values, condition)``: one program holds the whole batch (see above)."""
     del anchor
+    if share is not None:
+        raise NotImplementedError("split_replicas() is None on JAX: nothing is split.")
     fold(list(values), condition)
+
+
+# Splitting the preconditioner work across devices (TensorFlow: ``update_from_owners``) is not
+# done on JAX: under ``keras.distribution.DataParallel`` the step is one global program that XLA
+# partitions (GSPMD), with no replica id to branch on. It would need the optimizer update under
+# ``jax.shard_map`` with a per-device ``lax.axis_index`` and a ``psum``; see the README.
+
+
+def split_replicas():
+    return None
+
+
+def update_from_owners(grads, owners, compute, zeros, assign, anchor) -> None:
+    raise NotImplementedError("split_replicas() is None on JAX: nothing is split.")
+
+
+def make_work_counter(optimizer) -> None:
+    return None
+
+
+def count_replica_work(optimizer, counts) -> None:
+    return None
+
+
+def replica_work(optimizer) -> list:
+    return []
 
 
 def _unpack(data):
@@ -108,7 +143,6 @@ class FisherTrainer:
                 jnp.asarray(self.fisher_seed, dtype),
                 jnp.asarray(stream, dtype),
                 jnp.asarray(counter).astype(dtype),
-                jnp.asarray(0, dtype),
             ]
         )
 

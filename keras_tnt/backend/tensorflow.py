@@ -25,10 +25,15 @@ __all__ = [
     "FisherTrainer",
     "cholesky",
     "count_dtype",
+    "count_replica_work",
     "extract_patches",
     "fold_across_replicas",
+    "make_work_counter",
     "num_replicas",
     "outside_graph",
+    "replica_work",
+    "split_replicas",
+    "update_from_owners",
     "value_now",
 ]
 
@@ -38,7 +43,7 @@ def num_replicas() -> int:
 
 
 def count_dtype() -> str:
-    """The integer type of counter arithmetic (the counters are saved as int64 everywhere)."""
+    """The integer type of the optimizers' counters: int64 (int32 on JAX without x64)."""
     return "int64"
 
 
@@ -81,7 +86,9 @@ def extract_patches(layer, inputs):
     )
 
 
-def fold_across_replicas(values: Sequence, anchor, fold: Callable, condition=None) -> None:
+def fold_across_replicas(
+    values: Sequence, anchor, fold: Callable, condition=None, share=None
+) -> None:
     """Calls ``fold(values, condition)`` with values summed over replicas, on every replica.
 
     ``anchor`` is a (mirrored) variable on whose devices the fold runs (a Keras or a
@@ -89,6 +96,12 @@ def fold_across_replicas(values: Sequence, anchor, fold: Callable, condition=Non
     values local to one device and the gate (a scalar bool tensor, equal on every replica, or
     None), and assigns optimizer variables (the update context writes the component on that
     device). The fold applies the gate itself, with branches that return values.
+
+    ``share=(owners, compute, zeros)`` splits work across replicas: after the reduction, the
+    replica ``owners[k]`` computes ``compute(k, reduced value k, condition)`` and every other
+    replica ``zeros(k)`` (the same structure); these are summed over replicas (a sum with zeros
+    is exact, so every replica gets the owner's numbers bit for bit) and the fold is called as
+    ``fold(values, gate, shared)``.
     """
     ctx = tf.distribute.get_replica_context()
     if ctx is None or num_replicas() == 1:
@@ -96,21 +109,135 @@ def fold_across_replicas(values: Sequence, anchor, fold: Callable, condition=Non
         fold(list(values), condition)
         return
     reduced = ctx.all_reduce(tf.distribute.ReduceOp.SUM, list(values))
-    # A Keras variable wraps the (mirrored) tf.Variable that `update` needs; a raw tf.Variable
-    # has a `value` method instead.
-    anchor = anchor.value if isinstance(anchor, keras.Variable) else anchor
+    shared = None
+    if share is not None:
+        owners, compute, zeros = share
+        shared = _from_owners(ctx, owners, lambda k: compute(k, reduced[k], condition), zeros)
     if condition is None:
         condition = tf.constant(True)
+    flat_shared = tf.nest.flatten(shared)
 
-    def merge_fn(strategy, reduced, condition):
+    def merge_fn(strategy, reduced, flat_shared, condition):
         gate = strategy.experimental_local_results(condition)[0]
-        # The values are mirrored: every device computes the same fold from the same values.
-        # ``update`` runs ``fold`` once per device with that device's components.
+
+        def local_fold(_, *local):
+            # The values are mirrored: every device computes the same fold from the same values.
+            local_values = list(local[: len(reduced)])
+            if shared is None:
+                fold(local_values, gate)
+            else:
+                packed = tf.nest.pack_sequence_as(shared, list(local[len(reduced) :]))
+                fold(local_values, gate, packed)
+
+        # ``update`` runs the fold once per device with that device's components.
         strategy.extended.update(
-            anchor, lambda _, *v: fold(list(v), gate), args=tuple(reduced), group=False
+            _tf_variable(anchor),
+            local_fold,
+            args=tuple(reduced) + tuple(flat_shared),
+            group=False,
         )
 
-    ctx.merge_call(merge_fn, args=(reduced, condition))
+    ctx.merge_call(merge_fn, args=(reduced, flat_shared, condition))
+
+
+def _tf_variable(variable):
+    # A Keras variable wraps the (mirrored) tf.Variable that `update` needs; a raw tf.Variable
+    # has a `value` method instead.
+    return variable.value if isinstance(variable, keras.Variable) else variable
+
+
+# ------------------------------------------------------- split work across replicas
+
+
+def split_replicas():
+    """The number of replicas to split work across, or None (one replica, no replica context).
+
+    Needs the replica's id as a constant (MirroredStrategy, MultiWorkerMirroredStrategy), so
+    that each replica's program holds only the work it owns.
+    """
+    ctx = tf.distribute.get_replica_context()
+    if ctx is None or num_replicas() == 1:
+        return None
+    if tf.get_static_value(ctx.replica_id_in_sync_group) is None:
+        return None  # e.g. TPUStrategy: every replica runs one program
+    return num_replicas()
+
+
+def _from_owners(ctx, owners, compute, zeros):
+    """``[compute(k) on replica owners[k]]`` on every replica: one sum all-reduce."""
+    replica = int(tf.get_static_value(ctx.replica_id_in_sync_group))
+    local = [compute(k) if owner == replica else zeros(k) for k, owner in enumerate(owners)]
+    return tf.nest.pack_sequence_as(local, _sum(ctx, tf.nest.flatten(local)))
+
+
+def _sum(ctx, values):
+    """Sum all-reduce of tensors of several dtypes (some reductions pack one dtype at a time)."""
+    out = list(values)
+    for dtype in {v.dtype for v in values}:
+        indices = [i for i, v in enumerate(values) if v.dtype == dtype]
+        reduced = ctx.all_reduce(tf.distribute.ReduceOp.SUM, [values[i] for i in indices])
+        for i, r in zip(indices, reduced):
+            out[i] = r
+    return out
+
+
+def update_from_owners(grads, owners, compute, zeros, assign, anchor) -> None:
+    """The optimizer step with each tensor's update computed by its owner replica only.
+
+    In replica context: the gradients are summed over replicas (as Keras' ``apply`` does), the
+    owner of tensor ``k`` computes ``compute(k, reduced gradient)`` (a structure of tensors),
+    every other replica ``zeros(k)``; one all-reduce gives every replica the owners' numbers
+    bit for bit, and ``assign(values)`` writes them on every device.
+    """
+    ctx = tf.distribute.get_replica_context()
+    reduced = ctx.all_reduce(tf.distribute.ReduceOp.SUM, list(grads))
+    values = _from_owners(ctx, owners, lambda k: compute(k, reduced[k]), zeros)
+    flat = tf.nest.flatten(values)
+
+    def merge_fn(strategy, flat):
+        strategy.extended.update(
+            _tf_variable(anchor),
+            lambda _, *v: assign(tf.nest.pack_sequence_as(values, list(v))),
+            args=tuple(flat),
+            group=False,
+        )
+
+    ctx.merge_call(merge_fn, args=(flat,))
+
+
+def make_work_counter(optimizer) -> None:
+    """Per-replica work counters (not optimizer state: never saved), under a strategy only."""
+    strategy = tf.distribute.get_strategy()
+    if strategy.num_replicas_in_sync == 1:
+        return
+    with outside_graph(), strategy.scope():
+        counter = tf.Variable(
+            tf.zeros((3,), tf.int64),
+            trainable=False,
+            synchronization=tf.VariableSynchronization.ON_READ,
+            aggregation=tf.VariableAggregation.NONE,
+            name="replica_work",
+        )
+    # Not an attribute Keras or tf.train.Checkpoint should track.
+    object.__setattr__(optimizer, "_work_counter", counter)
+
+
+def count_replica_work(optimizer, counts) -> None:
+    counter = optimizer.__dict__.get("_work_counter")
+    if counter is not None:
+        counter.assign_add(tf.cast(tf.stack(counts), tf.int64))
+
+
+def replica_work(optimizer) -> list:
+    counter = optimizer.__dict__.get("_work_counter")
+    if counter is None:
+        return []
+    strategy = counter.distribute_strategy
+    keys = ("factorizations", "contractions", "preconditionings")
+    return [
+        dict(zip(keys, (int(c) for c in local.numpy())))
+        for local in strategy.experimental_local_results(counter)
+    ]
 
 
 def _unpack(data):
@@ -131,26 +258,39 @@ class FisherTrainer:
         return self.distribute_strategy.scope()
 
     def _seed(self, counter, stream: int):
-        ctx = tf.distribute.get_replica_context()
-        replica = 0
-        if ctx is not None and num_replicas() > 1:
-            replica = ctx.replica_id_in_sync_group
         return tf.stack(
             [
                 tf.constant(self.fisher_seed, tf.int64),
                 tf.constant(stream, tf.int64),
                 tf.cast(counter, tf.int64),
-                tf.cast(replica, tf.int64),
             ]
         )
 
-    def _fisher_gradients(self, tape, y_pred, sample_weight, seed, sources=None):
+    @staticmethod
+    def _first_example(y_pred):
+        """The position of this replica's first example in the global batch (0: one replica).
+
+        tf.distribute splits a global batch into consecutive slices in replica order; the
+        slices' sizes are summed over replicas, each in its own position (they differ on a
+        partial last batch). Outside any ``cond``: it is a collective. (An all-reduce, not an
+        ``all_gather``, which always runs collective ops, also under ``ReductionToOneDevice``.)
+        """
+        ctx = tf.distribute.get_replica_context()
+        if ctx is None or num_replicas() == 1:
+            return 0
+        replica = tf.cast(ctx.replica_id_in_sync_group, tf.int64)
+        size = tf.shape(y_pred, out_type=tf.int64)[0]
+        mine = tf.one_hot(replica, num_replicas(), dtype=tf.int64) * size
+        sizes = ctx.all_reduce(tf.distribute.ReduceOp.SUM, mine)
+        return tf.reduce_sum(sizes[:replica])
+
+    def _fisher_gradients(self, tape, y_pred, sample_weight, seed, sources=None, first=0):
         """Gradients of the compiled loss at sampled targets, from the forward pass on ``tape``.
 
         With respect to the trainable variables, or to ``sources`` (tensors computed on the
-        tape, e.g. pre-activations for KFAC).
+        tape, e.g. pre-activations for KFAC). ``first``: see :meth:`_first_example`.
         """
-        targets = tf.stop_gradient(self.sample_targets(y_pred, seed))
+        targets = tf.stop_gradient(self.sample_targets(y_pred, seed, first_example=first))
         with tf.GradientTape() as output_tape:
             # A fresh tensor: Keras' probability losses otherwise reach past a softmax/sigmoid
             # output to its cached logits, and the loss would not depend on the watched tensor.
@@ -166,16 +306,16 @@ class FisherTrainer:
         )
         return self._unscale(grads)
 
-    def _curvature_input(self, tape, y_pred, sample_weight, seed, layers, records):
+    def _curvature_input(self, tape, y_pred, sample_weight, seed, layers, records, first=0):
         """What ``optimizer.update_curvature`` takes: per-variable or per-layer Fisher data.
 
         ``layers`` are the recorded layers (KFAC), or None for per-variable gradients.
         """
         if layers is None:
-            return self._fisher_gradients(tape, y_pred, sample_weight, seed)
+            return self._fisher_gradients(tape, y_pred, sample_weight, seed, first=first)
         pairs = self._layer_records(layers, records)
         grads = self._fisher_gradients(
-            tape, y_pred, sample_weight, seed, sources=[z for _, z in pairs]
+            tape, y_pred, sample_weight, seed, sources=[z for _, z in pairs], first=first
         )
         return [(a, s) for (a, _), s in zip(pairs, grads)]
 
@@ -219,10 +359,14 @@ class FisherTrainer:
             # written with value-returning branches (what JAX needs) and works either way.
             tf.cond(due, fold, lambda: tf.constant(0))
         elif keys:
-            # Every replica must reach the all-reduce inside update_curvature on every step.
+            # Every replica must reach the collectives (the slice position, the all-reduce
+            # inside update_curvature) on every step.
+            first = self._first_example(y_pred)
             fisher = tf.cond(
                 due,
-                lambda: self._curvature_input(tape, y_pred, sample_weight, seed, layers, records),
+                lambda: self._curvature_input(
+                    tape, y_pred, sample_weight, seed, layers, records, first
+                ),
                 lambda: self._curvature_zeros(layers, records),
             )
             optimizer.update_curvature(fisher, keys, condition=due)
@@ -253,7 +397,10 @@ class FisherTrainer:
                     loss = self.optimizer.scale_loss(loss)
             if sampled:
                 seed = self._seed(optimizer._warm_start_batches, stream=1)
-                grads = self._curvature_input(tape, y_pred, sample_weight, seed, layers, records)
+                first = self._first_example(y_pred)
+                grads = self._curvature_input(
+                    tape, y_pred, sample_weight, seed, layers, records, first
+                )
             else:
                 # None for a variable the loss does not reach: it keeps its statistics, as in
                 # `apply` (the sampled pass gives such a variable its exact Fisher, zero).
@@ -279,6 +426,6 @@ class FisherTrainer:
         cardinality = int(dataset.cardinality())
         if cardinality >= 0:
             total = cardinality
-        if num_replicas() > 1:
+        if self.distribute_strategy.num_replicas_in_sync > 1:
             dataset = self.distribute_strategy.experimental_distribute_dataset(dataset)
         return dataset, total, self._make_warm_start_function()

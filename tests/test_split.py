@@ -1,0 +1,163 @@
+"""TNT's preconditioner work split across replicas (``split_preconditioner``).
+
+Under MirroredStrategy on the two logical CPU devices of conftest: each trainable tensor's
+contractions, inverse refreshes and preconditioned direction are computed by its owner replica
+only and shared by an all-reduce; the trajectory is the unsplit one, bit for bit in float64.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_tnt
+from keras_tnt import kronecker
+
+
+def _two_devices():
+    devices = tf.config.list_logical_devices("CPU")
+    # Fail, not skip: conftest sets up two logical CPU devices before TensorFlow starts.
+    assert len(devices) >= 2, f"needs 2 logical CPU devices (see conftest); found {devices}"
+    return [d.name for d in devices[:2]]
+
+
+def _mirrored():
+    # Reduction through one device: see test_kfac._mirrored (collective instance keys).
+    return tf.distribute.MirroredStrategy(
+        _two_devices(), cross_device_ops=tf.distribute.ReductionToOneDevice()
+    )
+
+
+def _components(variable):
+    value = variable.value if hasattr(variable, "value") else variable
+    return [np.array(v) for v in getattr(value, "values", [value])]
+
+
+def _run(optimizer_cls, split, epochs=2, replicas=2, **kwargs):
+    """A float64 64-64-64-64-64 digits autoencoder (4 equal layers), under MirroredStrategy."""
+    from sklearn.datasets import load_digits
+
+    x = (load_digits().data / 16.0)[:320]
+    strategy = _mirrored() if replicas == 2 else tf.distribute.get_strategy()
+    with strategy.scope():
+        inputs = keras.Input((64,), dtype="float64")
+        h = inputs
+        for _ in range(3):
+            h = keras.layers.Dense(64, activation="tanh", dtype="float64")(h)
+        outputs = keras.layers.Dense(64, dtype="float64")(h)
+        model = keras_tnt.FisherModel(inputs, outputs, fisher_seed=3)
+        rng = np.random.default_rng(0)
+        model.set_weights([rng.uniform(-0.4, 0.4, w.shape) for w in model.get_weights()])
+        optimizer = optimizer_cls(
+            learning_rate=1e-3, inverse_update_period=4, split_preconditioner=split, **kwargs
+        )
+        model.compile(
+            optimizer=optimizer,
+            loss=keras_tnt.losses.SummedBinaryCrossentropy(from_logits=True),
+        )
+    model.fit(
+        x,
+        x,
+        batch_size=80,
+        epochs=epochs,
+        shuffle=False,
+        verbose=0,
+        callbacks=[keras_tnt.WarmStart((x, x), batch_size=80, verbose=0)],
+    )
+    return model
+
+
+def _state(model):
+    return [np.array(v) for v in model.optimizer.variables + model.weights]
+
+
+@pytest.mark.parametrize(
+    "optimizer_cls,kwargs",
+    [
+        (keras_tnt.TNT, {"damping": 0.1, "weight_decay": 1e-3}),
+        (keras_tnt.Shampoo, {"damping": 1e-3}),
+    ],
+)
+def test_split_is_the_unsplit_run_bit_for_bit(optimizer_cls, kwargs):
+    split = _run(optimizer_cls, True, **kwargs)
+    unsplit = _run(optimizer_cls, False, **kwargs)
+    assert split.optimizer.curvature_updates > 8
+    for a, b, v in zip(_state(split), _state(unsplit), split.optimizer.variables + split.weights):
+        np.testing.assert_array_equal(a, b, err_msg=v.path)
+    # The replicas hold bit-identical copies of everything.
+    for v in split.optimizer.variables + split.weights:
+        first, second = _components(v)
+        np.testing.assert_array_equal(first, second, err_msg=v.path)
+    assert unsplit.optimizer.replica_work() == [{k: 0 for k in _WORK}] * 2
+
+
+_WORK = ("factorizations", "contractions", "preconditionings")
+
+
+def test_two_replicas_with_sampled_targets_are_the_one_device_run():
+    """Each replica draws, for its slice of the global batch, what one device draws for the
+    whole batch; the statistics and updates come from the sums over replicas. So the run on two
+    replicas (split) is the one-device run, to float64 reduction-order round-off."""
+    two = _run(keras_tnt.TNT, None, damping=0.1)
+    one = _run(keras_tnt.TNT, None, replicas=1, damping=0.1)
+    assert one.optimizer.replica_work() == []
+    for a, b, v in zip(_state(two), _state(one), one.optimizer.variables + one.weights):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13, err_msg=v.path)
+
+
+def test_replica_work_is_split_in_half_and_adds_up():
+    model = _run(keras_tnt.TNT, None, damping=0.1)
+    optimizer = model.optimizer
+    work = optimizer.replica_work()
+    assert len(work) == 2
+    # Four equal 64x64 layers: each replica owns two kernels and two biases, so the same work.
+    owners = optimizer._owner_plan[1]
+    assert owners == [0, 0, 1, 1, 0, 0, 1, 1]
+    assert work[0] == work[1]
+    # Together they did exactly what one replica does unsplit: every step preconditions all 8
+    # tensors; every statistics update contracts all 8; every refresh inverts all 12 factors.
+    steps = int(optimizer.iterations.numpy())
+    modes = sum(len(kronecker.tensor_modes(v.shape)) for v in model.trainable_variables)
+    refreshes = sum(
+        1 for t in range(steps) if t % (optimizer.curvature_update_period if t < 4 else 4) == 0
+    )
+    total = {k: work[0][k] + work[1][k] for k in _WORK}
+    assert total["preconditionings"] == 8 * steps
+    assert total["contractions"] == 8 * optimizer.curvature_updates
+    assert total["factorizations"] == modes * refreshes
+
+
+def test_plan_balances_by_cost_within_grahams_bound():
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        costs = [int(c) for c in rng.integers(1, 1000, size=rng.integers(1, 8))]
+        replicas = int(rng.integers(1, 4))
+        owners = kronecker.plan_owners(costs, replicas)
+        assert all(0 <= o < replicas for o in owners)
+        load = max(sum(c for c, o in zip(costs, owners) if o == r) for r in range(replicas))
+        best = min(
+            max(sum(c for c, o in zip(costs, plan) if o == r) for r in range(replicas))
+            for plan in itertools.product(range(replicas), repeat=len(costs))
+        )
+        assert load <= 4 / 3 * best
+        assert owners == kronecker.plan_owners(costs, replicas)  # deterministic
+
+
+def test_cost_model_counts_refresh_contraction_and_preconditioning():
+    # A 30x20 kernel: 30^3 + 20^3 for the inverses, 2 * 600 * (30 + 20) for the products.
+    assert kronecker.preconditioner_cost((30, 20)) == 27000 + 8000 + 2 * 600 * 50
+    assert kronecker.preconditioner_cost(()) == 0
+
+
+def test_split_argument_is_checked():
+    with pytest.raises(TypeError, match="split_preconditioner"):
+        keras_tnt.TNT(split_preconditioner="yes")
+    with pytest.raises(ValueError, match="KFAC cannot split"):
+        keras_tnt.KFAC(split_preconditioner=True)
+    assert keras_tnt.KFAC(split_preconditioner=False).split_preconditioner is False
+    config = keras_tnt.TNT(split_preconditioner=False).get_config()
+    assert keras_tnt.TNT.from_config(config).split_preconditioner is False
