@@ -1,0 +1,95 @@
+"""One worker of tests/test_multi_worker.py (or the single-process reference without TF_CONFIG).
+
+python -m tests.multi_worker_worker OUT.npz CHECKPOINT_DIR OPTIMIZER EPOCHS [KILL_AT_STEP]
+
+Trains a float64 digits autoencoder (330 images, global batch 80: four full batches and a
+partial one of 10) with keras_tnt.multi_worker.DistributedTrainer, warm start included, and
+saves every optimizer variable and weight of its replica. With KILL_AT_STEP, the worker with
+task index 1 SIGKILLs itself after that many steps (counted over the whole run).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import keras_tnt  # noqa: E402
+from keras_tnt import multi_worker  # noqa: E402
+
+OPTIMIZERS = {
+    "tnt": lambda: keras_tnt.TNT(learning_rate=1e-3, damping=0.1, inverse_update_period=3),
+    "shampoo": lambda: keras_tnt.Shampoo(learning_rate=1e-3, damping=1e-3, inverse_update_period=3),
+    "kfac": lambda: keras_tnt.KFAC(learning_rate=1e-3, damping=0.3, inverse_update_period=3),
+}
+
+
+def build(optimizer):
+    inputs = keras.Input((64,), dtype="float64")
+    h = keras.layers.Dense(24, activation="tanh", dtype="float64")(inputs)
+    h = keras.layers.Dense(8, dtype="float64")(h)
+    h = keras.layers.Dense(24, activation="tanh", dtype="float64")(h)
+    outputs = keras.layers.Dense(64, dtype="float64")(h)
+    model = keras_tnt.FisherModel(inputs, outputs, fisher_seed=5)
+    rng = np.random.default_rng(0)
+    model.set_weights([rng.uniform(-0.4, 0.4, w.shape) for w in model.get_weights()])
+    model.compile(
+        optimizer=OPTIMIZERS[optimizer](),
+        loss=keras_tnt.losses.SummedBinaryCrossentropy(from_logits=True),
+    )
+    return model
+
+
+class KillAt(keras.callbacks.Callback):
+    def __init__(self, trainer, step):
+        super().__init__()
+        self.trainer, self.step = trainer, step
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.trainer.state["steps"] >= self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def main(out, checkpoint_dir, optimizer, epochs, kill_at=None):
+    from sklearn.datasets import load_digits
+
+    x = (load_digits().data / 16.0)[:330]
+    if os.environ.get("TF_CONFIG"):
+        timeout = float(os.environ.get("CONNECT_TIMEOUT", "120"))
+        strategy = multi_worker.strategy_from_tf_config(timeout=timeout)
+    else:
+        strategy = tf.distribute.get_strategy()
+    with strategy.scope():
+        model = build(optimizer)
+    trainer = multi_worker.DistributedTrainer(
+        model, strategy, checkpoint_dir, checkpoint_every_steps=2
+    )
+
+    def dataset(epoch):
+        data = tf.data.Dataset.from_tensor_slices((x, x))
+        return data.shuffle(330, seed=epoch, reshuffle_each_iteration=False).batch(80)
+
+    callbacks = []
+    task = multi_worker.parse_tf_config()["task"] if os.environ.get("TF_CONFIG") else None
+    if kill_at is not None and task and task["index"] == 1:
+        callbacks.append(KillAt(trainer, int(kill_at)))
+    trainer.fit(
+        dataset,
+        epochs=int(epochs),
+        callbacks=callbacks,
+        verbose=0,
+        warm_start_fn=lambda: tf.data.Dataset.from_tensor_slices((x, x)).batch(80),
+    )
+    model = trainer.model
+    values = [np.array(v) for v in model.optimizer.variables + model.weights]
+    np.savez(out, *values, steps=trainer.state["steps"], work=str(model.optimizer.replica_work()))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

@@ -1,0 +1,172 @@
+"""Two worker processes under MultiWorkerMirroredStrategy on 127.0.0.1 (free ports, a timeout
+that kills them), against one process: keras_tnt.multi_worker.DistributedTrainer."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from keras_tnt import multi_worker
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _free_ports(n):
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def _start(args, tf_config=None, **extra_env):
+    env = dict(os.environ, PYTHONPATH=ROOT, KERAS_BACKEND="tensorflow", **extra_env)
+    env.pop("TF_CONFIG", None)
+    if tf_config is not None:
+        env["TF_CONFIG"] = json.dumps(tf_config)
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.multi_worker_worker", *map(str, args)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _wait(processes, timeout=300):
+    """Return codes and outputs; every process is killed if they do not all end in time."""
+    results = []
+    try:
+        for p in processes:
+            output, _ = p.communicate(timeout=timeout)
+            results.append((p.returncode, output))
+    finally:
+        for p in processes:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    return results
+
+
+def _two_workers(tmp_path, name, optimizer, epochs, kill_at=None):
+    ports = _free_ports(2)
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    processes = [
+        _start(
+            [tmp_path / f"{name}_{i}.npz", tmp_path / f"{name}_ckpt", optimizer, epochs]
+            + ([kill_at] if kill_at is not None else []),
+            {"cluster": cluster, "task": {"type": "worker", "index": i}},
+        )
+        for i in range(2)
+    ]
+    return _wait(processes)
+
+
+def _one_process(tmp_path, optimizer, epochs):
+    results = _wait([_start([tmp_path / "one.npz", tmp_path / "one_ckpt", optimizer, epochs])])
+    assert results[0][0] == 0, results[0][1][-3000:]
+    return np.load(tmp_path / "one.npz")
+
+
+def _arrays(npz):
+    return [npz[f"arr_{i}"] for i in range(len([k for k in npz.files if k.startswith("arr_")]))]
+
+
+@pytest.mark.parametrize("optimizer", ["tnt"])
+def test_two_workers_are_identical_and_equal_one_process(tmp_path, optimizer):
+    results = _two_workers(tmp_path, "two", optimizer, epochs=2)
+    for code, output in results:
+        assert code == 0, output[-3000:]
+    one = _one_process(tmp_path, optimizer, epochs=2)
+    first, second = (np.load(tmp_path / f"two_{i}.npz") for i in range(2))
+    assert int(first["steps"]) == int(one["steps"]) == 10  # 5 batches (4 + a partial one) x 2
+    for a, b in zip(_arrays(first), _arrays(second)):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(_arrays(first), _arrays(one)):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+    # Only the chief kept a checkpoint directory.
+    assert sorted(os.listdir(tmp_path / "two_ckpt"))[-1] == "trainer_state.json"
+    print(str(first["work"]), str(second["work"]))
+
+
+def test_tf_config_errors_name_the_problem():
+    with pytest.raises(ValueError, match="TF_CONFIG is not set"):
+        multi_worker.parse_tf_config("")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        multi_worker.parse_tf_config("{cluster")
+    with pytest.raises(ValueError, match="'task' object"):
+        multi_worker.parse_tf_config('{"cluster": {"worker": ["127.0.0.1:1"]}}')
+    with pytest.raises(ValueError, match="out of range"):
+        multi_worker.parse_tf_config(
+            '{"cluster": {"worker": ["127.0.0.1:1"]}, "task": {"type": "worker", "index": 1}}'
+        )
+    with pytest.raises(ValueError, match="host:port"):
+        multi_worker.parse_tf_config(
+            '{"cluster": {"worker": ["nohost"]}, "task": {"type": "worker", "index": 0}}'
+        )
+    config = multi_worker.parse_tf_config(
+        '{"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 1}}'
+    )
+    assert not multi_worker.is_chief(config)
+    config["task"]["index"] = 0
+    assert multi_worker.is_chief(config)
+
+
+def test_a_killed_worker_and_a_restart_end_where_an_uninterrupted_run_ends(tmp_path):
+    """Worker 1 SIGKILLs itself after step 5 (checkpoints every 2 steps); worker 0, blocked in
+    the next collective, is killed too; both started again resume from step 4 (statistics,
+    step counter, target draws, data order) and end equal to the uninterrupted run."""
+    ports = _free_ports(2)
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+
+    def start(kill_at=None):
+        return [
+            _start(
+                [tmp_path / f"run_{i}.npz", tmp_path / "ckpt", "tnt", 2]
+                + ([kill_at] if kill_at is not None else []),
+                {"cluster": cluster, "task": {"type": "worker", "index": i}},
+            )
+            for i in range(2)
+        ]
+
+    chief, worker = start(kill_at=5)
+    try:
+        worker.communicate(timeout=300)
+        assert worker.returncode == -9  # SIGKILL
+    finally:
+        for p in (chief, worker):
+            if p.poll() is None:
+                p.kill()
+            p.communicate()
+    state = json.loads((tmp_path / "ckpt" / "trainer_state.json").read_text())
+    assert state["steps"] == 4 and state["epoch"] == 0 and state["step_in_epoch"] == 4
+    for code, output in _wait(start()):
+        assert code == 0, output[-3000:]
+    one = _one_process(tmp_path, "tnt", epochs=2)
+    resumed = np.load(tmp_path / "run_0.npz")
+    assert int(resumed["steps"]) == 10
+    for a, b in zip(_arrays(resumed), _arrays(one)):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_a_worker_that_cannot_reach_the_others_exits_with_a_message(tmp_path):
+    """Worker 0 of a two-worker cluster whose worker 1 never starts: no silent hang."""
+    ports = _free_ports(2)
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    alone = _start(
+        [tmp_path / "alone.npz", tmp_path / "ckpt", "tnt", 1],
+        {"cluster": cluster, "task": {"type": "worker", "index": 0}},
+        CONNECT_TIMEOUT="8",
+    )
+    [(code, output)] = _wait([alone], timeout=120)
+    assert code in (-15, -9), output[-3000:]  # stopped by the watchdog
+    assert "connecting to the other workers did not finish within 8 s" in output
