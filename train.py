@@ -68,8 +68,14 @@ flags.DEFINE_boolean(
 flags.DEFINE_enum(
     "strategy",
     "default",
-    ["default", "mirrored"],
-    "tf.distribute strategy (TensorFlow backend only).",
+    ["default", "mirrored", "multi_worker"],
+    "tf.distribute strategy (TensorFlow backend only). multi_worker: run this command on every "
+    "worker, each with its TF_CONFIG (see the README).",
+)
+flags.DEFINE_integer(
+    "checkpoint_every_steps",
+    0,
+    "With --strategy=multi_worker: also checkpoint every N steps (0: after every epoch only).",
 )
 flags.DEFINE_integer("verbose", 1, "Keras verbosity: 0 silent, 1 progress bar, 2 one line/epoch.")
 
@@ -131,7 +137,12 @@ def resolve_config() -> dict:
         "weight_decay": pick("weight_decay", defaults.get("weight_decay", 0.0)),
         "batch_size": pick("batch_size", problem.batch_size),
         "epochs": pick("epochs", epochs or problem.epochs),
-        "time_budget_s": pick("time_budget_s", problem.time_budget_s or 0.0),
+        # Workers must stop at the same step: no wall-clock budget across several workers.
+        "time_budget_s": (
+            0.0
+            if FLAGS.strategy == "multi_worker"
+            else pick("time_budget_s", problem.time_budget_s or 0.0)
+        ),
         "lr_decay_epochs": pick("lr_decay_epochs", decay_epochs),
         "lr_decay_factor": pick("lr_decay_factor", problem.lr_decay_factor),
         "curvature_update_period": pick("curvature_update_period", problem.curvature_update_period),
@@ -147,6 +158,7 @@ def resolve_config() -> dict:
             FLAGS.jit_compile if FLAGS.jit_compile is not None else keras.backend.backend() == "jax"
         ),
         "strategy": FLAGS.strategy,
+        "checkpoint_every_steps": FLAGS.checkpoint_every_steps,
         "output_dir": FLAGS.output_dir
         or os.path.join("runs", f"{problem.name}-{opt}-s{FLAGS.seed}"),
     }
@@ -258,6 +270,46 @@ def _truncate_history(path, epochs_done):
     os.replace(path + ".tmp", path)
 
 
+def _new_model(config):
+    problem = registry.get(config["problem"])
+    model = problem.build()
+    model.fisher_seed = config["seed"]
+    model.compile(
+        optimizer=make_optimizer(config),
+        loss=problem.loss(),
+        metrics=["accuracy"] if problem.classifier else None,
+        jit_compile=config["jit_compile"],
+    )
+    return model
+
+
+def _check_settings(out, config):
+    """A run directory holds one run: resuming with other settings is refused."""
+    path = os.path.join(out, "flags.json")
+    if not os.path.exists(path):
+        return
+    saved = _load_json(path)
+    changed = {
+        k: (saved.get(k), v)
+        for k, v in config.items()
+        if k not in ("epochs", "time_budget_s", "verbose", "checkpoint_every_steps")
+        and saved.get(k) != v
+    }
+    if changed:
+        raise app.UsageError(
+            f"{out} holds a run with other settings {changed}; use another --output_dir."
+        )
+
+
+def _append_row(path, row):
+    new_file = not os.path.exists(path)
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(row), extrasaction="ignore")
+        if new_file:
+            writer.writeheader()
+        writer.writerow(row)
+
+
 def _dataset(config, split, epoch=0):
     problem = registry.get(config["problem"])
     return data.load(
@@ -289,16 +341,7 @@ def run(config: dict) -> dict:
         os.path.join(out, saved_state.get("checkpoint", ""))
     )
     if resumed:
-        saved = _load_json(os.path.join(out, "flags.json"))
-        changed = {
-            k: (saved.get(k), v)
-            for k, v in config.items()
-            if k not in ("epochs", "time_budget_s", "verbose") and saved.get(k) != v
-        }
-        if changed:
-            raise app.UsageError(
-                f"{out} holds a run with other settings {changed}; use another --output_dir."
-            )
+        _check_settings(out, config)
     _write_json(os.path.join(out, "flags.json"), config)
 
     # Before anything random: tf.data's seeded shuffles also depend on the global seed, and a
@@ -318,14 +361,7 @@ def run(config: dict) -> dict:
             state = saved_state
             _truncate_history(history_path, state["epochs_done"])
         else:
-            model = problem.build()
-            model.fisher_seed = config["seed"]
-            model.compile(
-                optimizer=make_optimizer(config),
-                loss=problem.loss(),
-                metrics=["accuracy"] if problem.classifier else None,
-                jit_compile=config["jit_compile"],
-            )
+            model = _new_model(config)
             state = {
                 "epochs_done": 0,
                 "steps": 0,
@@ -413,6 +449,92 @@ def run(config: dict) -> dict:
     return summary
 
 
+def run_multi_worker(config: dict) -> dict | None:
+    """``--strategy=multi_worker``: this process is one worker of ``TF_CONFIG``'s cluster.
+
+    keras_tnt.multi_worker.DistributedTrainer runs the steps (``fit`` does not work under
+    MultiWorkerMirroredStrategy). The chief writes the run directory (flags.json, history.csv,
+    TensorBoard, checkpoints, summary.json); the other workers read its checkpoints to resume and
+    write nothing there. Returns the summary on the chief, None elsewhere.
+    """
+    from keras_tnt import multi_worker
+
+    out = config["output_dir"]
+    chief = multi_worker.is_chief()
+    tf.get_logger().setLevel("WARNING")  # not one INFO line per collective
+    strategy = multi_worker.strategy_from_tf_config()
+    if chief:
+        os.makedirs(out, exist_ok=True)
+        _check_settings(out, config)
+        _write_json(os.path.join(out, "flags.json"), config)
+    keras.utils.set_random_seed(config["seed"])
+    problem = registry.get(config["problem"])
+    test_data = _dataset(config, "test")
+    with strategy.scope():
+        model = _new_model(config)
+    trainer = multi_worker.DistributedTrainer(
+        model, strategy, out, checkpoint_every_steps=config["checkpoint_every_steps"] or None
+    )
+    state = trainer.state.setdefault(
+        "log",
+        {"steps": 0, "train_seconds": 0.0, "smoothed_raw": 0.0, "smoothed_loss": float("nan")},
+    )
+    state.setdefault("best_smoothed_loss", float("inf"))
+    history_path = os.path.join(out, "history.csv")
+    if chief:
+        _truncate_history(history_path, trainer.state["epoch"])
+
+    class EpochEnd(keras.callbacks.Callback):
+        """Learning rate per epoch; validation (every worker); the history row (chief)."""
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.model.optimizer.learning_rate = learning_rate_at(config, epoch)
+
+        def on_epoch_end(self, epoch, logs=None):
+            val = trainer.evaluate(test_data)
+            if not chief:
+                return
+            row = {"epoch": epoch + 1, "learning_rate": learning_rate_at(config, epoch)}
+            row.update(logs or {})
+            row.update({f"val_{k}": v for k, v in val.items()})
+            row.update({k: state[k] for k in ("smoothed_loss", "train_seconds")})
+            _append_row(history_path, row)
+
+    callbacks = [RunLog(state, config), EpochEnd()]
+    if chief:
+        callbacks.append(keras.callbacks.TensorBoard(os.path.join(out, "tensorboard")))
+    warm_start = None
+    if config["warm_start"]:
+        warm_start = lambda: _dataset(config, "train", epoch=-1)  # noqa: E731
+    trainer.fit(
+        lambda epoch: _dataset(config, "train", epoch),
+        epochs=config["epochs"],
+        steps_per_epoch=config["steps_per_epoch"] or None,
+        callbacks=callbacks,
+        verbose=FLAGS.verbose if FLAGS.is_parsed() else 0,
+        warm_start_fn=warm_start,
+        warm_start_steps=config["warm_start_batches"] or None,
+    )
+    if not chief:
+        return None
+    rows = list(csv.DictReader(open(history_path))) if os.path.exists(history_path) else []
+    summary = {
+        "problem": config["problem"],
+        "optimizer": config["optimizer"],
+        "workers": strategy.num_replicas_in_sync,
+        "epochs": trainer.state["epoch"],
+        "steps": trainer.state["steps"],
+        "train_seconds": state["train_seconds"],
+        "final_loss": float(rows[-1]["loss"]) if rows else None,
+        "best_smoothed_loss": state["best_smoothed_loss"],
+        "final_val_loss": float(rows[-1]["val_loss"]) if rows else None,
+    }
+    if problem.classifier and rows:
+        summary["final_val_accuracy"] = float(rows[-1]["val_accuracy"])
+    _write_json(os.path.join(out, "summary.json"), summary)
+    return summary
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -422,13 +544,26 @@ def main(argv):
             f"KERAS_BACKEND=tensorflow (the backend is {keras.backend.backend()!r}). On JAX, one "
             "process trains on one device; see the README's JAX section."
         )
+    if FLAGS.strategy == "multi_worker" and FLAGS.time_budget_s:
+        raise app.UsageError(
+            "--time_budget_s cannot be used with --strategy=multi_worker: every worker must "
+            "stop at the same step, and their clocks differ. Use --epochs / --steps_per_epoch."
+        )
+    if FLAGS.checkpoint_every_steps < 0:
+        raise app.UsageError("--checkpoint_every_steps must be >= 0.")
+    if FLAGS.checkpoint_every_steps and FLAGS.strategy != "multi_worker":
+        raise app.UsageError("--checkpoint_every_steps needs --strategy=multi_worker.")
     config = resolve_config()
     try:
-        summary = run(config)
+        if config["strategy"] == "multi_worker":
+            summary = run_multi_worker(config)
+        else:
+            summary = run(config)
     except data.DataUnavailableError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    print(json.dumps(summary, indent=1))
+    if summary is not None:
+        print(json.dumps(summary, indent=1))
 
 
 if __name__ == "__main__":

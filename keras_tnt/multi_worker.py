@@ -240,6 +240,7 @@ class DistributedTrainer:
         self.chief = is_chief()
         self.state = {"epoch": 0, "step_in_epoch": 0, "steps": 0, "warm_started": False}
         self._step_function = None
+        self._test_function = None
         self._restore()
 
     # -------------------------------------------------------------- checkpoints
@@ -312,6 +313,27 @@ class DistributedTrainer:
 
         self._step_function = step
         return step
+
+    def evaluate(self, dataset) -> dict:
+        """The compiled loss and metrics over ``dataset`` (global batches), on every worker."""
+        model, strategy = self.model, self.strategy
+        if self._test_function is None:
+
+            @tf.function(reduce_retracing=True)
+            def test(batch):
+                logs = strategy.run(model.test_step, args=(batch,))
+                return {k: strategy.reduce("MEAN", v, axis=None) for k, v in logs.items()}
+
+            self._test_function = test
+        for metric in model.metrics:
+            metric.reset_state()
+        logs = {}
+        for batch in self._distribute(dataset):
+            logs = self._test_function(batch)
+        result = {k: float(v) for k, v in logs.items()}
+        for metric in model.metrics:
+            metric.reset_state()
+        return result
 
     def warm_start(self, dataset, steps=None):
         """Folds batches of ``dataset`` (global batches) into the statistics (warm start)."""

@@ -170,3 +170,49 @@ def test_a_worker_that_cannot_reach_the_others_exits_with_a_message(tmp_path):
     [(code, output)] = _wait([alone], timeout=120)
     assert code in (-15, -9), output[-3000:]  # stopped by the watchdog
     assert "connecting to the other workers did not finish within 8 s" in output
+
+
+def test_train_py_on_two_workers_chief_writes_the_run(tmp_path):
+    """`train.py --strategy=multi_worker` on two workers (KFAC, a classifier with accuracy):
+    the chief writes the run directory and the summary; worker 1 writes nothing that stays."""
+    ports = _free_ports(2)
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    out = tmp_path / "run"
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    processes = []
+    for i in range(2):
+        env = dict(os.environ, PYTHONPATH=ROOT, KERAS_BACKEND="tensorflow", TMPDIR=str(scratch))
+        env["TF_CONFIG"] = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})
+        processes.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "train.py",
+                    "--strategy=multi_worker",
+                    "--problem=digits_classifier",
+                    "--optimizer=kfac",
+                    "--epochs=2",
+                    "--steps_per_epoch=3",
+                    "--checkpoint_every_steps=2",
+                    "--verbose=0",
+                    f"--output_dir={out}",
+                ],
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    (code0, out0), (code1, out1) = _wait(processes)
+    assert code0 == 0 and code1 == 0, (out0[-3000:], out1[-3000:])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["workers"] == 2 and summary["steps"] == 6 and summary["epochs"] == 2
+    assert np.isfinite(summary["final_loss"]) and 0 <= summary["final_val_accuracy"] <= 1
+    rows = (out / "history.csv").read_text().splitlines()
+    assert set(rows[0].split(",")) >= {"loss", "accuracy", "val_loss", "val_accuracy"}
+    assert len(rows) == 3
+    assert {p.name for p in out.iterdir()} >= {"flags.json", "trainer_state.json", "tensorboard"}
+    assert '"final_loss"' in out0 and '"final_loss"' not in out1  # the summary: chief only
+    assert not [p for p in scratch.iterdir() if p.name.startswith("keras_tnt_worker_")]
