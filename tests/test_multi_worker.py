@@ -3,6 +3,7 @@ that kills them), against one process: keras_tnt.multi_worker.DistributedTrainer
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import socket
@@ -71,8 +72,11 @@ def _two_workers(tmp_path, name, optimizer, epochs, kill_at=None):
     return _wait(processes)
 
 
-def _one_process(tmp_path, optimizer, epochs):
-    results = _wait([_start([tmp_path / "one.npz", tmp_path / "one_ckpt", optimizer, epochs])])
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """The reference: TNT, 2 epochs, in one process without TF_CONFIG (one replica)."""
+    tmp_path = tmp_path_factory.mktemp("one")
+    results = _wait([_start([tmp_path / "one.npz", tmp_path / "one_ckpt", "tnt", 2])])
     assert results[0][0] == 0, results[0][1][-3000:]
     return np.load(tmp_path / "one.npz")
 
@@ -81,12 +85,11 @@ def _arrays(npz):
     return [npz[f"arr_{i}"] for i in range(len([k for k in npz.files if k.startswith("arr_")]))]
 
 
-@pytest.mark.parametrize("optimizer", ["tnt"])
-def test_two_workers_are_identical_and_equal_one_process(tmp_path, optimizer):
-    results = _two_workers(tmp_path, "two", optimizer, epochs=2)
+def test_two_workers_are_identical_and_equal_one_process(tmp_path, one_process):
+    results = _two_workers(tmp_path, "two", "tnt", epochs=2)
     for code, output in results:
         assert code == 0, output[-3000:]
-    one = _one_process(tmp_path, optimizer, epochs=2)
+    one = one_process
     first, second = (np.load(tmp_path / f"two_{i}.npz") for i in range(2))
     assert int(first["steps"]) == int(one["steps"]) == 10  # 5 batches (4 + a partial one) x 2
     for a, b in zip(_arrays(first), _arrays(second)):
@@ -95,7 +98,12 @@ def test_two_workers_are_identical_and_equal_one_process(tmp_path, optimizer):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
     # Only the chief kept a checkpoint directory.
     assert sorted(os.listdir(tmp_path / "two_ckpt"))[-1] == "trainer_state.json"
-    print(str(first["work"]), str(second["work"]))
+    # The preconditioner work was split between the workers (the one-process run is unsplit,
+    # so the split run is the unsplit trajectory): together they preconditioned each of the 8
+    # tensors once per step, each a part of them.
+    work = [ast.literal_eval(str(w["work"]))[0] for w in (first, second)]
+    assert work[0]["preconditionings"] + work[1]["preconditionings"] == 8 * 10
+    assert all(w["preconditionings"] > 0 and w["factorizations"] > 0 for w in work)
 
 
 def test_tf_config_errors_name_the_problem():
@@ -121,7 +129,7 @@ def test_tf_config_errors_name_the_problem():
     assert multi_worker.is_chief(config)
 
 
-def test_a_killed_worker_and_a_restart_end_where_an_uninterrupted_run_ends(tmp_path):
+def test_a_killed_worker_and_a_restart_end_where_an_uninterrupted_run_ends(tmp_path, one_process):
     """Worker 1 SIGKILLs itself after step 5 (checkpoints every 2 steps); worker 0, blocked in
     the next collective, is killed too; both started again resume from step 4 (statistics,
     step counter, target draws, data order) and end equal to the uninterrupted run."""
@@ -151,7 +159,7 @@ def test_a_killed_worker_and_a_restart_end_where_an_uninterrupted_run_ends(tmp_p
     assert state["steps"] == 4 and state["epoch"] == 0 and state["step_in_epoch"] == 4
     for code, output in _wait(start()):
         assert code == 0, output[-3000:]
-    one = _one_process(tmp_path, "tnt", epochs=2)
+    one = one_process
     resumed = np.load(tmp_path / "run_0.npz")
     assert int(resumed["steps"]) == 10
     for a, b in zip(_arrays(resumed), _arrays(one)):
