@@ -202,7 +202,7 @@ def test_jax_fit_matches_a_stateless_reference_step():
         weights = ref.trainable_variables
         for step in range(2):
             xb, yb = x[8 * step : 8 * step + 8], y[8 * step : 8 * step + 8]
-            seed = jax.numpy.asarray([3, 0, step, 0], "int64")
+            seed = jax.numpy.asarray([3, 0, step], "int64")  # fisher_seed, stream, step
             targets = ref.sample_targets(ref(xb), seed)
 
             def loss_at(values, labels):

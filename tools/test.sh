@@ -2,6 +2,9 @@
 # Sets up .venv from the project's own files (if needed), then runs ruff and the default pytest
 # run on each Keras backend: TensorFlow (every test), then JAX in float64-capable mode (the tests
 # marked for it; see tests/conftest.py). Prints how long each part took.
+# Each session runs on two pytest-xdist workers, one test file per worker at a time (most of a
+# test's time is single-threaded tracing, so two workers use the two cores); PYTEST_WORKERS=0
+# runs them in one process.
 # Usage: bash tools/test.sh [extra pytest args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,13 +20,16 @@ echo "== environment ready (${SECONDS} s)"
 .venv/bin/ruff format --check .
 
 run_pytest() {  # $1: backend; the rest: pytest args. Exit code 5 (nothing collected) is success.
-  local backend=$1 start=$SECONDS rc
+  local backend=$1 start=$SECONDS rc workers=()
   shift
+  if [ "${PYTEST_WORKERS:-2}" != 0 ]; then
+    workers=(-n "${PYTEST_WORKERS:-2}" --dist loadfile)
+  fi
   set +e
   if [ "$backend" = jax ]; then
-    KERAS_BACKEND=jax JAX_ENABLE_X64=1 .venv/bin/python -m pytest -m "not slow" "$@"
+    KERAS_BACKEND=jax JAX_ENABLE_X64=1 .venv/bin/python -m pytest -m "not slow" "${workers[@]}" "$@"
   else
-    KERAS_BACKEND=tensorflow .venv/bin/python -m pytest -m "not slow" "$@"
+    KERAS_BACKEND=tensorflow .venv/bin/python -m pytest -m "not slow" "${workers[@]}" "$@"
   fi
   rc=$?
   set -e
