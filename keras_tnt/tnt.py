@@ -705,10 +705,11 @@ class TNT(keras.optimizers.Optimizer):
 
         def compute(k, gradient):
             idx = indices[k]
-            finite = ops.all(ops.isfinite(gradient))
+            values = self._update_values(idx, gradient, trainable_variables[k], learning_rate)
+            finite = ops.equal(values[-1], 0)  # not skipped
             refresh = ops.logical_and(finite, self._refresh_due())
             self._count_work(idx, refresh=refresh, preconditioning=finite)
-            return self._update_values(idx, gradient, trainable_variables[k], learning_rate)
+            return values
 
         def zeros(k):
             return self._zero_update_values(indices[k], trainable_variables[k])
