@@ -146,7 +146,10 @@ class KFAC(TNT):
         damping: ``λ`` > 0; ``√λ I`` is added to each of the two factors. Default 0.3 (MNIST
             autoencoder; the paper's CIFAR runs used 0.03).
         momentum, statistics_decay, curvature_update_period, inverse_update_period,
-        weight_decay: as for :class:`~keras_tnt.TNT`.
+        weight_decay, split_preconditioner: as for :class:`~keras_tnt.TNT`. Split, a layer
+            (kernel and bias) is one unit: its owner replica refreshes both factors' inverses
+            and computes the direction ``A⁻¹ M G⁻¹``. The factors themselves are sums over each
+            replica's own examples, so they are never redundant work.
         **kwargs: every base keyword of ``keras.optimizers.Optimizer``.
 
     KFAC needs the model's layers: compile a :class:`keras_tnt.FisherModel` with it (it calls
@@ -157,8 +160,6 @@ class KFAC(TNT):
     """
 
     curvature_inputs = "layers"
-    # Its per-layer blocks are not split across replicas yet (see TNT's split_preconditioner).
-    _splits = False
 
     def __init__(
         self,
@@ -516,11 +517,17 @@ class KFAC(TNT):
             failed = failed + ops.cast(ops.logical_not(ok), backend.count_dtype())
         return out, failed
 
-    def _block_step(self, b, learning_rate, members):
+    def _block_step(self, b, learning_rate, members, momenta=None):
         """``(new weights of members, inverses, failed)``: the layer's step.
 
-        The direction comes from all the layer's momenta; only ``members`` move.
+        The direction comes from all the layer's momenta (``momenta``: values by variable index
+        that replace the slots'); only ``members`` move.
         """
+        momenta = momenta or {}
+
+        def momentum_of(i):
+            return momenta[i] if i in momenta else ops.convert_to_tensor(self._momenta[i])
+
         block = self._blocks[b]
         current = [ops.convert_to_tensor(v) for v in self._factor_inverses[b]]
         failed = ops.zeros((), backend.count_dtype())
@@ -531,10 +538,10 @@ class KFAC(TNT):
         )
         kernel = self._trainable_variables[block.kernel_index]
         sdtype = statistics_dtype(kernel.dtype)
-        m_kernel = ops.convert_to_tensor(self._momenta[block.kernel_index])
+        m_kernel = momentum_of(block.kernel_index)
         rows = [ops.reshape(ops.cast(m_kernel, sdtype), (-1, block.output_size))]
         if block.bias_index is not None:
-            m_bias = ops.convert_to_tensor(self._momenta[block.bias_index])
+            m_bias = momentum_of(block.bias_index)
             rows.append(ops.reshape(ops.cast(m_bias, sdtype), (1, block.output_size)))
         stacked = ops.concatenate(rows, axis=0) if len(rows) > 1 else rows[0]
         direction = ops.matmul(ops.matmul(inverse_a, stacked), inverse_g)
@@ -551,6 +558,114 @@ class KFAC(TNT):
                 w = w - w * wd * learning_rate
             weights.append(w - learning_rate * ops.cast(directions[i], var.dtype))
         return weights, [inverse_a, inverse_g], failed
+
+    # ------------------------------------------------------ split across replicas
+
+    def _units(self):
+        """Units of split work: each factored layer's variables, then each other variable."""
+        blocked = {i for block in self._blocks for i in block.indices}
+        singles = [(i,) for i in range(len(self._trainable_variables)) if i not in blocked]
+        return [block.indices for block in self._blocks] + singles
+
+    def _unit_costs(self):
+        # A layer: the refresh (din³ + dout³) and the direction A⁻¹ M G⁻¹ (din·dout·(din + dout));
+        # its factors are sums over this replica's own examples, not redundant work. Others: 0.
+        costs = []
+        for block in self._blocks:
+            din, dout = block.input_size, block.output_size
+            costs.append(din**3 + dout**3 + din * dout * (din + dout))
+        return costs + [0] * (len(self._units()) - len(self._blocks))
+
+    def _backend_update_step(self, grads, trainable_variables, learning_rate):
+        owners = self._owners()
+        if owners is None:
+            return super()._backend_update_step(grads, trainable_variables, learning_rate)
+        position = {self._get_variable_index(v): k for k, v in enumerate(trainable_variables)}
+        # This apply's units: the members that have a gradient, as update_step moves them.
+        units, unit_owners = [], []
+        for u, members in enumerate(self._units()):
+            present = tuple(i for i in members if i in position)
+            if present:
+                units.append((u, present))
+                unit_owners.append(owners[u])
+
+        def compute(k, reduced):
+            u, present = units[k]
+            if u >= len(self._blocks):
+                (i,) = present
+                return self._update_values(
+                    i, reduced[position[i]], self._trainable_variables[i], learning_rate
+                )
+            return self._block_values(
+                u, present, [reduced[position[i]] for i in present], learning_rate
+            )
+
+        def zeros(k):
+            u, present = units[k]
+            if u >= len(self._blocks):
+                (i,) = present
+                return self._zero_update_values(i, self._trainable_variables[i])
+            zero = ops.zeros((), backend.count_dtype())
+            variables = [self._trainable_variables[i] for i in present]
+            return (
+                [ops.zeros(v.shape, v.dtype) for v in variables],
+                [ops.zeros(v.shape, self._momenta[i].dtype) for i, v in zip(present, variables)],
+                [ops.zeros(a.shape, a.dtype) for a in self._factor_inverses[u]],
+                zero,
+                [zero for _ in present],
+            )
+
+        def assign(values):
+            for (u, present), value in zip(units, values):
+                if u >= len(self._blocks):
+                    self._assign_update(present[0], self._trainable_variables[present[0]], value)
+                    continue
+                weights, momenta, inverses, failed, skipped = value
+                for i, w, m, nf in zip(present, weights, momenta, skipped):
+                    self.assign(self._momenta[i], m)
+                    self.assign_add(self._skipped[i], nf)
+                    self.assign(self._trainable_variables[i], w)
+                for inverse_var, inverse in zip(self._factor_inverses[u], inverses):
+                    self.assign(inverse_var, inverse)
+                self.assign_add(self._failed[0], failed)
+
+        backend.update_from_owners(
+            grads, unit_owners, compute, zeros, assign, self._curvature_updates
+        )
+
+    def _block_values(self, b, members, gradients, learning_rate):
+        """What :meth:`update_step` computes for layer ``b`` over its ``members``, as values:
+        ``(weights, momenta, inverses, failed, skipped per member)``."""
+        momenta, skipped = {}, []
+        flag = ops.convert_to_tensor(self._block_flags[b])
+        for i, gradient in zip(members, gradients):
+            dtype = self._trainable_variables[i].dtype
+            gradient = ops.cast(gradient, dtype)
+            finite = ops.all(ops.isfinite(gradient))
+            current = ops.convert_to_tensor(self._momenta[i])
+            momentum = ops.convert_to_tensor(self.momentum, dtype=dtype)
+            momenta[i] = ops.where(finite, momentum * current + gradient, current)
+            skipped.append(ops.cast(ops.logical_not(finite), backend.count_dtype()))
+            flag = ops.maximum(flag, skipped[-1])
+        ok = ops.equal(flag, 0)
+        learning_rate = ops.cast(learning_rate, self._trainable_variables[max(members)].dtype)
+
+        def keep():
+            return (
+                [ops.convert_to_tensor(self._trainable_variables[i]) for i in members],
+                [ops.convert_to_tensor(v) for v in self._factor_inverses[b]],
+                ops.zeros((), backend.count_dtype()),
+            )
+
+        weights, inverses, failed = ops.cond(
+            ok, lambda: self._block_step(b, learning_rate, members, momenta), keep
+        )
+        n = backend.count_dtype()
+        refresh = ops.logical_and(ok, self._refresh_due())
+        backend.count_replica_work(
+            self, [ops.cast(refresh, n) * 2, ops.zeros((), n), ops.cast(ok, n)]
+        )
+        return weights, [momenta[i] for i in members], inverses, failed, skipped
 
     # ---------------------------------------------------------------- config
 

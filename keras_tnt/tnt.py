@@ -187,11 +187,6 @@ class TNT(keras.optimizers.Optimizer):
                 "`split_preconditioner` must be None, True or False; received "
                 f"{split_preconditioner!r}."
             )
-        if split_preconditioner and not self._splits:
-            raise ValueError(
-                f"{type(self).__name__} cannot split its preconditioner work across replicas "
-                "yet; pass `split_preconditioner=None` or False."
-            )
         self.split_preconditioner = split_preconditioner
         # Set once something feeds statistics (update_curvature, a FisherModel, a restored
         # state); `apply` refuses to precondition with statistics nobody will ever fill. The
@@ -243,7 +238,6 @@ class TNT(keras.optimizers.Optimizer):
             self._skipped.append(self._add_counter(f"{prefix}_skipped"))
             self._failed.append(self._add_counter(f"{prefix}_failed"))
         self._build_counters()
-        backend.make_work_counter(self)
         self._restore_pending()
 
     def _add_counter(self, name):
@@ -255,6 +249,7 @@ class TNT(keras.optimizers.Optimizer):
         self._curvature_updates = self._add_counter("curvature_updates")
         self._warm_start_batches = self._add_counter("warm_start_batches")
         self._skipped_curvature = self._add_counter("skipped_curvature_updates")
+        backend.make_work_counter(self)  # not optimizer state
 
     def _restore_pending(self):
         """Restores a state loaded before the optimizer was built (the end of ``build``)."""
@@ -672,9 +667,6 @@ class TNT(keras.optimizers.Optimizer):
 
     # ------------------------------------------------------ split across replicas
 
-    # Whether the preconditioner work of this class can be split across replicas.
-    _splits = True
-
     def _owners(self):
         """The replica owning each variable's preconditioner work, or None (no split).
 
@@ -682,7 +674,7 @@ class TNT(keras.optimizers.Optimizer):
         replica context of more than one replica and the backend supports it (tf.distribute).
         The plan depends only on the variables' shapes and the replica count.
         """
-        if self.split_preconditioner is False or not self._splits:
+        if self.split_preconditioner is False:
             return None
         if self.gradient_accumulation_steps:
             # Keras runs the update inside a cond there; collectives must not be conditional.
@@ -692,10 +684,13 @@ class TNT(keras.optimizers.Optimizer):
             return None
         plan = self.__dict__.get("_owner_plan")
         if plan is None or plan[0] != replicas:
-            costs = [kronecker.preconditioner_cost(modes) for modes in self._modes]
-            plan = (replicas, kronecker.plan_owners(costs, replicas))
+            plan = (replicas, kronecker.plan_owners(self._unit_costs(), replicas))
             object.__setattr__(self, "_owner_plan", plan)
         return plan[1]
+
+    def _unit_costs(self):
+        """The cost of each unit of split work (here: each variable), in build order."""
+        return [kronecker.preconditioner_cost(modes) for modes in self._modes]
 
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
         owners = self._owners()
@@ -703,9 +698,9 @@ class TNT(keras.optimizers.Optimizer):
             return super()._backend_update_step(grads, trainable_variables, learning_rate)
         indices = [self._get_variable_index(v) for v in trainable_variables]
 
-        def compute(k, gradient):
+        def compute(k, reduced):
             idx = indices[k]
-            values = self._update_values(idx, gradient, trainable_variables[k], learning_rate)
+            values = self._update_values(idx, reduced[k], trainable_variables[k], learning_rate)
             finite = ops.equal(values[-1], 0)  # not skipped
             refresh = ops.logical_and(finite, self._refresh_due())
             self._count_work(idx, refresh=refresh, preconditioning=finite)
@@ -741,7 +736,7 @@ class TNT(keras.optimizers.Optimizer):
 
         Keys ``factorizations`` (factor inversions or roots computed), ``contractions``
         (tensors whose mode contractions were computed) and ``preconditionings`` (tensors
-        whose update was computed), counted since the optimizer was built. Empty when the
+        whose update was computed; for KFAC, layers), counted since the optimizer was built. Empty when the
         work is not split (one replica, ``split_preconditioner=False``, the JAX backend):
         then every replica does all of it.
         """

@@ -1,11 +1,13 @@
 """One worker of tests/test_multi_worker.py (or the single-process reference without TF_CONFIG).
 
-python -m tests.multi_worker_worker OUT.npz CHECKPOINT_DIR OPTIMIZER EPOCHS [KILL_AT_STEP]
+python -m tests.multi_worker_worker OUT CHECKPOINT_DIR OPTIMIZERS EPOCHS [KILL_AT_STEP]
 
-Trains a float64 digits autoencoder (330 images, global batch 80: four full batches and a
-partial one of 10) with keras_tnt.multi_worker.DistributedTrainer, warm start included, and
-saves every optimizer variable and weight of its replica. With KILL_AT_STEP, the worker with
-task index 1 SIGKILLs itself after that many steps (counted over the whole run).
+For each optimizer of the comma-separated OPTIMIZERS (keys of OPTIMIZERS below), one after the
+other in the same cluster: trains a float64 digits autoencoder (330 images, global batch 80: four
+full batches and a partial one of 10) with keras_tnt.multi_worker.DistributedTrainer, warm start
+included, checkpointing to CHECKPOINT_DIR/NAME, and saves every optimizer variable and weight of
+its replica to OUT_NAME.npz. With KILL_AT_STEP, the worker with task index 1 SIGKILLs itself
+after that many steps (counted over the whole run).
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ from keras_tnt import multi_worker  # noqa: E402
 
 OPTIMIZERS = {
     "tnt": lambda: keras_tnt.TNT(learning_rate=1e-3, damping=0.1, inverse_update_period=3),
+    "tnt_unsplit": lambda: keras_tnt.TNT(
+        learning_rate=1e-3, damping=0.1, inverse_update_period=3, split_preconditioner=False
+    ),
     "shampoo": lambda: keras_tnt.Shampoo(learning_rate=1e-3, damping=1e-3, inverse_update_period=3),
     "kfac": lambda: keras_tnt.KFAC(learning_rate=1e-3, damping=0.3, inverse_update_period=3),
 }
@@ -56,15 +61,27 @@ class KillAt(keras.callbacks.Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-def main(out, checkpoint_dir, optimizer, epochs, kill_at=None):
-    from sklearn.datasets import load_digits
-
-    x = (load_digits().data / 16.0)[:330]
+def main(out, checkpoint_dir, optimizers, epochs, kill_at=None):
     if os.environ.get("TF_CONFIG"):
         timeout = float(os.environ.get("CONNECT_TIMEOUT", "120"))
         strategy = multi_worker.strategy_from_tf_config(timeout=timeout)
     else:
         strategy = tf.distribute.get_strategy()
+    for optimizer in optimizers.split(","):
+        train(
+            strategy,
+            f"{out}_{optimizer}.npz",
+            os.path.join(checkpoint_dir, optimizer),
+            optimizer,
+            epochs,
+            kill_at,
+        )
+
+
+def train(strategy, out, checkpoint_dir, optimizer, epochs, kill_at):
+    from sklearn.datasets import load_digits
+
+    x = (load_digits().data / 16.0)[:330]
     with strategy.scope():
         model = build(optimizer)
     trainer = multi_worker.DistributedTrainer(

@@ -58,52 +58,80 @@ def _wait(processes, timeout=300):
     return results
 
 
-def _two_workers(tmp_path, name, optimizer, epochs, kill_at=None):
+def _two_workers(tmp_path, name, optimizers, epochs, kill_at=None):
     ports = _free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     processes = [
         _start(
-            [tmp_path / f"{name}_{i}.npz", tmp_path / f"{name}_ckpt", optimizer, epochs]
+            [tmp_path / f"{name}_{i}", tmp_path / f"{name}_ckpt", optimizers, epochs]
             + ([kill_at] if kill_at is not None else []),
             {"cluster": cluster, "task": {"type": "worker", "index": i}},
         )
         for i in range(2)
     ]
-    return _wait(processes)
+    return _wait(processes, timeout=480)
+
+
+ONE_PROCESS = ("tnt", "shampoo", "kfac")
 
 
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
-    """The reference: TNT, 2 epochs, in one process without TF_CONFIG (one replica)."""
+    """The references: TNT, Shampoo and KFAC, 2 epochs each, in one process without TF_CONFIG
+    (one replica, so nothing split)."""
     tmp_path = tmp_path_factory.mktemp("one")
-    results = _wait([_start([tmp_path / "one.npz", tmp_path / "one_ckpt", "tnt", 2])])
+    results = _wait(
+        [_start([tmp_path / "one", tmp_path / "one_ckpt", ",".join(ONE_PROCESS), 2])], timeout=480
+    )
     assert results[0][0] == 0, results[0][1][-3000:]
-    return np.load(tmp_path / "one.npz")
+    return {name: np.load(tmp_path / f"one_{name}.npz") for name in ONE_PROCESS}
 
 
 def _arrays(npz):
     return [npz[f"arr_{i}"] for i in range(len([k for k in npz.files if k.startswith("arr_")]))]
 
 
-def test_two_workers_are_identical_and_equal_one_process(tmp_path, one_process):
-    results = _two_workers(tmp_path, "two", "tnt", epochs=2)
-    for code, output in results:
+@pytest.fixture(scope="module")
+def two_workers(tmp_path_factory):
+    """TNT split and not split, Shampoo and KFAC (split), 2 epochs each, on two workers."""
+    tmp_path = tmp_path_factory.mktemp("two")
+    for code, output in _two_workers(tmp_path, "two", "tnt,tnt_unsplit,shampoo,kfac", epochs=2):
         assert code == 0, output[-3000:]
-    one = one_process
-    first, second = (np.load(tmp_path / f"two_{i}.npz") for i in range(2))
+    return tmp_path
+
+
+# Tensors preconditioned per step: 4 kernels and 4 biases (TNT, Shampoo); 4 layers (KFAC).
+UNITS = {"tnt": 8, "shampoo": 8, "kfac": 4}
+
+
+@pytest.mark.parametrize("name", ONE_PROCESS)
+def test_two_workers_are_identical_and_equal_one_process(two_workers, one_process, name):
+    """Both workers hold the same weights and optimizer variables, equal to the one-process run
+    on the same global batches (float64, to reduction-order round-off), partial last batch
+    included; the preconditioner work was split between them."""
+    one = one_process[name]
+    first, second = (np.load(two_workers / f"two_{i}_{name}.npz") for i in range(2))
     assert int(first["steps"]) == int(one["steps"]) == 10  # 5 batches (4 + a partial one) x 2
     for a, b in zip(_arrays(first), _arrays(second)):
         np.testing.assert_array_equal(a, b)
     for a, b in zip(_arrays(first), _arrays(one)):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
     # Only the chief kept a checkpoint directory.
-    assert sorted(os.listdir(tmp_path / "two_ckpt"))[-1] == "trainer_state.json"
-    # The preconditioner work was split between the workers (the one-process run is unsplit,
-    # so the split run is the unsplit trajectory): together they preconditioned each of the 8
-    # tensors once per step, each a part of them.
+    assert sorted(os.listdir(two_workers / "two_ckpt" / name))[-1] == "trainer_state.json"
+    # Together the workers preconditioned every unit once per step, each a part of them.
     work = [ast.literal_eval(str(w["work"]))[0] for w in (first, second)]
-    assert work[0]["preconditionings"] + work[1]["preconditionings"] == 8 * 10
+    assert work[0]["preconditionings"] + work[1]["preconditionings"] == UNITS[name] * 10
     assert all(w["preconditionings"] > 0 and w["factorizations"] > 0 for w in work)
+
+
+def test_two_workers_split_and_unsplit_are_the_same_run(two_workers):
+    split = np.load(two_workers / "two_0_tnt.npz")
+    unsplit = np.load(two_workers / "two_1_tnt_unsplit.npz")
+    for a, b in zip(_arrays(split), _arrays(unsplit)):
+        np.testing.assert_array_equal(a, b)
+    assert ast.literal_eval(str(unsplit["work"])) == [
+        {"factorizations": 0, "contractions": 0, "preconditionings": 0}
+    ]
 
 
 def test_tf_config_errors_name_the_problem():
@@ -139,7 +167,7 @@ def test_a_killed_worker_and_a_restart_end_where_an_uninterrupted_run_ends(tmp_p
     def start(kill_at=None):
         return [
             _start(
-                [tmp_path / f"run_{i}.npz", tmp_path / "ckpt", "tnt", 2]
+                [tmp_path / f"run_{i}", tmp_path / "ckpt", "tnt", 2]
                 + ([kill_at] if kill_at is not None else []),
                 {"cluster": cluster, "task": {"type": "worker", "index": i}},
             )
@@ -155,12 +183,12 @@ def test_a_killed_worker_and_a_restart_end_where_an_uninterrupted_run_ends(tmp_p
             if p.poll() is None:
                 p.kill()
             p.communicate()
-    state = json.loads((tmp_path / "ckpt" / "trainer_state.json").read_text())
+    state = json.loads((tmp_path / "ckpt" / "tnt" / "trainer_state.json").read_text())
     assert state["steps"] == 4 and state["epoch"] == 0 and state["step_in_epoch"] == 4
     for code, output in _wait(start()):
         assert code == 0, output[-3000:]
-    one = one_process
-    resumed = np.load(tmp_path / "run_0.npz")
+    one = one_process["tnt"]
+    resumed = np.load(tmp_path / "run_0_tnt.npz")
     assert int(resumed["steps"]) == 10
     for a, b in zip(_arrays(resumed), _arrays(one)):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
@@ -171,7 +199,7 @@ def test_a_worker_that_cannot_reach_the_others_exits_with_a_message(tmp_path):
     ports = _free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     alone = _start(
-        [tmp_path / "alone.npz", tmp_path / "ckpt", "tnt", 1],
+        [tmp_path / "alone", tmp_path / "ckpt", "tnt", 1],
         {"cluster": cluster, "task": {"type": "worker", "index": 0}},
         CONNECT_TIMEOUT="8",
     )
@@ -180,14 +208,9 @@ def test_a_worker_that_cannot_reach_the_others_exits_with_a_message(tmp_path):
     assert "connecting to the other workers did not finish within 8 s" in output
 
 
-def test_train_py_on_two_workers_chief_writes_the_run(tmp_path):
-    """`train.py --strategy=multi_worker` on two workers (KFAC, a classifier with accuracy):
-    the chief writes the run directory and the summary; worker 1 writes nothing that stays."""
+def _train_py_workers(out, scratch, epochs):
     ports = _free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
-    out = tmp_path / "run"
-    scratch = tmp_path / "scratch"
-    scratch.mkdir()
     processes = []
     for i in range(2):
         env = dict(os.environ, PYTHONPATH=ROOT, KERAS_BACKEND="tensorflow", TMPDIR=str(scratch))
@@ -200,7 +223,7 @@ def test_train_py_on_two_workers_chief_writes_the_run(tmp_path):
                     "--strategy=multi_worker",
                     "--problem=digits_classifier",
                     "--optimizer=kfac",
-                    "--epochs=2",
+                    f"--epochs={epochs}",
                     "--steps_per_epoch=3",
                     "--checkpoint_every_steps=2",
                     "--verbose=0",
@@ -215,6 +238,17 @@ def test_train_py_on_two_workers_chief_writes_the_run(tmp_path):
         )
     (code0, out0), (code1, out1) = _wait(processes)
     assert code0 == 0 and code1 == 0, (out0[-3000:], out1[-3000:])
+    return out0, out1
+
+
+def test_train_py_on_two_workers_chief_writes_the_run_and_both_resume(tmp_path):
+    """`train.py --strategy=multi_worker` on two workers (KFAC, a classifier with accuracy):
+    the chief writes the run directory and the summary; worker 1 writes nothing that stays.
+    Both started again with --epochs=3 resume from the chief's checkpoint after step 6."""
+    out = tmp_path / "run"
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    out0, out1 = _train_py_workers(out, scratch, epochs=2)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["workers"] == 2 and summary["steps"] == 6 and summary["epochs"] == 2
     assert np.isfinite(summary["final_loss"]) and 0 <= summary["final_val_accuracy"] <= 1
@@ -224,3 +258,10 @@ def test_train_py_on_two_workers_chief_writes_the_run(tmp_path):
     assert {p.name for p in out.iterdir()} >= {"flags.json", "trainer_state.json", "tensorboard"}
     assert '"final_loss"' in out0 and '"final_loss"' not in out1  # the summary: chief only
     assert not [p for p in scratch.iterdir() if p.name.startswith("keras_tnt_worker_")]
+
+    _train_py_workers(out, scratch, epochs=3)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 9 and summary["epochs"] == 3
+    assert len((out / "history.csv").read_text().splitlines()) == 4  # one row added
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["steps"] == 9 and state["epoch"] == 3

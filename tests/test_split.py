@@ -80,6 +80,7 @@ def _state(model):
     [
         (keras_tnt.TNT, {"damping": 0.1, "weight_decay": 1e-3}),
         (keras_tnt.Shampoo, {"damping": 1e-3}),
+        (keras_tnt.KFAC, {"damping": 0.3, "weight_decay": 1e-3}),
     ],
 )
 def test_split_is_the_unsplit_run_bit_for_bit(optimizer_cls, kwargs):
@@ -131,6 +132,21 @@ def test_replica_work_is_split_in_half_and_adds_up():
     assert total["factorizations"] == modes * refreshes
 
 
+def test_kfac_splits_its_layers_in_half():
+    """KFAC's units are layers (kernel and bias together): the owner refreshes both factors and
+    computes A⁻¹ M G⁻¹; its factor sums are each replica's own examples (not split)."""
+    model = _run(keras_tnt.KFAC, None, damping=0.3)
+    optimizer = model.optimizer
+    assert optimizer._owner_plan[1] == [0, 1, 0, 1]  # four equal layers
+    work = optimizer.replica_work()
+    assert work[0] == work[1]
+    steps = int(optimizer.iterations.numpy())
+    refreshes = sum(1 for t in range(steps) if t <= 4 or t % 4 == 0)  # T1 = 1, T2 = 4
+    assert work[0]["preconditionings"] + work[1]["preconditionings"] == 4 * steps
+    assert work[0]["factorizations"] + work[1]["factorizations"] == 2 * 4 * refreshes
+    assert work[0]["contractions"] == work[1]["contractions"] == 0
+
+
 def test_plan_balances_by_cost_within_grahams_bound():
     rng = np.random.default_rng(0)
     for _ in range(30):
@@ -156,8 +172,8 @@ def test_cost_model_counts_refresh_contraction_and_preconditioning():
 def test_split_argument_is_checked():
     with pytest.raises(TypeError, match="split_preconditioner"):
         keras_tnt.TNT(split_preconditioner="yes")
-    with pytest.raises(ValueError, match="KFAC cannot split"):
-        keras_tnt.KFAC(split_preconditioner=True)
+    with pytest.raises(TypeError, match="None, True or False; received 1"):
+        keras_tnt.KFAC(split_preconditioner=1)
     assert keras_tnt.KFAC(split_preconditioner=False).split_preconditioner is False
     config = keras_tnt.TNT(split_preconditioner=False).get_config()
     assert keras_tnt.TNT.from_config(config).split_preconditioner is False

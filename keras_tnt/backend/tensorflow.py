@@ -185,13 +185,14 @@ def update_from_owners(grads, owners, compute, zeros, assign, anchor) -> None:
     """The optimizer step with each tensor's update computed by its owner replica only.
 
     In replica context: the gradients are summed over replicas (as Keras' ``apply`` does), the
-    owner of tensor ``k`` computes ``compute(k, reduced gradient)`` (a structure of tensors),
-    every other replica ``zeros(k)``; one all-reduce gives every replica the owners' numbers
-    bit for bit, and ``assign(values)`` writes them on every device.
+    owner of unit ``k`` (a tensor, or a group of them such as a KFAC layer) computes
+    ``compute(k, reduced gradients)`` (a structure of tensors), every other replica
+    ``zeros(k)``; one all-reduce gives every replica the owners' numbers bit for bit, and
+    ``assign(values)`` writes them on every device.
     """
     ctx = tf.distribute.get_replica_context()
     reduced = ctx.all_reduce(tf.distribute.ReduceOp.SUM, list(grads))
-    values = _from_owners(ctx, owners, lambda k: compute(k, reduced[k]), zeros)
+    values = _from_owners(ctx, owners, lambda k: compute(k, reduced), zeros)
     flat = tf.nest.flatten(values)
 
     def merge_fn(strategy, flat):
