@@ -206,6 +206,25 @@ def learning_rate_at(config: dict, epoch: int) -> float:
 # ---------------------------------------------------------------- callbacks
 
 
+class RunProgbar(keras.callbacks.ProgbarLogger):
+    """Keras' progress bar headed with the run's epoch count ("Epoch 3/30"): train.py calls
+    ``fit`` one epoch at a time, so Keras' own header would read "Epoch 3/3"."""
+
+    def __init__(self, epochs: int, budget: float | None = None):
+        super().__init__()
+        self.run_epochs, self.budget = epochs, budget
+
+    def set_params(self, params):
+        super().set_params(params)
+        self.epochs = 1  # Keras prints no header of its own for one epoch; ours follows
+
+    def on_epoch_begin(self, epoch, logs=None):
+        super().on_epoch_begin(epoch, logs)
+        if self.verbose:
+            budget = f" (or a time budget of {self.budget:g} s)" if self.budget else ""
+            print(f"Epoch {epoch + 1}/{self.run_epochs}{budget}", flush=True)
+
+
 class RunLog(keras.callbacks.Callback):
     """Training time, the smoothed minibatch loss, and the time budget."""
 
@@ -394,7 +413,7 @@ def run(config: dict) -> dict:
             steps_per_epoch=config["steps_per_epoch"] or None,
             validation_data=test_data,
             shuffle=False,  # the pipeline shuffles, seeded per epoch
-            callbacks=[log, tensorboard],
+            callbacks=[log, tensorboard, RunProgbar(config["epochs"], config["time_budget_s"])],
             verbose=FLAGS.verbose if FLAGS.is_parsed() else 0,
         )
         state["epochs_done"] = epoch + 1

@@ -7,8 +7,8 @@ Runs `model.fit` on synthetic data, side by side in one process, and prints rati
 * ResNet-32, batch 128: TNT (T1=10, T2=100) against Keras SGD with momentum 0.9;
 * ``autoencoder_2replicas`` (TensorFlow only; run it on its own, it sets up two logical CPU
   devices): the autoencoder under MirroredStrategy on two replicas, global batch 1000: TNT
-  (T1=1, T2=20) with its preconditioner work split across the replicas and without, against
-  Adam on the same two replicas.
+  (T1=1, T2=20) and KFAC (T1=1, T2=20), each with its preconditioner work split across the
+  replicas and without, against Adam on the same two replicas.
 
 Every step is timed by a callback. TNT is timed in its steady state (step counter >= T2, where
 the inverses are refreshed every T2 steps) over a window of whole periods when it is affordable;
@@ -271,6 +271,16 @@ def run_problem(problem):
                 f"TNT T1=1 T2=20, 2 replicas, {name}",
                 lambda split=split: keras_tnt.TNT(
                     LR, 0.1, 0.9, 0.9, 1, 20, split_preconditioner=split
+                ),
+                1,
+                20,
+            )
+            for name, split in (("split", True), ("not split", False))
+        ] + [
+            Config(
+                f"KFAC T1=1 T2=20, 2 replicas, {name}",
+                lambda split=split: keras_tnt.KFAC(
+                    LR, 0.3, 0.9, 0.9, 1, 20, split_preconditioner=split
                 ),
                 1,
                 20,

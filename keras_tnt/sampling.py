@@ -155,14 +155,18 @@ def counter_uniform(shape, seed, dtype="float32", stream: int = 0, first=0):
     dtype = keras.backend.standardize_dtype(dtype)
     size = _size(shape)
     high = _random_words(size, seed, 2 * stream, first)
+    # u = (k + 1/2) 2^-b with k uniform on b bits: b = 52 (float64) and 23 (float32), one bit
+    # below the mantissa so that k + 1/2 is exact. (With b = 53 / 24, k + 1/2 rounded to even
+    # for the upper half of k, and the largest k gave u = 1.0 exactly: the test of the lowest
+    # bits in tests/test_sampler_quality.py found it.)
     if dtype == "float64":
         low = _random_words(size, seed, 2 * stream + 1, first)
-        bits = ops.cast(ops.right_shift(high, _u32(5)), "float64") * 67108864.0 + ops.cast(
+        bits = ops.cast(ops.right_shift(high, _u32(6)), "float64") * 67108864.0 + ops.cast(
             ops.right_shift(low, _u32(6)), "float64"
         )
-        u = (bits + 0.5) * (2.0**-53)
+        u = (bits + 0.5) * (2.0**-52)
     else:
-        u = (ops.cast(ops.right_shift(high, _u32(8)), "float32") + 0.5) * (2.0**-24)
+        u = (ops.cast(ops.right_shift(high, _u32(9)), "float32") + 0.5) * (2.0**-23)
     return ops.reshape(ops.cast(u, dtype), shape)
 
 

@@ -64,6 +64,11 @@ class Shampoo(TNT):
         name=None,
         **kwargs,
     ):
+        if "empirical_fisher" in kwargs:
+            raise TypeError(
+                "Shampoo always takes its statistics from the gradients given to `apply`; "
+                "`empirical_fisher` is not one of its arguments."
+            )
         if not isinstance(refresh_at_inverse_period_only, bool):
             raise TypeError(
                 "`refresh_at_inverse_period_only` must be True or False; received "

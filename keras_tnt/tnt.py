@@ -736,9 +736,9 @@ class TNT(keras.optimizers.Optimizer):
 
         Keys ``factorizations`` (factor inversions or roots computed), ``contractions``
         (tensors whose mode contractions were computed) and ``preconditionings`` (tensors
-        whose update was computed; for KFAC, layers), counted since the optimizer was built. Empty when the
-        work is not split (one replica, ``split_preconditioner=False``, the JAX backend):
-        then every replica does all of it.
+        whose update was computed; for KFAC, layers), counted since the optimizer was built.
+        Empty when the work is not split (one replica, ``split_preconditioner=False``, the
+        JAX backend): then every replica does all of it.
         """
         return backend.replica_work(self)
 

@@ -91,6 +91,14 @@ def _fresh_session():
 
 
 def pytest_configure(config):
+    # The tests compare float32 numbers with NumPy and across devices at float32 tolerances:
+    # full-precision float32 matmuls, not TensorFloat-32 (the default of TensorFlow and JAX on
+    # Ampere and later GPUs, 10 mantissa bits). No effect on CPUs.
+    if BACKEND == "jax":
+        import jax
+
+        jax.config.update("jax_default_matmul_precision", "highest")
+        return
     if BACKEND != "tensorflow":
         return
     import tensorflow as tf
@@ -103,6 +111,7 @@ def pytest_configure(config):
         )
     except RuntimeError:
         pass
+    tf.config.experimental.enable_tensor_float_32_execution(False)
 
 
 def pytest_collection_modifyitems(config, items):

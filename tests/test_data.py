@@ -97,6 +97,35 @@ def test_mocked_pipeline_matches_the_raw_examples(name):
     np.testing.assert_allclose(x, expected, rtol=0, atol=1e-5)
 
 
+def test_constants_are_the_published_numbers():
+    """Pinned to docs/algorithm.md (the authors' code; CIFAR-10's are the widely used ones)."""
+    assert data.CIFAR_MEAN == {
+        "cifar10": (0.4914, 0.4822, 0.4465),
+        "cifar100": (0.507, 0.487, 0.441),
+    }
+    assert data.CIFAR_STD == {
+        "cifar10": (0.2023, 0.1994, 0.2010),
+        "cifar100": (0.267, 0.256, 0.276),
+    }
+    assert data.CIFAR_PADDING == 4
+
+
+def test_mnist16_is_pils_bilinear_resize():
+    """The 16x16 MNIST of Figure 1: PIL's bilinear (antialiased) downscale of each 28x28 image,
+    computed here by PIL itself in float mode (the authors' PIL resize also rounds to uint8,
+    which moves a pixel by at most 0.5/255)."""
+    from PIL import Image
+
+    with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):
+        images, _ = _mock_raw_examples("mnist16")
+        x, _ = _batches(data.load("mnist16", "test", 6))
+    assert x.shape == (len(images), 256)
+    for image, row in zip(images, x):
+        pixels = image[:, :, 0].astype(np.float32) / 255.0
+        expected = np.asarray(Image.fromarray(pixels, mode="F").resize((16, 16), Image.BILINEAR))
+        np.testing.assert_allclose(row.reshape(16, 16), expected, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["mnist", "cifar10"])
 def test_target_input_gives_pairs_of_the_same_tensor(name):
     with tfds.testing.mock_data(num_examples=MOCK_EXAMPLES):

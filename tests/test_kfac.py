@@ -497,3 +497,185 @@ def test_compiled_but_untrained_model_loads(tmp_path, optimizer):
     assert type(restored.optimizer) is optimizer
     restored.fit(np.zeros((8, 4), "float32"), np.zeros(8), verbose=0)
     assert int(restored.optimizer.iterations) == 1
+
+
+def test_failed_inversion_keeps_the_previous_inverse_and_is_counted(float64):
+    """A factor whose damped Cholesky fails (here: not finite) keeps its previous inverse; the
+    layer's other factor is refreshed; the failure is counted; the weights stay finite."""
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(16, 4)), rng.integers(0, 2, size=16)
+    model = _mlp(keras_tnt.FisherModel)
+    model.compile(
+        optimizer=keras_tnt.KFAC(learning_rate=0.05, inverse_update_period=1), loss=_ce_loss()
+    )
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    opt = model.optimizer
+    layer = opt.blocks[0].layer
+    previous = [np.array(a) for a in opt.factor_inverses(layer)]
+    factor_g = np.array(opt.factors(layer)[1])
+    opt.factors(layer)[0].assign(np.full(previous[0].shape, np.nan))
+    opt.factors(layer)[1].assign(2.0 * factor_g)
+    inverses, failed = opt._new_block_inverses(0)
+    assert int(failed) == 1
+    np.testing.assert_array_equal(np.array(inverses[0]), previous[0])
+    expected_g = np.linalg.inv(2.0 * factor_g + math.sqrt(0.3) * np.eye(len(factor_g)))
+    np.testing.assert_allclose(np.array(inverses[1]), expected_g, rtol=1e-9)
+    # Through a training step: the NaN factor stays NaN in the moving average, the refresh
+    # (due every step) fails, the previous inverse stays, and the weights move and stay finite.
+    before_weights = [np.array(w) for w in model.trainable_variables]
+    before = opt.failed_inversions
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    assert opt.failed_inversions == before + 1
+    np.testing.assert_array_equal(np.array(opt.factor_inverses(layer)[0]), previous[0])
+    for w, w0 in zip(model.trainable_variables, before_weights):
+        assert np.all(np.isfinite(np.array(w))) and not np.array_equal(np.array(w), w0)
+
+
+class RecordingKFAC(keras_tnt.FisherModel):
+    """Keeps the last targets the Fisher pass drew, so a NumPy reference sees the same draws."""
+
+    def sample_targets(self, y_pred, seed, first_example=0):
+        targets = super().sample_targets(y_pred, seed, first_example)
+        self.__dict__["_recorded"].assign(tf.cast(targets, tf.int32))
+        return targets
+
+
+def _im2col_3x3(x):
+    """(n, H, W, C) -> (n, positions, 9 C): valid 3x3 patches, row-major over (kh, kw, C)."""
+    n, height, width, _ = x.shape
+    patches = [
+        x[:, i : i + 3, j : j + 3, :].reshape(n, -1)
+        for i in range(height - 2)
+        for j in range(width - 2)
+    ]
+    return np.stack(patches, axis=1)
+
+
+class RefConvKFAC:
+    """algorithm.md §3 for Conv2D(2, 3x3, valid, bias) - tanh - Flatten - Dense(3), softmax
+    cross-entropy, written out in NumPy (forward, backward, im2col, factors, step)."""
+
+    def __init__(self, weights, lr, lam, beta, rho, T1, T2, wd):
+        self.w = [np.array(w, np.float64) for w in weights]  # K, b, W2, b2
+        self.lr, self.lam, self.beta, self.rho = lr, lam, beta, rho
+        self.T1, self.T2, self.wd = T1, T2, wd
+        self.m = [np.zeros_like(w) for w in self.w]
+        self.F = [[None, None], [None, None]]
+        self.Finv = [[None, None], [None, None]]
+        self.t = self.count = self.warm = 0
+
+    def _passes(self, x, true_labels, drawn_labels):
+        kernel, b, w2, b2 = self.w
+        n = len(x)
+        patches = _im2col_3x3(x)  # (n, P, 9 C)
+        positions = patches.shape[1]
+        k2 = kernel.reshape(-1, kernel.shape[-1])
+        a1 = np.tanh(patches @ k2 + b)  # (n, P, 2)
+        flat = a1.reshape(n, -1)
+        z2 = flat @ w2 + b2
+        p = np.exp(z2 - z2.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+
+        def backward(labels):
+            s2 = (p - np.eye(p.shape[1])[labels]) / n
+            s1 = (s2 @ w2.T).reshape(a1.shape) * (1 - a1**2)
+            return s1, s2
+
+        s1, s2 = backward(true_labels)
+        grads = [
+            np.einsum("npi,npo->io", patches, s1).reshape(kernel.shape),
+            s1.sum((0, 1)),
+            flat.T @ s2,
+            s2.sum(0),
+        ]
+        if drawn_labels is None:
+            return grads, None
+        f1, f2 = backward(drawn_labels)
+        pa = np.concatenate([patches.reshape(n * positions, -1), np.ones((n * positions, 1))], 1)
+        s = n * f1.reshape(n * positions, -1)
+        ab = np.concatenate([flat, np.ones((n, 1))], axis=1)
+        factors = [[pa.T @ pa / n, s.T @ s / (n * positions)], [ab.T @ ab / n, n * f2.T @ f2]]
+        return grads, factors
+
+    def warm_start(self, x, drawn):
+        _, factors = self._passes(x, drawn, drawn)
+        self.warm += 1
+        j = self.warm
+        for li in range(2):
+            for k in range(2):
+                old = 0.0 if self.F[li][k] is None else self.F[li][k]
+                self.F[li][k] = (j - 1) / j * old + factors[li][k] / j
+        self.count += 1
+
+    def step(self, x, y, drawn):
+        t = self.t
+        grads, factors = self._passes(x, y, drawn if t % self.T1 == 0 else None)
+        if t % self.T1 == 0:
+            for li in range(2):
+                for k in range(2):
+                    old = self.F[li][k]
+                    new = factors[li][k]
+                    self.F[li][k] = (
+                        new if self.count == 0 else self.rho * old + (1 - self.rho) * new
+                    )
+            self.count += 1
+        if (t <= self.T2 and t % self.T1 == 0) or t % self.T2 == 0:
+            root = math.sqrt(self.lam)
+            for li in range(2):
+                for k in range(2):
+                    f = self.F[li][k]
+                    self.Finv[li][k] = np.linalg.inv(f + root * np.eye(len(f)))
+        self.m = [self.beta * m + g for m, g in zip(self.m, grads)]
+        for li in range(2):
+            mw, mb = self.m[2 * li], self.m[2 * li + 1]
+            rows = mw.reshape(-1, mw.shape[-1])
+            d = self.Finv[li][0] @ np.concatenate([rows, mb[None]], axis=0) @ self.Finv[li][1]
+            for j, dj in ((2 * li, d[:-1].reshape(mw.shape)), (2 * li + 1, d[-1])):
+                self.w[j] = self.w[j] * (1 - self.lr * self.wd) - self.lr * dj
+        self.t += 1
+
+
+def test_conv2d_training_with_sampled_labels_matches_numpy(float64):
+    """KFAC on a Conv2D + Dense classifier with the real sampler (labels drawn from the model's
+    softmax, recorded): a warm start and four steps equal the NumPy reference's weights and
+    factors."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(40, 5, 5, 1))
+    y = rng.integers(0, 3, size=40)
+    keras.utils.set_random_seed(2)
+    inputs = keras.Input((5, 5, 1))
+    h = keras.layers.Activation("tanh")(keras.layers.Conv2D(2, 3)(inputs))
+    outputs = keras.layers.Dense(3)(keras.layers.Flatten()(h))
+    model = RecordingKFAC(inputs, outputs, fisher_seed=9)
+    model.__dict__["_recorded"] = tf.Variable(tf.zeros((8,), tf.int32), trainable=False)
+    settings = dict(lr=0.05, lam=0.3, beta=0.9, rho=0.8, T1=1, T2=2, wd=0.01)
+    model.compile(
+        optimizer=keras_tnt.KFAC(
+            learning_rate=0.05,
+            damping=0.3,
+            momentum=0.9,
+            statistics_decay=0.8,
+            curvature_update_period=1,
+            inverse_update_period=2,
+            weight_decay=0.01,
+        ),
+        loss=_ce_loss(),
+    )
+    ref = RefConvKFAC([np.array(w) for w in model.trainable_variables], **settings)
+    model.warm_start(x[:8], batch_size=8, verbose=0)
+    ref.warm_start(x[:8], model.__dict__["_recorded"].numpy())
+    draws = []
+    for step in range(4):
+        xb, yb = x[8 + 8 * step : 16 + 8 * step], y[8 + 8 * step : 16 + 8 * step]
+        model.train_on_batch(xb, yb)
+        drawn = model.__dict__["_recorded"].numpy()
+        draws.append(drawn)
+        ref.step(xb, yb, drawn)
+        for v, want in zip(model.trainable_variables, ref.w):
+            np.testing.assert_allclose(np.array(v), want, rtol=1e-10, atol=1e-12, err_msg=v.path)
+    # Real draws: not the argmax, and not all the true labels.
+    assert any(not np.array_equal(d, y[8 + 8 * i : 16 + 8 * i]) for i, d in enumerate(draws))
+    opt = model.optimizer
+    for li, block in enumerate(opt.blocks):
+        for actual, expected in zip(opt.factors(block.layer), ref.F[li]):
+            np.testing.assert_allclose(np.array(actual), expected, rtol=1e-10, atol=1e-14)

@@ -344,8 +344,14 @@ def test_damped_inverse_reports_failure(u, eps):
     assert not bool(ok)
 
 
-def test_damped_inverse_reports_failure_in_graph():
-    invert = compiled(lambda u: kronecker.damped_inverse(u, 1e-3))
+@pytest.mark.parametrize("jit_compile", [False, True], ids=["graph", "xla"])
+def test_damped_inverse_reports_failure_in_graph(jit_compile):
+    """In a compiled step, and under XLA (whose Cholesky gives NaN for an indefinite matrix,
+    as TensorFlow's CPU and GPU kernels do), the failure is reported, not raised."""
+    invert = compiled(lambda u: kronecker.damped_inverse(u, 1e-3), jit_compile=jit_compile)
 
     _, ok = invert(_t([[1.0, 2.0], [2.0, 1.0]]))
     assert not bool(ok)
+    inverse, ok = invert(_t([[2.0, 1.0], [1.0, 2.0]]))
+    assert bool(ok)
+    _close(inverse, np.linalg.inv(np.array([[2.0, 1.0], [1.0, 2.0]]) + 1e-3 * np.eye(2)))

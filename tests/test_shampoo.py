@@ -36,45 +36,68 @@ def _rel(actual, expected):
     return float(np.max(np.abs(actual - expected)) / np.max(np.abs(expected)))
 
 
-class RefShampoo:
-    """algorithm.md §3: TNT's schedule with statistics from g and P_i = (H_i + εI)^(-1/(2k))."""
+def _modes(shape):
+    """algorithm.md §4: 1-3 dims unchanged, 4+ dims: the leading (spatial) axes merged."""
+    shape = tuple(shape)
+    return shape if len(shape) <= 3 else (int(np.prod(shape[:-2])),) + shape[-2:]
 
-    def __init__(self, shapes, lr, eps, beta, rho, T1, T2, period_only):
+
+class RefShampoo:
+    """algorithm.md §3: TNT's schedule with statistics from g and P_i = (H_i + εI)^(-1/(2k)),
+    for tensors of any number of modes, with TNT's warm start and decoupled weight decay."""
+
+    def __init__(self, shapes, lr, eps, beta, rho, T1, T2, period_only, weight_decay=0.0):
         self.shapes = [tuple(s) for s in shapes]
+        self.modes = [_modes(s) for s in self.shapes]
         self.lr, self.eps, self.beta, self.rho = lr, eps, beta, rho
         self.T1, self.T2, self.period_only = T1, T2, period_only
+        self.wd = weight_decay
         self.m = [np.zeros(s) for s in self.shapes]
-        self.H = [[np.zeros((d, d)) for d in s] for s in self.shapes]
-        self.P = [[np.zeros((d, d)) for d in s] for s in self.shapes]
+        self.H = [[np.zeros((d, d)) for d in m] for m in self.modes]
+        self.P = [[np.zeros((d, d)) for d in m] for m in self.modes]
         self.t = 0
         self.count = 0
+        self.warm = 0
 
     def refresh_due(self):
         if self.period_only:
             return self.t % self.T2 == 0
         return self.t % (self.T1 if self.t < self.T2 else self.T2) == 0
 
+    def _contractions(self, idx, g):
+        x = np.reshape(g, self.modes[idx])
+        for i, d in enumerate(self.modes[idx]):
+            u = np.moveaxis(x, i, 0).reshape(d, -1)
+            yield i, u @ u.T
+
+    def accumulate(self, grads):
+        """Warm start: the running mean of the batches' contractions."""
+        self.warm += 1
+        j = self.warm
+        for idx, g in enumerate(grads):
+            for i, c in self._contractions(idx, g):
+                self.H[idx][i] = (j - 1) / j * self.H[idx][i] + c / j
+        self.count += 1
+
     def step(self, weights, grads):
-        if self.t % self.T1 == 0:
+        if self.t % self.T1 == 0 and not (self.t == 0 and self.warm > 0):
             for idx, g in enumerate(grads):
-                for i, d in enumerate(self.shapes[idx]):
-                    u = np.moveaxis(g, i, 0).reshape(d, -1)
-                    c = u @ u.T
+                for i, c in self._contractions(idx, g):
                     h = self.H[idx][i]
                     self.H[idx][i] = c if self.count == 0 else self.rho * h + (1 - self.rho) * c
             self.count += 1
         refresh = self.refresh_due()
         new = []
         for idx, (w, g) in enumerate(zip(weights, grads)):
-            k = len(self.shapes[idx])
+            k = len(self.modes[idx])
             self.m[idx] = self.beta * self.m[idx] + g
             if refresh:
                 self.P[idx] = [_root(h, 2 * k, self.eps) for h in self.H[idx]]
-            if k == 1:
-                direction = self.P[idx][0] @ self.m[idx]
-            else:
-                direction = self.P[idx][0] @ self.m[idx] @ self.P[idx][1]
-            new.append(w - self.lr * direction)
+            kron = self.P[idx][0]
+            for p in self.P[idx][1:]:
+                kron = np.kron(kron, p)
+            direction = (kron @ self.m[idx].ravel()).reshape(w.shape)
+            new.append(w * (1 - self.lr * self.wd) - self.lr * direction)
         self.t += 1
         return new
 
@@ -219,6 +242,45 @@ def test_refresh_schedule_matches_numpy(float64, period_only, refresh_steps):
     assert opt.curvature_updates == 8
 
 
+def test_three_and_four_mode_tensors_with_warm_start_period_and_decay_match_numpy(float64):
+    """A 3-mode tensor, a 4-D conv-like kernel (leading axes merged: modes (6, 4, 5)) and a
+    vector, with a warm start over two batches, T1 = 2, T2 = 4 and weight decay."""
+    shapes = [(3, 4, 5), (2, 3, 4, 5), (5,)]
+    settings = dict(lr=0.05, eps=0.1, beta=0.9, rho=0.8, T1=2, T2=4)
+    rng = np.random.default_rng(3)
+    init = [rng.standard_normal(s) for s in shapes]
+    variables = [keras.Variable(w, dtype="float64") for w in init]
+    opt = keras_tnt.Shampoo(
+        learning_rate=0.05,
+        damping=0.1,
+        momentum=0.9,
+        statistics_decay=0.8,
+        curvature_update_period=2,
+        inverse_update_period=4,
+        weight_decay=0.01,
+    )
+    opt.build(variables)
+    modes = [tuple(int(p.shape[0]) for p in opt.inverses(v)) for v in variables]
+    assert modes == [(3, 4, 5), (6, 4, 5), (5,)]
+    ref = RefShampoo(shapes, period_only=False, weight_decay=0.01, **settings)
+    for _ in range(2):
+        grads = [rng.standard_normal(s) for s in shapes]
+        opt.accumulate_curvature([_t(g) for g in grads])
+        ref.accumulate(grads)
+    weights = [w.copy() for w in init]
+    apply = compiled_step(opt, variables, lambda g: opt.apply(g, variables))
+    for t in range(7):
+        grads = [rng.standard_normal(s) for s in shapes]
+        apply([_t(g) for g in grads])
+        weights = ref.step(weights, grads)
+        for var, want in zip(variables, weights):
+            assert _rel(var, want) <= 1e-6, f"t={t}"
+    for var, stats in zip(variables, ref.H):
+        for actual, expected in zip(opt.statistics(var), stats):
+            np.testing.assert_allclose(np.array(actual), expected, rtol=1e-12)
+    assert opt.curvature_updates == 2 + 3  # warm start, then t = 2, 4, 6
+
+
 def test_failed_root_keeps_previous_and_is_counted(float64):
     kernel = keras.Variable(np.ones((2, 2)), dtype="float64")
     opt = keras_tnt.Shampoo(learning_rate=0.0625, damping=0.25)
@@ -253,9 +315,9 @@ def test_defaults_and_config_round_trip():
     again = keras.optimizers.deserialize(keras.optimizers.serialize(opt))
     assert type(again) is keras_tnt.Shampoo
     assert again.refresh_at_inverse_period_only and again.inverse_update_period == 7
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="`empirical_fisher` is not one of its arguments"):
         keras_tnt.Shampoo(empirical_fisher=False)
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="`refresh_at_inverse_period_only` must be True or False"):
         keras_tnt.Shampoo(refresh_at_inverse_period_only=1)
 
 

@@ -110,15 +110,53 @@ def test_bad_flags_exit_nonzero_with_a_message(flag, message, tmp_path):
     assert message in result.stderr
 
 
-@pytest.mark.parametrize("optimizer", ["tnt_ef", "shampoo", "kfac"])
-def test_gradient_statistics_optimizers_run(tmp_path, optimizer):
-    result = _train(
-        f"--optimizer={optimizer}", "--epochs=1", "--steps_per_epoch=3", f"--output_dir={tmp_path}"
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    summary = json.load(open(os.path.join(tmp_path, "summary.json")))
-    assert summary["steps"] == 3 and summary["skipped_updates"] == 0
-    assert json.load(open(os.path.join(tmp_path, "flags.json")))["warm_start"] is True
+def _run_in_process(*args):
+    import train
+
+    train.FLAGS.unparse_flags()
+    train.FLAGS(["train.py", *args])
+    try:
+        return train.run(train.resolve_config())
+    finally:
+        train.FLAGS.unparse_flags()
+
+
+@pytest.mark.parametrize(
+    "optimizer, extra",
+    [
+        ("tnt_ef", []),
+        ("shampoo", []),
+        ("kfac", []),
+        ("adam", []),
+        # The staircase halves the learning rate after epoch 1: the resumed epoch is past it.
+        ("tnt", ["--lr_decay_epochs=1", "--lr_decay_factor=0.5"]),
+    ],
+)
+def test_every_optimizer_resumes_bit_exactly(tmp_path, optimizer, extra):
+    common = [f"--optimizer={optimizer}", "--steps_per_epoch=3", "--verbose=0", *extra]
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    summary = _run_in_process("--epochs=2", f"--output_dir={straight}", *common)
+    assert summary["steps"] == 6 and summary["skipped_updates"] == 0
+    if optimizer != "adam":
+        assert json.load(open(os.path.join(straight, "flags.json")))["warm_start"] is True
+    _run_in_process("--epochs=1", f"--output_dir={resumed}", *common)
+    _run_in_process("--epochs=2", f"--output_dir={resumed}", *common)
+    for a, b in zip(_state(straight), _state(resumed), strict=True):
+        np.testing.assert_array_equal(a, b)
+    rates = [float(r["learning_rate"]) for r in csv.DictReader(open(f"{resumed}/history.csv"))]
+    assert len(rates) == 2
+    if extra:
+        assert rates[1] == 0.5 * rates[0]
+
+
+def test_progress_shows_the_runs_epoch_count(tmp_path, capsys):
+    _run_in_process("--epochs=3", "--steps_per_epoch=2", "--verbose=2", f"--output_dir={tmp_path}")
+    out = capsys.readouterr().out
+    assert [line for line in out.splitlines() if line.startswith("Epoch ")] == [
+        "Epoch 1/3",
+        "Epoch 2/3",
+        "Epoch 3/3",
+    ]
 
 
 def test_missing_data_set_stops_within_seconds(tmp_path):

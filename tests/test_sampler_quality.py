@@ -1,0 +1,134 @@
+"""The counter-based generator of keras_tnt.sampling as a random number generator.
+
+Each test draws from fixed seeds (so it is deterministic) and applies a classical test at the
+significance level ALPHA: uniformity (chi-square over bins), independence between consecutive
+training steps, replicas (slices of a global batch), streams, seeds and neighbouring element
+positions (pairwise chi-square on a 2-D grid and serial correlation), and a Kolmogorov-Smirnov
+test of the Box-Muller normals. A generator with a defect these tests look for (a biased bit, a
+step or position that leaks into the next draw, streams that coincide) fails them by orders of
+magnitude: the checks at the bottom feed them such defects and see them rejected.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from keras_tnt import sampling
+
+ALPHA = 1e-3
+N = 200_000
+BINS = 100
+GRID = 20  # 400 cells of a pairwise test, 500 expected draws each
+
+
+def _uniform(seed, n=N, dtype="float32", stream=0, first=0):
+    return np.asarray(
+        sampling.counter_uniform((n,), np.array(seed, "int64"), dtype, stream=stream, first=first)
+    ).astype("float64")
+
+
+def _uniformity_p(u):
+    counts = np.histogram(u, bins=BINS, range=(0.0, 1.0))[0]
+    return stats.chisquare(counts).pvalue
+
+
+def _pairs_p(u, v):
+    """Chi-square p-value of independence and uniformity of the pairs (u_i, v_i)."""
+    counts = np.histogram2d(u, v, bins=GRID, range=[[0, 1], [0, 1]])[0].ravel()
+    return stats.chisquare(counts).pvalue
+
+
+def _correlation_ok(u, v):
+    # |r| of independent samples is about N(0, 1/n): 4.4 standard deviations is ALPHA / 100.
+    r = np.corrcoef(u, v)[0, 1]
+    return abs(r) < 4.4 / np.sqrt(len(u))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_uniform_draws_are_uniform_in_the_open_interval(dtype):
+    u = _uniform([7, 0, 3], dtype=dtype)
+    assert 0.0 < u.min() and u.max() < 1.0
+    assert _uniformity_p(u) > ALPHA
+    # The finest scale too: the last 1/BINS of the interval, split again into BINS bins.
+    fine = u[u < 1.0 / BINS] * BINS
+    assert _uniformity_p(fine) > ALPHA
+    assert stats.kstest(u, "uniform").pvalue > ALPHA
+
+
+@pytest.mark.parametrize("dtype, bits", [("float32", 23), ("float64", 52)])
+def test_draws_are_exact_grid_points_with_uniform_low_bits(dtype, bits):
+    """u = (k + 1/2) 2^-bits exactly, k uniform on all its bits (the lowest ones included), so
+    u is never 0 or 1."""
+    u = _uniform([1, 2, 3], n=100_000, dtype=dtype)
+    k = u * 2.0**bits - 0.5
+    np.testing.assert_array_equal(k, np.round(k))
+    k = k.astype(np.int64)
+    assert 0 <= k.min() and k.max() < 2**bits
+    assert stats.chisquare(np.bincount(k % 256, minlength=256)).pvalue > ALPHA
+    assert stats.chisquare(np.bincount(k >> (bits - 8), minlength=256)).pvalue > ALPHA
+    assert len(np.unique(k)) > 0.99 * len(k)
+
+
+@pytest.mark.parametrize(
+    "other,what",
+    [
+        ({"seed": [7, 0, 4]}, "the next training step"),
+        ({"seed": [7, 1, 3]}, "the warm-start stream"),
+        ({"seed": [8, 0, 3]}, "another fisher_seed"),
+        ({"stream": 1}, "another internal stream (Box-Muller's first)"),
+        ({"first": N}, "the next replica's slice"),
+        ({"first": 1}, "the neighbouring element position"),
+    ],
+)
+def test_draws_are_independent_of_related_draws(other, what):
+    base = {"seed": [7, 0, 3], "stream": 0, "first": 0}
+    u = _uniform(**base)
+    v = _uniform(**{**base, **other})
+    assert _uniformity_p(v) > ALPHA, what
+    assert _pairs_p(u, v) > ALPHA, what
+    assert _correlation_ok(u, v), what
+
+
+def test_serial_correlation_within_a_draw_is_absent():
+    u = _uniform([3, 0, 11])
+    for lag in (1, 2, 7, 64):
+        assert _correlation_ok(u[:-lag], u[lag:]), lag
+        assert _pairs_p(u[:-lag], u[lag:]) > ALPHA, lag
+
+
+def test_steps_are_independent_over_many_steps():
+    """The first draw of each of 2,000 consecutive steps: uniform, no step-to-step pattern."""
+    u = np.array([_uniform([5, 0, t], n=1)[0] for t in range(2000)])
+    assert stats.kstest(u, "uniform").pvalue > ALPHA
+    assert _correlation_ok(u[:-1], u[1:])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_box_muller_normals_pass_kolmogorov_smirnov(dtype):
+    z = np.asarray(sampling.counter_normal((N,), np.array([7, 0, 3], "int64"), dtype))
+    assert stats.kstest(z, "norm").pvalue > ALPHA
+    assert abs(z.mean()) < 4.4 / np.sqrt(N)
+    assert abs(z.var() - 1.0) < 4.4 * np.sqrt(2.0 / N)
+    assert _correlation_ok(z[:-1], z[1:])
+    # Tails: P(|z| > 3) = 0.0027; the count is binomial.
+    tail = np.sum(np.abs(z) > 3)
+    assert stats.binomtest(int(tail), N, 2 * stats.norm.sf(3)).pvalue > ALPHA
+
+
+def test_the_tests_reject_defective_generators():
+    """The same tests on generators with a known defect fail: they can detect what they
+    claim to detect at these sample sizes."""
+    rng = np.random.default_rng(0)
+    good = rng.random(N)
+    assert _uniformity_p(good) > ALPHA
+    assert _uniformity_p(good**1.05) < ALPHA  # slightly biased
+    repeated = good + 0.02 * rng.random(N)
+    assert _pairs_p(good, np.mod(repeated, 1.0)) < ALPHA  # a step leaking into the next
+    assert not _correlation_ok(good, np.mod(repeated, 1.0))
+    leaky = good.copy()  # every other position close to its neighbour
+    leaky[1::2] = np.mod(leaky[0::2] + 0.2 * rng.random(N // 2), 1.0)
+    assert _uniformity_p(leaky) > ALPHA  # uniform, yet
+    assert _pairs_p(leaky[:-1], leaky[1:]) < ALPHA
+    assert stats.kstest(rng.standard_t(30, N), "norm").pvalue < ALPHA  # heavier tails
