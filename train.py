@@ -32,6 +32,7 @@ from absl import flags  # noqa: E402
 import keras_tnt  # noqa: E402
 from models import data  # noqa: E402
 from models import registry  # noqa: E402
+from models import runtime  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -555,6 +556,7 @@ def run_multi_worker(config: dict) -> dict | None:
 
 
 def main(argv):
+    runtime.quiet_tensorflow_logging(FLAGS["verbosity"].present)
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if FLAGS.strategy != "default" and keras.backend.backend() != "tensorflow":

@@ -46,6 +46,7 @@ import keras_tnt  # noqa: E402
 from keras_tnt import kronecker  # noqa: E402
 from models import mnist_autoencoder  # noqa: E402
 from models import resnet32  # noqa: E402
+from models import runtime  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list(
@@ -377,6 +378,7 @@ def run_problem(problem):
 
 def main(argv):
     del argv
+    runtime.quiet_tensorflow_logging(FLAGS["verbosity"].present)
     unknown = set(FLAGS.problems) - set(PROBLEMS)
     if unknown:
         raise app.UsageError(f"--problems: unknown {sorted(unknown)}; use {', '.join(PROBLEMS)}")

@@ -92,3 +92,29 @@ def test_tnt_on_conv_batchnorm_dense_matches_numpy(float64):
             np.testing.assert_allclose(np.array(actual), expected, rtol=1e-10, atol=1e-14)
         for actual, expected in zip(optimizer.inverses(v), inverses):
             np.testing.assert_allclose(np.array(actual), expected, rtol=1e-9, atol=1e-12)
+
+
+def test_xla_step_on_conv_batchnorm_dense_equals_the_graph_step(float64):
+    """The same network and settings with jit_compile=True: weights, BatchNorm statistics and
+    every optimizer variable equal the graph run's after a warm start and four steps (float64,
+    to 1e-10 relative: XLA reorders sums)."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 6, 6, 2))
+    y = rng.integers(0, 3, size=40)
+    runs = []
+    for jit in (False, True):
+        model = _network(keras_tnt.FisherModel, fisher_seed=4)
+        model.compile(
+            optimizer=keras_tnt.TNT(
+                learning_rate=0.05, damping=0.1, curvature_update_period=1, inverse_update_period=2
+            ),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            jit_compile=jit,
+        )
+        model.warm_start(x[:8], batch_size=8, verbose=0)
+        model.fit(x[8:], y[8:], batch_size=8, epochs=1, shuffle=False, verbose=0)
+        runs.append([np.array(v) for v in model.weights + model.optimizer.variables])
+    assert len(runs[0]) == len(runs[1])
+    for a, b in zip(*runs):
+        scale = max(np.abs(a).max(), 1e-12)
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10 * scale)

@@ -136,7 +136,7 @@ def test_every_optimizer_resumes_bit_exactly(tmp_path, optimizer, extra):
     common = [f"--optimizer={optimizer}", "--steps_per_epoch=3", "--verbose=0", *extra]
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
     summary = _run_in_process("--epochs=2", f"--output_dir={straight}", *common)
-    assert summary["steps"] == 6 and summary["skipped_updates"] == 0
+    assert summary["steps"] == 6 and summary.get("skipped_updates", 0) == 0
     if optimizer != "adam":
         assert json.load(open(os.path.join(straight, "flags.json")))["warm_start"] is True
     _run_in_process("--epochs=1", f"--output_dir={resumed}", *common)
@@ -222,3 +222,23 @@ def test_plot_overlays_runs_into_a_png(tmp_path):
     assert image.shape[0] > 100 and image.shape[1] > 200
     assert plot.main([str(tmp_path / "tnt"), "--metric=val_accuracy", f"--output={output}"]) == 2
     assert plot.main([str(tmp_path), f"--output={output}"]) == 2
+
+
+def test_tools_print_tensorflow_log_lines_once_and_from_warning_up():
+    import logging
+
+    from models import runtime
+
+    logger = logging.getLogger("tensorflow")
+    saved = (logger.level, logger.propagate)
+    try:
+        runtime.quiet_tensorflow_logging()
+        assert not logger.propagate  # absl's root handler would print each record again
+        assert not logger.isEnabledFor(logging.INFO)
+        assert logger.isEnabledFor(logging.WARNING)
+        logger.setLevel(logging.NOTSET)
+        runtime.quiet_tensorflow_logging(verbosity_flag_present=True)
+        assert logger.level == logging.NOTSET  # --verbosity given: absl's threshold holds
+    finally:
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]

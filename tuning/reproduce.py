@@ -27,13 +27,16 @@ import os
 import sys
 import time
 
-from absl import app
-from absl import flags
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow's C++ logging starts
 
-import train
-from models import registry
-from tuning import common
-from tuning import results
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+
+import train  # noqa: E402
+from models import registry  # noqa: E402
+from models import runtime  # noqa: E402
+from tuning import common  # noqa: E402
+from tuning import results  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -203,6 +206,7 @@ def write_report(runs, problem: str, output: str, sources=None, command: str | N
 
 
 def main(argv):
+    runtime.quiet_tensorflow_logging(FLAGS["verbosity"].present)
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     try:

@@ -31,14 +31,17 @@ import json
 import os
 import sys
 
-import keras_tuner
-from absl import app
-from absl import flags
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow's C++ logging starts
 
-import plot
-import train
-from models import registry
-from tuning import common
+import keras_tuner  # noqa: E402
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+
+import plot  # noqa: E402
+import train  # noqa: E402
+from models import registry  # noqa: E402
+from models import runtime  # noqa: E402
+from tuning import common  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -320,6 +323,7 @@ def grid_from_flags() -> dict[str, list[float]]:
 
 
 def main(argv):
+    runtime.quiet_tensorflow_logging(FLAGS["verbosity"].present)
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     try:
