@@ -17,7 +17,7 @@ if ! command -v bazel >/dev/null; then
     exit 1
   fi
 fi
-echo "== $(bazel --version 2>/dev/null | head -1) ready (${SECONDS} s)"
+echo "== Bazel ready: $(command -v bazel) (${SECONDS} s)"
 if [ ! -x .venv/bin/python ]; then
   echo "bazel_check: .venv is missing; run bash tools/test.sh first" >&2
   exit 1
