@@ -84,9 +84,11 @@ def _state(model):
     ],
 )
 def test_split_is_the_unsplit_run_bit_for_bit(optimizer_cls, kwargs):
-    split = _run(optimizer_cls, True, **kwargs)
-    unsplit = _run(optimizer_cls, False, **kwargs)
-    assert split.optimizer.curvature_updates > 8
+    # One epoch (4 steps, a refresh at t = 0 and t = 4) for the baselines; two for TNT.
+    epochs = 2 if optimizer_cls is keras_tnt.TNT else 1
+    split = _run(optimizer_cls, True, epochs=epochs, **kwargs)
+    unsplit = _run(optimizer_cls, False, epochs=epochs, **kwargs)
+    assert split.optimizer.curvature_updates >= 4 * epochs
     for a, b, v in zip(_state(split), _state(unsplit), split.optimizer.variables + split.weights):
         np.testing.assert_array_equal(a, b, err_msg=v.path)
     # The replicas hold bit-identical copies of everything.

@@ -68,7 +68,7 @@ def test_default_run_writes_everything_and_resumes_exactly(tmp_path):
 
 
 def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
-    common = ["--epochs=30", "--steps_per_epoch=5", "--seed=1"]
+    common = ["--epochs=12", "--steps_per_epoch=5", "--seed=1"]
     straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=ROOT)
     process = subprocess.Popen(
@@ -87,7 +87,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
         time.sleep(0.05)
     process.kill()  # SIGKILL: no chance to clean up
     process.wait()
-    assert json.load(open(state_path))["epochs_done"] < 30  # it really was interrupted
+    assert json.load(open(state_path))["epochs_done"] < 12  # it really was interrupted
     assert _train(f"--output_dir={killed}", *common).returncode == 0
     assert _train(f"--output_dir={straight}", *common).returncode == 0
     for a, b in zip(_state(straight), _state(killed), strict=True):
@@ -124,12 +124,11 @@ def _run_in_process(*args):
 @pytest.mark.parametrize(
     "optimizer, extra",
     [
-        ("tnt_ef", []),
         ("shampoo", []),
         ("kfac", []),
         ("adam", []),
         # The staircase halves the learning rate after epoch 1: the resumed epoch is past it.
-        ("tnt", ["--lr_decay_epochs=1", "--lr_decay_factor=0.5"]),
+        ("tnt_ef", ["--lr_decay_epochs=1", "--lr_decay_factor=0.5"]),
     ],
 )
 def test_every_optimizer_resumes_bit_exactly(tmp_path, optimizer, extra):

@@ -29,7 +29,7 @@ FLAGS=(--spawn_strategy=local --test_env=PATH --test_env=HOME --test_output=erro
   --noshow_progress --curses=no --color=no)
 TARGETS=("$@")
 if [ ${#TARGETS[@]} -eq 0 ]; then
-  TARGETS=(//tests:test_kronecker //tests:test_sampler_quality //tests:test_registry)
+  TARGETS=(//tests:test_kronecker //tests:test_registry)
 fi
 start=$SECONDS
 status=0

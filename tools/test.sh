@@ -25,6 +25,7 @@ run_pytest() {  # $1: backend; the rest: pytest args. Exit code 5 (nothing colle
   if [ "${PYTEST_WORKERS:-2}" != 0 ]; then
     workers=(-n "${PYTEST_WORKERS:-2}" --dist loadfile)
   fi
+  workers+=(--durations=15)  # the slowest tests, to keep the run short
   set +e
   if [ "$backend" = jax ]; then
     KERAS_BACKEND=jax JAX_ENABLE_X64=1 .venv/bin/python -m pytest -m "not slow" "${workers[@]}" "$@"

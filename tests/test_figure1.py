@@ -1,0 +1,147 @@
+"""benchmarks/figure1.py: the block Fisher by autodiff, every direction against dense NumPy."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from benchmarks import figure1
+
+WIDTHS = (5, 4, 3, 3)
+
+
+def _batch(n=12, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, WIDTHS[0])), rng.integers(0, WIDTHS[-1], size=n)
+
+
+def test_block_fisher_equals_the_fisher_of_per_example_autodiff_gradients(float64):
+    """F_l = mean of vec(dL_n/d[W|b]) vec(...)^T, the per-example gradients taken by
+    tf.GradientTape through a Keras model with the same weights."""
+    x, labels = _batch()
+    params = figure1.init_params(WIDTHS, np.random.default_rng(1))
+    inputs, logits = figure1.forward(params, x)
+    s = figure1.preactivation_gradients(params, inputs, logits, labels)
+    model_in = keras.Input((WIDTHS[0],), dtype="float64")
+    h = model_in
+    for i, width in enumerate(WIDTHS[1:]):
+        h = keras.layers.Dense(
+            width, activation="tanh" if i < len(WIDTHS) - 2 else None, dtype="float64"
+        )(h)
+    model = keras.Model(model_in, h)
+    model.set_weights([p for layer in params for p in layer])
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    per_example = []
+    for n in range(len(x)):
+        with tf.GradientTape() as tape:
+            loss = loss_fn(labels[n : n + 1], model(x[n : n + 1]))
+        per_example.append(tape.gradient(loss, model.trainable_variables))
+    for layer in range(len(params)):
+        v = np.stack(
+            [
+                figure1.stack(g[2 * layer].numpy(), g[2 * layer + 1].numpy()).ravel()
+                for g in per_example
+            ]
+        )
+        expected = v.T @ v / len(x)
+        actual = figure1.block_fisher(inputs[layer], s[layer])
+        np.testing.assert_allclose(actual, expected, rtol=1e-12, atol=1e-15)
+
+
+def _eigh_root(h, p, eps):
+    w, q = np.linalg.eigh(h)
+    return (q * (w + eps) ** (-1.0 / p)) @ q.T
+
+
+def test_every_direction_equals_a_dense_numpy_computation(float64):
+    """After one batch of statistics: TNT and KFAC against (np.kron of the damped factors)^-1
+    vec(m), Shampoo against eigh roots, BF against the dense solve; SGD-m and Adam by formula."""
+    gamma = 0.05
+    comparison = figure1.Comparison(WIDTHS, figure1.METHODS, gamma, seed=0)
+    x, y = _batch(n=16, seed=2)
+    inputs, logits = figure1.forward(comparison.params, x)
+    rng = np.random.default_rng(3)
+    drawn = rng.integers(0, WIDTHS[-1], size=len(x))
+    s_true = figure1.preactivation_gradients(comparison.params, inputs, logits, y)
+    s_drawn = figure1.preactivation_gradients(comparison.params, inputs, logits, drawn)
+    g = figure1.mean_gradients(inputs, s_true)
+    comparison.fold(inputs, g, s_drawn, warm=1)
+    for layer in range(len(comparison.momentum)):
+        comparison.momentum[layer] = rng.normal(size=comparison.momentum[layer].shape)
+        comparison.second_moment[layer] = rng.uniform(0.5, 2.0, comparison.momentum[layer].shape)
+    n = len(x)
+    for layer, (a, s) in enumerate(zip(inputs, s_drawn)):
+        m = comparison.momentum[layer]
+        d_in, d_out = m.shape[0] - 1, m.shape[1]
+        abar = np.concatenate([a, np.ones((n, 1))], axis=1)
+        v = np.stack([np.kron(abar[i], s[i]) for i in range(n)])
+        fisher = v.T @ v / n
+        lam = gamma * np.trace(fisher) / len(fisher)
+        bf = np.linalg.solve(fisher + lam * np.eye(len(fisher)), m.ravel()).reshape(m.shape)
+        np.testing.assert_allclose(comparison.bf_direction(layer), bf, rtol=1e-9)
+
+        # TNT: eq. (5) factors of the sampled-label mean gradient, eps = sqrt(lam / N).
+        gw, gb = a.T @ s / n, s.mean(axis=0)
+        h1, h2 = gw @ gw.T, gw.T @ gw
+        c = np.sqrt(np.trace(h1) / (d_in * d_out))
+        u1, u2 = h1 / (c * d_out), h2 / (c * d_in)
+        eps = np.sqrt(lam / n)
+        kron = np.kron(u1 + eps * np.eye(d_in), u2 + eps * np.eye(d_out))
+        tnt_w = np.linalg.solve(kron, m[:-1].ravel()).reshape(d_in, d_out)
+        tnt_b = np.linalg.solve(np.outer(gb, gb) + eps * np.eye(d_out), m[-1])
+        expected = np.concatenate([tnt_w, tnt_b[None]])
+        np.testing.assert_allclose(comparison.direction("tnt", layer, n), expected, rtol=1e-8)
+
+        # KFAC: A = E[abar abar^T], G = E[s s^T] (per-example s), sqrt(lam) on each.
+        big_a, big_g = abar.T @ abar / n, s.T @ s / n
+        root = np.sqrt(lam)
+        kron = np.kron(big_a + root * np.eye(d_in + 1), big_g + root * np.eye(d_out))
+        expected = np.linalg.solve(kron, m.ravel()).reshape(m.shape)
+        np.testing.assert_allclose(comparison.direction("kfac", layer, n), expected, rtol=1e-8)
+
+        # Shampoo: statistics of the true-label gradient, (H_i + eps_i I)^(-1/4) by eigh.
+        tw, tb = g[2 * layer], g[2 * layer + 1]
+        hs = [tw @ tw.T, tw.T @ tw]
+        p1, p2 = (_eigh_root(h, 4, gamma * np.trace(h) / len(h)) for h in hs)
+        hb = np.outer(tb, tb)
+        pb = _eigh_root(hb, 2, gamma * np.trace(hb) / len(hb))
+        expected_w = (np.kron(p1, p2) @ m[:-1].ravel()).reshape(d_in, d_out)
+        expected = np.concatenate([expected_w, (pb @ m[-1])[None]])
+        actual = comparison.direction("shampoo", layer, n)
+        assert np.abs(actual - expected).max() <= 1e-5 * np.abs(expected).max()
+
+        np.testing.assert_array_equal(comparison.direction("sgd", layer, n), m)
+        adam = m / (np.sqrt(comparison.second_moment[layer]) + 1e-8)
+        np.testing.assert_allclose(comparison.direction("adam", layer, n), adam, rtol=1e-14)
+
+
+def test_cosine_of_a_direction_with_itself_and_its_negative():
+    d = np.random.default_rng(0).normal(size=(7, 3))
+    assert figure1.cosine(d, d) == pytest.approx(1.0, abs=1e-15)
+    assert figure1.cosine(d, -d) == pytest.approx(-1.0, abs=1e-15)
+    assert figure1.cosine(d, 3.0 * d) == pytest.approx(1.0, abs=1e-15)
+
+
+def test_a_short_run_is_deterministic_per_seed(float64):
+    x, y = _batch(n=40, seed=4)
+    kwargs = dict(iterations=3, learning_rate=0.01, batch_size=16, methods=("tnt", "kfac"))
+    first = figure1.run(x, y, WIDTHS, gamma=1e-3, seed=5, **kwargs)
+    again = figure1.run(x, y, WIDTHS, gamma=1e-3, seed=5, **kwargs)
+    other = figure1.run(x, y, WIDTHS, gamma=1e-3, seed=6, **kwargs)
+    for method in ("tnt", "kfac"):
+        assert first[method].shape == (3, 3)
+        np.testing.assert_array_equal(first[method], again[method])
+        assert not np.array_equal(first[method], other[method])
+        assert np.all(np.abs(first[method]) <= 1.0 + 1e-12)
+
+
+def test_bad_input_names_the_flag():
+    with pytest.raises(ValueError, match=r"--methods: unknown \['newton'\]"):
+        figure1.Comparison(WIDTHS, ["tnt", "newton"], 1e-3, seed=0)
+    with pytest.raises(ValueError, match="--gammas: every gamma must be > 0; received 0.0"):
+        figure1.Comparison(WIDTHS, ["tnt"], 0.0, seed=0)
+    with pytest.raises(ValueError, match=r"--layers: \[7\] out of range; the network has layers"):
+        figure1.check_layers([2, 7], 6)
+    x, y = _batch(n=10)
+    with pytest.raises(ValueError, match=r"--batch_size must be in \[1, 10\]"):
+        figure1.run(x, y, WIDTHS, ["tnt"], 1e-3, 0, 2, 0.01, 11)
