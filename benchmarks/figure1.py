@@ -56,16 +56,23 @@ LABELS = {"tnt": "TNT", "kfac": "KFAC", "shampoo": "Shampoo", "sgd": "SGD-m", "a
 DECAY = 0.9
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("data", "digits", ["digits", "mnist16"], "digits: offline 8x8; mnist16: tfds.")
-flags.DEFINE_string("data_dir", None, "tensorflow_datasets directory for --data=mnist16.")
-flags.DEFINE_list("methods", list(METHODS), f"Methods to compare with BF: {', '.join(METHODS)}.")
-flags.DEFINE_list("gammas", ["1e-3", "0.1"], "BF damping gamma (relative to tr(F)/dim), > 0.")
-flags.DEFINE_integer("seeds", 3, "Seeds (weights, data order, sampled labels).")
-flags.DEFINE_integer("iterations", 300, "Iterations of the BF trajectory.")
-flags.DEFINE_float("learning_rate", 0.002, "BF's step size.")
-flags.DEFINE_integer("batch_size", 256, "Mini-batch size.")
-flags.DEFINE_list("layers", ["2", "3", "4", "5"], "Layers (1-based) drawn in the figure.")
-flags.DEFINE_string("output_dir", "docs/figure1", "Where the CSV, table and figures go.")
+
+
+def define_flags():
+    """The command line's flags (defined only when run as a script, so that importing this
+    module next to train.py, as the tests do, defines no flag twice)."""
+    flags.DEFINE_enum(
+        "data", "digits", ["digits", "mnist16"], "digits: 8x8 offline; mnist16: tfds."
+    )
+    flags.DEFINE_string("data_dir", None, "tensorflow_datasets directory for --data=mnist16.")
+    flags.DEFINE_list("methods", list(METHODS), f"Methods compared with BF: {', '.join(METHODS)}.")
+    flags.DEFINE_list("gammas", ["1e-3", "0.1"], "BF damping gamma (relative to tr(F)/dim), > 0.")
+    flags.DEFINE_integer("seeds", 3, "Seeds (weights, data order, sampled labels).")
+    flags.DEFINE_integer("iterations", 300, "Iterations of the BF trajectory.")
+    flags.DEFINE_float("learning_rate", 0.002, "BF's step size.")
+    flags.DEFINE_integer("batch_size", 256, "Mini-batch size.")
+    flags.DEFINE_list("layers", ["2", "3", "4", "5"], "Layers (1-based) drawn in the figure.")
+    flags.DEFINE_string("output_dir", "docs/figure1", "Where the CSV, table and figures go.")
 
 
 # ------------------------------------------------------------------------- the network in NumPy
@@ -494,4 +501,5 @@ def main(argv):
 
 if __name__ == "__main__":
     keras.config.set_floatx("float64")
+    define_flags()
     app.run(main)
