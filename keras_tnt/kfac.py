@@ -477,6 +477,18 @@ class KFAC(TNT):
             return
         ok = ops.equal(flag, 0)
         learning_rate = ops.cast(learning_rate, dtype)
+        # Branches return values; the assignments follow (JAX's stateless mode needs this).
+        weights, inverses, failed = self._block_step_or_keep(ok, b, learning_rate, members)
+        for i, value in zip(members, weights):
+            self.assign(self._trainable_variables[i], value)
+        for inverse_var, value in zip(self._factor_inverses[b], inverses):
+            self.assign(inverse_var, value)
+        self.assign_add(self._failed[0], failed)
+        self.assign(self._block_flags[b], ops.zeros((), backend.count_dtype()))
+
+    def _block_step_or_keep(self, ok, b, learning_rate, members, momenta=None):
+        """:meth:`_block_step` when ``ok``, else the members' weights and the inverses as they
+        are (and no failure): ``(weights, inverses, failed)`` as values."""
 
         def keep():
             return (
@@ -485,16 +497,7 @@ class KFAC(TNT):
                 ops.zeros((), backend.count_dtype()),
             )
 
-        # Branches return values; the assignments follow (JAX's stateless mode needs this).
-        weights, inverses, failed = ops.cond(
-            ok, lambda: self._block_step(b, learning_rate, members), keep
-        )
-        for i, value in zip(members, weights):
-            self.assign(self._trainable_variables[i], value)
-        for inverse_var, value in zip(self._factor_inverses[b], inverses):
-            self.assign(inverse_var, value)
-        self.assign_add(self._failed[0], failed)
-        self.assign(self._block_flags[b], ops.zeros((), backend.count_dtype()))
+        return ops.cond(ok, lambda: self._block_step(b, learning_rate, members, momenta), keep)
 
     def _refresh_due(self):
         """``(t <= T2 and t % T1 == 0) or t % T2 == 0`` (bool tensor)."""
@@ -649,17 +652,7 @@ class KFAC(TNT):
             flag = ops.maximum(flag, skipped[-1])
         ok = ops.equal(flag, 0)
         learning_rate = ops.cast(learning_rate, self._trainable_variables[max(members)].dtype)
-
-        def keep():
-            return (
-                [ops.convert_to_tensor(self._trainable_variables[i]) for i in members],
-                [ops.convert_to_tensor(v) for v in self._factor_inverses[b]],
-                ops.zeros((), backend.count_dtype()),
-            )
-
-        weights, inverses, failed = ops.cond(
-            ok, lambda: self._block_step(b, learning_rate, members, momenta), keep
-        )
+        weights, inverses, failed = self._block_step_or_keep(ok, b, learning_rate, members, momenta)
         n = backend.count_dtype()
         refresh = ops.logical_and(ok, self._refresh_due())
         backend.count_replica_work(

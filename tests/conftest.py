@@ -123,3 +123,14 @@ def pytest_collection_modifyitems(config, items):
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
+
+
+class RecordingTargets:
+    """Mixin for a ``keras_tnt.FisherModel``: keeps the last targets the Fisher pass drew in
+    ``model.__dict__["_recorded"]`` (a variable no optimizer sees, set by the test), so that a
+    NumPy reference sees the same draws."""
+
+    def sample_targets(self, y_pred, seed, first_example=0):
+        targets = super().sample_targets(y_pred, seed, first_example)
+        self.__dict__["_recorded"].assign(keras.ops.cast(targets, "int32"))
+        return targets

@@ -13,6 +13,7 @@ import numpy as np
 import tensorflow as tf
 
 import keras_tnt
+from tests.conftest import RecordingTargets
 from tests.test_tnt_optimizer import RefTNT
 
 SETTINGS = dict(lr=0.05, damping=0.1, momentum=0.9, decay=0.8, T1=1, T2=2)
@@ -29,13 +30,8 @@ def _network(cls, **kwargs):
     return cls(inputs, outputs, **kwargs)
 
 
-class Recording(keras_tnt.FisherModel):
-    """Keeps the last targets the Fisher pass drew (in a variable no optimizer sees)."""
-
-    def sample_targets(self, y_pred, seed, first_example=0):
-        targets = super().sample_targets(y_pred, seed, first_example)
-        self.__dict__["_recorded"].assign(tf.cast(targets, tf.int32))
-        return targets
+class Recording(RecordingTargets, keras_tnt.FisherModel):
+    pass
 
 
 def _gradients(twin, weights, x, labels):

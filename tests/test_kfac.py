@@ -10,6 +10,7 @@ import tensorflow as tf
 import keras_tnt
 from keras_tnt import backend
 from keras_tnt import kfac
+from tests.conftest import RecordingTargets
 
 
 class ArgmaxTargets(keras_tnt.FisherModel):
@@ -531,13 +532,8 @@ def test_failed_inversion_keeps_the_previous_inverse_and_is_counted(float64):
         assert np.all(np.isfinite(np.array(w))) and not np.array_equal(np.array(w), w0)
 
 
-class RecordingKFAC(keras_tnt.FisherModel):
-    """Keeps the last targets the Fisher pass drew, so a NumPy reference sees the same draws."""
-
-    def sample_targets(self, y_pred, seed, first_example=0):
-        targets = super().sample_targets(y_pred, seed, first_example)
-        self.__dict__["_recorded"].assign(tf.cast(targets, tf.int32))
-        return targets
+class RecordingKFAC(RecordingTargets, keras_tnt.FisherModel):
+    pass
 
 
 def _im2col_3x3(x):
