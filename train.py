@@ -78,6 +78,18 @@ flags.DEFINE_integer(
     0,
     "With --strategy=multi_worker: also checkpoint every N steps (0: after every epoch only).",
 )
+flags.DEFINE_integer(
+    "checkpoint_every_epochs",
+    1,
+    "Save the checkpoint every N epochs (and after the last one); a killed run resumes from the "
+    "latest and repeats at most N - 1 epochs. Raise it for runs of many short epochs.",
+)
+flags.DEFINE_integer(
+    "validation_freq",
+    1,
+    "Evaluate on the test split every N epochs (and after the last one); the other history rows "
+    "leave the validation columns empty.",
+)
 flags.DEFINE_integer("verbose", 1, "Keras verbosity: 0 silent, 1 progress bar, 2 one line/epoch.")
 
 
@@ -96,6 +108,8 @@ for _name in ("weight_decay", "time_budget_s", "lr_decay_epochs", "warm_start_ba
 for _name in ("curvature_update_period", "inverse_update_period"):
     _positive(_name)
 _positive("steps_per_epoch", allow_zero=True)
+_positive("checkpoint_every_epochs")
+_positive("validation_freq")
 flags.register_validator("momentum", lambda v: 0 <= v < 1, message="--momentum must be in [0, 1)")
 flags.register_validator(
     "loss_smoothing", lambda v: 0 <= v < 1, message="--loss_smoothing must be in [0, 1)"
@@ -160,6 +174,8 @@ def resolve_config() -> dict:
         ),
         "strategy": FLAGS.strategy,
         "checkpoint_every_steps": FLAGS.checkpoint_every_steps,
+        "checkpoint_every_epochs": FLAGS.checkpoint_every_epochs,
+        "validation_freq": FLAGS.validation_freq,
         "output_dir": FLAGS.output_dir
         or os.path.join("runs", f"{problem.name}-{opt}-s{FLAGS.seed}"),
     }
@@ -312,7 +328,15 @@ def _check_settings(out, config):
     changed = {
         k: (saved.get(k), v)
         for k, v in config.items()
-        if k not in ("epochs", "time_budget_s", "verbose", "checkpoint_every_steps")
+        if k
+        not in (
+            "epochs",
+            "time_budget_s",
+            "verbose",
+            "checkpoint_every_steps",
+            "checkpoint_every_epochs",
+            "validation_freq",
+        )
         and saved.get(k) != v
     }
     if changed:
@@ -328,6 +352,10 @@ def _append_row(path, row):
         if new_file:
             writer.writeheader()
         writer.writerow(row)
+
+
+def _budget_spent(config, state) -> bool:
+    return bool(config["time_budget_s"]) and state["train_seconds"] >= config["time_budget_s"]
 
 
 def _dataset(config, split, epoch=0):
@@ -391,11 +419,16 @@ def run(config: dict) -> dict:
                 "smoothed_raw": 0.0,
                 "smoothed_loss": float("nan"),
                 "best_smoothed_loss": float("inf"),
+                "warm_start_seconds": 0.0,
             }
     if not resumed and config["warm_start"]:
         steps = config["warm_start_batches"] or None
         print(f"Warm start over {steps or 'one pass of'} training batches")
-        model.warm_start(_dataset(config, "train", epoch=-1), steps=steps)
+        warm_start_begin = time.perf_counter()
+        verbose = FLAGS.verbose if FLAGS.is_parsed() else 0
+        model.warm_start(_dataset(config, "train", epoch=-1), steps=steps, verbose=verbose == 1)
+        # Its own tracing included; not part of train_seconds (see docs/reproduction).
+        state["warm_start_seconds"] = time.perf_counter() - warm_start_begin
 
     tensorboard = keras.callbacks.TensorBoard(os.path.join(out, "tensorboard"))
     log = RunLog(state, config)
@@ -407,12 +440,17 @@ def run(config: dict) -> dict:
             break
         lr = learning_rate_at(config, epoch)
         model.optimizer.learning_rate = lr
+        # The last epoch of a time budget is only known at its end: a budget run validates
+        # at every validation_freq-th epoch and after the budget ran out (below).
+        validate = (epoch + 1) % config.get("validation_freq", 1) == 0 or epoch + 1 == config[
+            "epochs"
+        ]
         history = model.fit(
             _dataset(config, "train", epoch),
             initial_epoch=epoch,
             epochs=epoch + 1,
             steps_per_epoch=config["steps_per_epoch"] or None,
-            validation_data=test_data,
+            validation_data=test_data if validate else None,
             shuffle=False,  # the pipeline shuffles, seeded per epoch
             callbacks=[log, tensorboard, RunProgbar(config["epochs"], config["time_budget_s"])],
             verbose=FLAGS.verbose if FLAGS.is_parsed() else 0,
@@ -421,20 +459,30 @@ def run(config: dict) -> dict:
         state["wall_seconds"] = wall0 + time.time() - start_wall
         state["process_seconds"] = process0 + time.process_time() - start_process
         row = {"epoch": epoch + 1, "learning_rate": lr}
+        # Validation columns in every row (empty when not validated), in Keras' order.
+        row.update({f"val_{k}": "" for k in history.history if not k.startswith("val_")})
         row.update({k: v[-1] for k, v in history.history.items()})
+        if not validate and (model.stop_training or _budget_spent(config, state)):
+            # The budget ended this run: its last row gets the validation metrics too.
+            logs = model.evaluate(test_data, verbose=0, return_dict=True)
+            row.update({f"val_{k}": v for k, v in logs.items()})
         row.update(
             {
                 k: state[k]
                 for k in ("smoothed_loss", "train_seconds", "wall_seconds", "process_seconds")
             }
         )
-        columns = columns or list(row)
         new_file = not os.path.exists(history_path)
+        if columns is None:  # the file's own header when it has one (a resumed run)
+            columns = list(row) if new_file else next(csv.reader(open(history_path)))
         with open(history_path, "a", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
             if new_file:
                 writer.writeheader()
             writer.writerow(row)
+        last = epoch + 1 == config["epochs"] or model.stop_training or _budget_spent(config, state)
+        if (epoch + 1) % config["checkpoint_every_epochs"] and not last:
+            continue
         name = f"checkpoint-{epoch + 1:05d}.keras"
         model.save(os.path.join(out, "checkpoint.tmp.keras"))
         os.replace(os.path.join(out, "checkpoint.tmp.keras"), os.path.join(out, name))
@@ -454,6 +502,7 @@ def run(config: dict) -> dict:
         "steps": state["steps"],
         "train_seconds": state["train_seconds"],
         "wall_seconds": state["wall_seconds"],
+        "warm_start_seconds": state.get("warm_start_seconds", 0.0),
         "final_loss": float(rows[-1]["loss"]) if rows else None,
         "best_smoothed_loss": state["best_smoothed_loss"],
         "final_val_loss": float(rows[-1]["val_loss"]) if rows and "val_loss" in rows[-1] else None,
@@ -574,6 +623,11 @@ def main(argv):
         raise app.UsageError("--checkpoint_every_steps must be >= 0.")
     if FLAGS.checkpoint_every_steps and FLAGS.strategy != "multi_worker":
         raise app.UsageError("--checkpoint_every_steps needs --strategy=multi_worker.")
+    if FLAGS.checkpoint_every_epochs != 1 and FLAGS.strategy == "multi_worker":
+        raise app.UsageError(
+            "--checkpoint_every_epochs is for one process; with --strategy=multi_worker the "
+            "chief checkpoints every epoch and every --checkpoint_every_steps steps."
+        )
     config = resolve_config()
     try:
         if config["strategy"] == "multi_worker":

@@ -160,7 +160,7 @@ def _compiled(fn):
     if keras.backend.backend() == "tensorflow":
         import tensorflow as tf
 
-        return tf.function(fn)
+        return tf.function(fn, autograph=False)
     if keras.backend.backend() == "jax":
         import jax
 
@@ -199,7 +199,7 @@ def _compiled_step(fn):
     if keras.backend.backend() == "tensorflow":
         import tensorflow as tf
 
-        return tf.function(fn)
+        return tf.function(fn, autograph=False)
     return fn
 
 

@@ -306,7 +306,7 @@ class DistributedTrainer:
             return self._step_function
         model, strategy = self.model, self.strategy
 
-        @tf.function(reduce_retracing=True)
+        @tf.function(reduce_retracing=True, autograph=False)
         def step(batch):
             logs = strategy.run(model.train_step, args=(batch,))
             return {k: strategy.reduce("MEAN", v, axis=None) for k, v in logs.items()}
@@ -319,7 +319,7 @@ class DistributedTrainer:
         model, strategy = self.model, self.strategy
         if self._test_function is None:
 
-            @tf.function(reduce_retracing=True)
+            @tf.function(reduce_retracing=True, autograph=False)
             def test(batch):
                 logs = strategy.run(model.test_step, args=(batch,))
                 return {k: strategy.reduce("MEAN", v, axis=None) for k, v in logs.items()}

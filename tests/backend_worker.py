@@ -161,8 +161,8 @@ def data_parallel(out):
     np.savez(out, **results)
 
 
-if __name__ == "__main__":
-    task, *args = sys.argv[1:]
+def main(argv):
+    task, *args = argv
     if task == "digits":
         run_digits(
             args[0], seed=int(args[2]), epochs=int(args[4]), optimizer=(args[5:] or ["tnt"])[0]
@@ -175,3 +175,7 @@ if __name__ == "__main__":
         data_parallel(*args)
     else:
         raise SystemExit(f"unknown task {task!r}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -23,6 +23,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _worker(backend, *args, timeout=600, **extra_env):
+    """tests/backend_worker.py on ``backend``: in this process when it is this session's backend
+    (a subprocess would only add TensorFlow's import), else in a subprocess."""
+    if backend == keras.backend.backend() and not extra_env:
+        from tests import backend_worker
+
+        backend_worker.main([str(a) for a in args])
+        return
     env = dict(os.environ, KERAS_BACKEND=backend, PYTHONPATH=ROOT, **extra_env)
     env.pop("JAX_ENABLE_X64", None)
     result = subprocess.run(

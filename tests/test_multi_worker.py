@@ -77,13 +77,15 @@ ONE_PROCESS = ("tnt", "shampoo", "kfac")
 
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
-    """The references: TNT, Shampoo and KFAC, 2 epochs each, in one process without TF_CONFIG
-    (one replica, so nothing split)."""
+    """The references: TNT, Shampoo and KFAC, 2 epochs each, in this process (no TF_CONFIG:
+    the default strategy, one replica, so nothing split)."""
+    from tests import multi_worker_worker
+
+    assert not os.environ.get("TF_CONFIG")
     tmp_path = tmp_path_factory.mktemp("one")
-    results = _wait(
-        [_start([tmp_path / "one", tmp_path / "one_ckpt", ",".join(ONE_PROCESS), 2])], timeout=480
+    multi_worker_worker.main(
+        str(tmp_path / "one"), str(tmp_path / "one_ckpt"), ",".join(ONE_PROCESS), 2
     )
-    assert results[0][0] == 0, results[0][1][-3000:]
     return {name: np.load(tmp_path / f"one_{name}.npz") for name in ONE_PROCESS}
 
 
@@ -93,9 +95,10 @@ def _arrays(npz):
 
 @pytest.fixture(scope="module")
 def two_workers(tmp_path_factory):
-    """TNT split and not split, Shampoo and KFAC (split), 2 epochs each, on two workers."""
+    """TNT, Shampoo and KFAC (split), 2 epochs each, on two workers. (Split against unsplit,
+    bit for bit, is tests/test_split.py's, on two replicas of one process.)"""
     tmp_path = tmp_path_factory.mktemp("two")
-    for code, output in _two_workers(tmp_path, "two", "tnt,tnt_unsplit,shampoo,kfac", epochs=2):
+    for code, output in _two_workers(tmp_path, "two", ",".join(ONE_PROCESS), epochs=2):
         assert code == 0, output[-3000:]
     return tmp_path
 
@@ -122,16 +125,6 @@ def test_two_workers_are_identical_and_equal_one_process(two_workers, one_proces
     work = [ast.literal_eval(str(w["work"]))[0] for w in (first, second)]
     assert work[0]["preconditionings"] + work[1]["preconditionings"] == UNITS[name] * 10
     assert all(w["preconditionings"] > 0 and w["factorizations"] > 0 for w in work)
-
-
-def test_two_workers_split_and_unsplit_are_the_same_run(two_workers):
-    split = np.load(two_workers / "two_0_tnt.npz")
-    unsplit = np.load(two_workers / "two_1_tnt_unsplit.npz")
-    for a, b in zip(_arrays(split), _arrays(unsplit)):
-        np.testing.assert_array_equal(a, b)
-    assert ast.literal_eval(str(unsplit["work"])) == [
-        {"factorizations": 0, "contractions": 0, "preconditionings": 0}
-    ]
 
 
 def test_tf_config_errors_name_the_problem():

@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -10,6 +11,8 @@ import time
 import keras
 import numpy as np
 import pytest
+from absl import app
+from absl import flags
 
 import keras_tnt  # noqa: F401  (registers FisherModel and TNT for load_model)
 
@@ -34,7 +37,7 @@ def _state(run_dir):
     return [np.array(w) for w in model.weights] + [np.array(v) for v in model.optimizer.variables]
 
 
-def test_default_run_writes_everything_and_resumes_exactly(tmp_path):
+def test_default_run_writes_everything_and_resumes_exactly(tmp_path, capsys):
     common = ["--steps_per_epoch=4", "--seed=3"]
     straight = str(tmp_path / "straight")
     resumed = str(tmp_path / "resumed")
@@ -54,17 +57,18 @@ def test_default_run_writes_everything_and_resumes_exactly(tmp_path):
     assert summary["epochs"] == 2 and summary["steps"] == 8
     assert summary["skipped_updates"] == 0
 
-    # Interrupted after epoch 1, then started again with the same directory.
-    assert _train("--epochs=1", f"--output_dir={resumed}", *common).returncode == 0
-    result = _train("--epochs=2", f"--output_dir={resumed}", *common)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "Warm start" not in result.stdout  # statistics came from the checkpoint
+    # Interrupted after epoch 1, then started again with the same directory (in this process:
+    # the command line was checked above, and every launch costs TensorFlow's import).
+    _run_in_process("--verbose=0", "--epochs=1", f"--output_dir={resumed}", *common)
+    capsys.readouterr()
+    _run_in_process("--verbose=0", "--epochs=2", f"--output_dir={resumed}", *common)
+    assert "Warm start" not in capsys.readouterr().out  # statistics came from the checkpoint
     for a, b in zip(_state(straight), _state(resumed), strict=True):
         np.testing.assert_array_equal(a, b)
 
     # Other settings in the same directory are refused.
-    result = _train("--epochs=2", "--learning_rate=0.5", f"--output_dir={resumed}", *common)
-    assert result.returncode != 0 and "other settings" in result.stderr
+    with pytest.raises(app.UsageError, match="other settings"):
+        _run_in_process("--epochs=2", "--learning_rate=0.5", f"--output_dir={resumed}", *common)
 
 
 def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
@@ -88,10 +92,16 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     process.kill()  # SIGKILL: no chance to clean up
     process.wait()
     assert json.load(open(state_path))["epochs_done"] < 12  # it really was interrupted
-    assert _train(f"--output_dir={killed}", *common).returncode == 0
-    assert _train(f"--output_dir={straight}", *common).returncode == 0
+    _run_in_process("--verbose=0", f"--output_dir={killed}", *common)
+    _run_in_process("--verbose=0", f"--output_dir={straight}", *common)
     for a, b in zip(_state(straight), _state(killed), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_bad_flag_exits_nonzero_with_a_message(tmp_path):
+    result = _train("--learning_rate=-1", f"--output_dir={tmp_path}")
+    assert result.returncode != 0
+    assert "--learning_rate must be > 0" in result.stderr
 
 
 @pytest.mark.parametrize(
@@ -99,15 +109,21 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     [
         ("--problem=imagenet", "--problem"),
         ("--optimizer=rmsprop", "--optimizer"),
-        ("--learning_rate=-1", "--learning_rate must be > 0"),
         ("--momentum=1.5", "--momentum must be in [0, 1)"),
         ("--curvature_update_period=0", "--curvature_update_period must be > 0"),
+        ("--checkpoint_every_epochs=0", "--checkpoint_every_epochs must be > 0"),
     ],
 )
-def test_bad_flags_exit_nonzero_with_a_message(flag, message, tmp_path):
-    result = _train(flag, f"--output_dir={tmp_path}")
-    assert result.returncode != 0
-    assert message in result.stderr
+def test_bad_flags_are_refused_with_a_message(flag, message):
+    """What absl prints on the command line (checked once above), here in this process."""
+    import train
+
+    train.FLAGS.unparse_flags()
+    try:
+        with pytest.raises(flags.IllegalFlagValueError, match=re.escape(message)):
+            train.FLAGS(["train.py", flag])
+    finally:
+        train.FLAGS.unparse_flags()
 
 
 def _run_in_process(*args):
@@ -146,6 +162,40 @@ def test_every_optimizer_resumes_bit_exactly(tmp_path, optimizer, extra):
     assert len(rates) == 2
     if extra:
         assert rates[1] == 0.5 * rates[0]
+
+
+def test_checkpoint_every_n_epochs_resumes_from_the_last_one(tmp_path, monkeypatch):
+    """Checkpoints at epochs 2, 4 and the last (5); a run that dies in epoch 4 (after epoch 3's
+    history row) resumes from epoch 2, drops row 3, and ends equal to a run that saved every
+    epoch."""
+    import train
+
+    common = ["--epochs=5", "--steps_per_epoch=2", "--verbose=0", "--seed=2"]
+    straight, every2 = str(tmp_path / "straight"), str(tmp_path / "every2")
+    summary = _run_in_process(f"--output_dir={straight}", *common)
+    assert summary["warm_start_seconds"] > 0  # TNT's warm start, timed on its own
+
+    original = train.learning_rate_at
+
+    def dies_in_epoch_4(config, epoch):
+        if epoch == 3:
+            raise KeyboardInterrupt
+        return original(config, epoch)
+
+    monkeypatch.setattr(train, "learning_rate_at", dies_in_epoch_4)
+    with pytest.raises(KeyboardInterrupt):
+        _run_in_process(f"--output_dir={every2}", "--checkpoint_every_epochs=2", *common)
+    assert sorted(f for f in os.listdir(every2) if f.endswith(".keras")) == [
+        "checkpoint-00002.keras"
+    ]
+    assert len(list(csv.DictReader(open(f"{every2}/history.csv")))) == 3
+    monkeypatch.setattr(train, "learning_rate_at", original)
+    _run_in_process(f"--output_dir={every2}", "--checkpoint_every_epochs=2", *common)
+    rows = list(csv.DictReader(open(f"{every2}/history.csv")))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4, 5]
+    assert json.load(open(f"{every2}/state.json"))["checkpoint"] == "checkpoint-00005.keras"
+    for a, b in zip(_state(straight), _state(every2), strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_progress_shows_the_runs_epoch_count(tmp_path, capsys):

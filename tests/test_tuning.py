@@ -278,6 +278,7 @@ def test_reproduce_table_is_the_mean_and_std_over_seeds(tmp_path, monkeypatch, p
         train_flags=["--epochs=4"],
         runs_dir=str(tmp_path / "runs"),
         runner=fake_train,
+        targets=["adam_final"],
     )
     rows = reproduce.reproduce(problem, [0, 1, 2], output, **kwargs)
 
@@ -313,6 +314,24 @@ def test_reproduce_table_is_the_mean_and_std_over_seeds(tmp_path, monkeypatch, p
             )
         assert int(table[optimizer]["seeds"]) == 3
 
+    # Time to Adam's mean final value, by hand: tracing = first epoch - median later epoch.
+    adam_final = np.mean([histories[("adam", s)][metric][-1] for s in range(3)])
+    targets = {r["optimizer"]: r for r in csv.DictReader(open(output + "_targets.csv"))}
+    for optimizer in optimizers:
+        assert float(targets[optimizer]["target_value"]) == pytest.approx(adam_final)
+        hits = []
+        for s in range(3):
+            h = histories[(optimizer, s)]
+            values = np.asarray(h[metric])
+            reached = np.flatnonzero(values >= adam_final if classifier else values <= adam_final)
+            if reached.size:
+                per_epoch = np.diff(h["train_seconds"], prepend=0)
+                tracing = max(0.0, per_epoch[0] - np.median(per_epoch[1:]))
+                hits.append(h["train_seconds"][reached[0]] - tracing)
+        assert int(targets[optimizer]["reached"]) == len(hits)
+        if hits:
+            assert float(targets[optimizer]["seconds_mean"]) == pytest.approx(np.mean(hits))
+
     markdown = open(output + ".md").read()
     assert "| Adam | 3 | 0.01 |" in markdown  # the fake runs' flags.json say lr 0.01
     assert f"![{problem}]({problem}.png)" in markdown
@@ -342,14 +361,94 @@ def test_mean_curves_against_numpy():
     np.testing.assert_allclose(mean, stack.mean(0))
     np.testing.assert_allclose(std, stack.std(0, ddof=1))
     t, mean, std = results.curve_by_time(runs, "loss", points=7)
-    assert t[0] == max(r.history["train_seconds"][0] for r in runs)
-    assert t[-1] == min(r.history["train_seconds"][-1] for r in runs)
-    interpolated = np.stack(
-        [np.interp(t, r.history["train_seconds"], r.history["loss"]) for r in runs]
-    )
+    # Against training time without each run's tracing (first epoch - median later epoch).
+    seconds = []
+    for r in runs:
+        per_epoch = np.diff(r.history["train_seconds"], prepend=0)
+        tracing = max(0.0, per_epoch[0] - np.median(per_epoch[1:]))
+        seconds.append(r.history["train_seconds"] - tracing)
+    assert t[0] == max(s[0] for s in seconds)
+    assert t[-1] == min(s[-1] for s in seconds)
+    interpolated = np.stack([np.interp(t, s, r.history["loss"]) for s, r in zip(seconds, runs)])
     np.testing.assert_allclose(mean, interpolated.mean(0))
     np.testing.assert_allclose(std, interpolated.std(0, ddof=1))
     assert results.mean_std([2.0]) == (2.0, pytest.approx(float("nan"), nan_ok=True))
+
+
+def _run_with(train_seconds_per_epoch, smoothed_loss):
+    history = {
+        "epoch": np.arange(1.0, len(smoothed_loss) + 1),
+        "train_seconds": np.cumsum(train_seconds_per_epoch),
+        "smoothed_loss": np.asarray(smoothed_loss, dtype=float),
+        "val_loss": np.asarray(smoothed_loss, dtype=float) + 1.0,
+        "wall_seconds": 2 * np.cumsum(train_seconds_per_epoch),
+    }
+    return results.Run("tnt", 0, {}, history)
+
+
+def test_tracing_time_and_time_to_target_against_hand_computed_values():
+    run = _run_with([3.0, 1.0, 1.2, 0.9, 1.1], [5.0, 4.0, 3.0, 2.5, 2.0])
+    # First epoch 3.0 s against the median later epoch 1.05 s: 1.95 s of tracing.
+    assert results.tracing_seconds(run) == pytest.approx(1.95)
+    np.testing.assert_allclose(
+        results.compute_seconds(run), np.cumsum([3.0, 1.0, 1.2, 0.9, 1.1]) - 1.95
+    )
+    # Loss 3.0 first reached at the end of epoch 3: 3.0 + 1.0 + 1.2 - 1.95 s.
+    assert results.time_to_target(run, "smoothed_loss", 3.0) == pytest.approx((3.25, 3.0))
+    assert results.time_to_target(run, "smoothed_loss", 1.9) is None
+    assert results.time_to_target(run, "smoothed_loss", 4.5, "max") == pytest.approx((1.05, 1.0))
+    # One epoch: nothing to compare with.
+    single = _run_with([2.0], [1.0])
+    assert np.isnan(results.tracing_seconds(single))
+    np.testing.assert_allclose(results.compute_seconds(single), [2.0])
+    # A curve against time starts at the latest first-epoch end without tracing.
+    other = _run_with([2.0, 1.0, 1.0, 1.0, 1.0], [6.0, 5.0, 4.0, 3.0, 2.0])
+    t, mean, _ = results.curve_by_time([run, other], "smoothed_loss", points=5)
+    assert t[0] == pytest.approx(1.05) and t[-1] == pytest.approx(min(5.25, 5.0))
+    np.testing.assert_allclose(
+        mean,
+        0.5
+        * (
+            np.interp(t, results.compute_seconds(run), run.history["smoothed_loss"])
+            + np.interp(t, results.compute_seconds(other), other.history["smoothed_loss"])
+        ),
+    )
+
+
+def test_target_rows_and_bad_targets():
+    runs = {
+        "tnt": [_run_with([2, 1, 1, 1], [4, 3, 2, 1]), _run_with([2, 1, 1, 1], [4, 3.5, 3, 2.5])],
+        "adam": [
+            _run_with([1, 1, 1, 1], [4, 3.5, 3.2, 3.0]),
+            _run_with([1, 1, 1, 1], [5, 4, 3.4, 3.0]),
+        ],
+    }
+    rows = results.table_rows(runs, "digits_autoencoder")
+    targets = results.resolve_targets(["adam_final", "2"], rows, "smoothed_loss")
+    assert [v for _, v in targets] == [3.0, 2.0]
+    table = {
+        (r["optimizer"], r["target_value"]): r
+        for r in results.target_rows(runs, "digits_autoencoder", targets)
+    }
+    # TNT (1 s of tracing: epochs of 2, 1, 1, 1 s) reaches 3.0 at the end of epoch 2 (3 - 1 s)
+    # and of epoch 3 (4 - 1 s).
+    tnt3 = table[("tnt", 3.0)]
+    assert tnt3["reached"] == 2
+    assert tnt3["seconds_mean"] == pytest.approx(2.5) and tnt3["epochs_mean"] == pytest.approx(2.5)
+    assert tnt3["seconds_std"] == pytest.approx(np.std([2.0, 3.0], ddof=1))
+    assert table[("tnt", 2.0)]["reached"] == 1 and table[("adam", 2.0)]["reached"] == 0
+    markdown = results.markdown_target_table(
+        results.target_rows(runs, "digits_autoencoder", targets)
+    )
+    assert "not reached (0/2)" in markdown and "1/2 seeds" in markdown
+    with pytest.raises(ValueError, match="--targets: 'kfac_final' names no optimizer"):
+        results.resolve_targets(["kfac_final"], rows, "smoothed_loss")
+    with pytest.raises(ValueError, match="--targets: 'fast' is neither a number"):
+        results.resolve_targets(["fast"], rows, "smoothed_loss")
+    with pytest.raises(ValueError, match="--targets: 'sgd_final' names no optimizer of this run"):
+        reproduce.reproduce(
+            "digits_autoencoder", [0], "unused", optimizers=["tnt"], targets=["sgd_final"]
+        )
 
 
 def test_reproduce_end_to_end_matches_train_py_summaries(tmp_path):

@@ -17,8 +17,9 @@ Each run is ``python train.py --flagfile=RUNS_DIR/PROBLEM/OPTIMIZER-sSEED.flags`
 ``RUNS_DIR/PROBLEM/OPTIMIZER-sSEED`` (log next to it); started again, finished runs are skipped and
 interrupted ones resume. Written: ``OUTPUT.csv`` and ``OUTPUT.md`` (per optimizer, mean and
 standard deviation over seeds of the final and best metrics, epochs and seconds; see
-:mod:`tuning.results`), ``OUTPUT_runs.csv`` (one row per run) and ``OUTPUT.png`` (mean curve with
-a ±1 std band, against epochs and against training time).
+:mod:`tuning.results`), ``OUTPUT_runs.csv`` (one row per run), ``OUTPUT_targets.csv`` (seconds
+and epochs to each of ``--targets``, also in the Markdown) and ``OUTPUT.png`` (mean curve with a
+±1 std band, against epochs and against training time without tracing).
 """
 
 from __future__ import annotations
@@ -47,6 +48,12 @@ flags.DEFINE_string(
     "output", None, "Prefix of the table and figure files (default: RUNS_DIR/PROBLEM)."
 )
 flags.DEFINE_string("runs_dir", os.path.join("runs", "reproduce"), "Where the runs go.")
+flags.DEFINE_list(
+    "targets",
+    ["adam_final"],
+    "Targets of the time-to-target table: numbers, or OPTIMIZER_final (that optimizer's mean "
+    "final value of the selection metric).",
+)
 flags.register_validator("seeds", lambda v: v >= 1, message="--seeds must be >= 1")
 
 # What this command sets per run (the rest of a best flag file is the optimizer's configuration).
@@ -81,13 +88,15 @@ def reproduce(
     runs_dir: str = os.path.join("runs", "reproduce"),
     runner=common.run_train,
     command: str | None = None,
+    targets=(),
 ) -> list[dict]:
     """Runs every (optimizer, seed), then writes the table and figure; returns the table rows.
 
     ``optimizers`` defaults to ``models.registry.OPTIMIZERS`` as it is at call time. ``runner``
     is :func:`tuning.common.run_train` (a test may pass a stand-in with its signature).
     Runs that fail are reported on stderr and left out of the table; if any failed, a
-    ``RuntimeError`` is raised after the table is written.
+    ``RuntimeError`` is raised after the table is written. ``targets``: the time-to-target
+    table's targets (numbers, or ``OPTIMIZER_final``; see :func:`tuning.results.resolve_targets`).
     """
     registry.get(problem)
     optimizers = list(optimizers or registry.OPTIMIZERS)
@@ -97,6 +106,16 @@ def reproduce(
             f"--optimizers: {', '.join(unknown)} unknown; choose from "
             f"{', '.join(registry.OPTIMIZERS)}"
         )
+    targets = [str(t).strip() for t in targets]
+    for spec in targets:
+        if spec.endswith("_final"):
+            if spec[: -len("_final")] not in optimizers:
+                raise ValueError(
+                    f"--targets: {spec!r} names no optimizer of this run; use a number or one "
+                    f"of {', '.join(o + '_final' for o in optimizers)}"
+                )
+        else:
+            results.resolve_targets([spec], [], "")  # a number, or a clear error
     seeds = list(seeds)
     if not seeds:
         raise ValueError("--seeds must be >= 1")
@@ -167,7 +186,7 @@ def reproduce(
     }
     if not any(runs.values()):
         raise RuntimeError(f"Every run failed; see the logs under {runs_root}")
-    rows = write_report(runs, problem, output, sources, command)
+    rows = write_report(runs, problem, output, sources, command, targets)
     if failures:
         raise RuntimeError(
             f"{len(failures)} run(s) failed: "
@@ -176,12 +195,25 @@ def reproduce(
     return rows
 
 
-def write_report(runs, problem: str, output: str, sources=None, command: str | None = None):
-    """Writes OUTPUT.csv, OUTPUT_runs.csv, OUTPUT.md and OUTPUT.png; returns the table rows."""
+def write_report(
+    runs, problem: str, output: str, sources=None, command: str | None = None, targets=()
+):
+    """Writes OUTPUT.csv, OUTPUT_runs.csv, OUTPUT.md and OUTPUT.png (and OUTPUT_targets.csv when
+    ``targets`` are given, see :func:`tuning.results.resolve_targets`); returns the table rows."""
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     rows = results.table_rows(runs, problem, sources)
+    criterion, _ = results.report_metrics(problem)
+    present = {r["optimizer"] for r in rows}
+    missing = [t for t in targets if t.endswith("_final") and t[: -len("_final")] not in present]
+    if missing:
+        print(f"note: no finished run for the target(s) {', '.join(missing)}", file=sys.stderr)
+    targets = [t for t in targets if t not in missing]
+    resolved = results.resolve_targets(targets, rows, criterion.metric)
     results.write_csv(rows, output + ".csv")
     results.write_csv(results.per_run_rows(runs, problem), output + "_runs.csv")
+    target_rows = results.target_rows(runs, problem, resolved)
+    if target_rows:
+        results.write_csv(target_rows, output + "_targets.csv")
     title = f"{problem}: mean ± std over seeds"
     results.plot_curves(runs, results.figure_metrics(problem), output + ".png", title)
     criterion, _ = results.report_metrics(problem)
@@ -192,12 +224,28 @@ def write_report(runs, problem: str, output: str, sources=None, command: str | N
         text.append(f"Command: `{command}`\n")
     text += [
         f"Final: the last epoch's value; best: the {best} `{criterion.metric}` at an epoch end. "
-        "Cells are mean ± sample standard deviation (ddof=1) over seeds.\n",
+        "Cells are mean ± sample standard deviation (ddof=1) over seeds. Training seconds "
+        'count the training steps only; "of which tracing" is the first epoch\'s training '
+        "time beyond the median epoch's (the step function's tracing, once per process); the "
+        "warm start (second-order methods: one pass of statistics before the first step, its "
+        "own tracing included) is not in the training seconds.\n",
         results.markdown_table(rows, problem),
         "Configurations: "
         + "; ".join(f"{common.label(r['optimizer'])}: {r['source'] or '?'}" for r in rows)
         + ".\n",
+        *(
+            [
+                f"Time to target: the first epoch end at which `{criterion.metric}` reaches the "
+                "target; seconds of training without tracing, mean ± std over the seeds that "
+                "reached it.\n",
+                results.markdown_target_table(target_rows),
+            ]
+            if target_rows
+            else []
+        ),
         f"![{problem}]({name}.png)\n",
+        "The time panels leave out each run's tracing time (see above): a curve starts at its "
+        "first epoch's end, at the cost of a typical epoch.\n",
         f"Per run: [{name}_runs.csv]({name}_runs.csv); table: [{name}.csv]({name}.csv).\n",
     ]
     with open(output + ".md", "w") as f:
@@ -220,6 +268,10 @@ def main(argv):
         train_flags = [
             f.serialize() for f in train_module_flags if f.present and f.name not in exclude
         ]
+        targets = FLAGS.targets or []
+        if not FLAGS["targets"].present:  # the default, where Adam is one of the optimizers
+            optimizers = FLAGS.optimizers or registry.OPTIMIZERS
+            targets = [t for t in targets if t[: -len("_final")] in optimizers]
         reproduce(
             FLAGS.problem,
             range(FLAGS.seeds),
@@ -229,6 +281,7 @@ def main(argv):
             train_flags=train_flags,
             runs_dir=FLAGS.runs_dir,
             command=" ".join(["python -m tuning.reproduce", *sys.argv[1:]]),
+            targets=targets,
         )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -408,7 +408,7 @@ class FisherTrainer:
                 grads = tape.gradient(loss, keys)
             optimizer.accumulate_curvature(grads, keys)
 
-        @tf.function(reduce_retracing=True)
+        @tf.function(reduce_retracing=True, autograph=False)
         def step(data):
             strategy.run(replica_step, args=(data,))
 
