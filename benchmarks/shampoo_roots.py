@@ -5,15 +5,18 @@ up to 1000 x 1000 on the MNIST autoencoder 784-1000-500-250-30-250-500-1000-784)
 takes real statistics (a warm start and 20 steps of Shampoo on digits upsampled to 28x28, batch
 1000, ε = 3e-4 as the paper ran it) and times, side by side in one process:
 
-* ``keras-tnt``: :func:`keras_tnt.kronecker.inverse_pth_root` for every factor in one compiled
-  function (``tf.function`` / ``jax.jit``), as Shampoo's refresh step runs it;
+* ``keras-tnt newton`` / ``keras-tnt eigh``: every root in one compiled function
+  (``tf.function`` / ``jax.jit``), as Shampoo's refresh step runs it with ``root_method="newton"``
+  (:func:`keras_tnt.kronecker.inverse_pth_root`) or ``"eigh"``
+  (:func:`keras_tnt.kronecker.inverse_pth_root_eigh`, the default on a CPU);
 * ``authors' loop``: a NumPy transcription of the authors' ``coupled_newton`` (the same coupled
   Newton iteration, float32, one factor after the other, a Python loop around BLAS products,
   stopping on ``max|M - I| <= 1e-6`` or error growth), which is what their PyTorch code does on a
   CPU.
 
-Printed: per factor, its size, the iteration counts of both, and the relative difference of the
-roots; then the median of ``--repeats`` timings of the whole refresh and their ratio. Usage::
+Printed: per factor, its size and each method's relative Frobenius error against the float64
+root of NumPy's eigendecomposition (with Newton's iteration counts); then the median of
+``--repeats`` timings of all roots and the ratio to the authors' loop. Usage::
 
     python -m benchmarks.shampoo_roots
 """
@@ -111,14 +114,19 @@ def _compile(fn):
     return fn
 
 
-def ours(statistics, damping):
-    """A compiled function: every root and its iteration count, as the refresh computes them."""
+def ours(statistics, damping, method):
+    """A compiled function: every root (and Newton's iteration counts), as the refresh computes
+    them with ``root_method=method``."""
     ps = [p for _, p in statistics]
 
     def roots(*hs):
         out = []
         for h, p in zip(hs, ps):
-            root, _, iterations, _ = kronecker.inverse_pth_root(h, p, damping, return_info=True)
+            if method == "eigh":
+                root, _ = kronecker.inverse_pth_root_eigh(h, p, damping)
+                iterations = 0
+            else:
+                root, _, iterations, _ = kronecker.inverse_pth_root(h, p, damping, return_info=True)
             out.append((root, iterations))
         return out
 
@@ -134,33 +142,52 @@ def _median_time(fn, repeats):
     return float(np.median(times)), times
 
 
+def exact_root(h, p, damping):
+    """The float64 root from NumPy's eigendecomposition: the accuracy reference."""
+    a = h.astype(np.float64) + damping * np.eye(len(h))
+    values, vectors = np.linalg.eigh(a)
+    return (vectors * np.maximum(values, damping) ** (-1.0 / p)) @ vectors.T
+
+
 def main(argv):
     runtime.quiet_tensorflow_logging(FLAGS["verbosity"].present)
     statistics = mnist_statistics(FLAGS.steps, FLAGS.damping)
     hs = [keras.ops.convert_to_tensor(h) for h, _ in statistics]
-    compiled = ours(statistics, FLAGS.damping)
-
-    def run_ours():
-        return [(keras.ops.convert_to_numpy(r), int(i)) for r, i in compiled(*hs)]
-
-    def run_authors():
-        return [authors_coupled_newton(h, p, FLAGS.damping) for h, p in statistics]
-
-    ours_out, authors_out = run_ours(), run_authors()  # warm-up (tracing, BLAS threads)
-    print(f"{'factor':>8} {'p':>3} {'iters (ours)':>13} {'iters (authors)':>16} {'rel. diff':>10}")
-    for (h, p), (r1, i1), (r2, i2) in zip(statistics, ours_out, authors_out):
-        diff = np.linalg.norm(r1 - r2) / np.linalg.norm(r2)
-        print(f"{h.shape[0]:>8} {p:>3} {i1:>13} {i2:>16} {diff:>10.2e}")
-    results = {}
+    runs = {}
+    for method in ("newton", "eigh"):
+        compiled = ours(statistics, FLAGS.damping, method)
+        runs[f"keras-tnt {method}"] = lambda c=compiled: [
+            (keras.ops.convert_to_numpy(r), int(i)) for r, i in c(*hs)
+        ]
+    runs["authors' loop"] = lambda: [
+        authors_coupled_newton(h, p, FLAGS.damping) for h, p in statistics
+    ]
+    outputs = {name: fn() for name, fn in runs.items()}  # warm-up: tracing, BLAS threads
+    exact = [exact_root(h, p, FLAGS.damping) for h, p in statistics]
+    print("relative Frobenius error against the float64 root, and Newton's iterations:")
+    print(f"{'factor':>7} {'p':>2} " + " ".join(f"{name:>22}" for name in runs))
+    errors = {name: [] for name in runs}
+    for k, ((h, p), reference) in enumerate(zip(statistics, exact)):
+        cells = []
+        for name in runs:
+            root, iterations = outputs[name][k]
+            error = np.linalg.norm(root - reference) / np.linalg.norm(reference)
+            errors[name].append(error)
+            cells.append(f"{error:.1e}" + (f" ({iterations} it)" if iterations else ""))
+        print(f"{h.shape[0]:>7} {p:>2} " + " ".join(f"{c:>22}" for c in cells))
+    times = {name: [] for name in runs}
     for _ in range(FLAGS.repeats):  # alternate, to cancel drift
-        for name, fn in (("keras-tnt", run_ours), ("authors' loop", run_authors)):
-            results.setdefault(name, []).append(_median_time(fn, 1)[0])
-    base = np.median(results["authors' loop"])
-    for name, times in results.items():
-        median = float(np.median(times))
+        for name, fn in runs.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    base = float(np.median(times["authors' loop"]))
+    for name, values in times.items():
+        median = float(np.median(values))
         print(
-            f"{name:>14}: median {median:.3f} s over {len(times)} refreshes "
-            f"[{min(times):.3f}-{max(times):.3f}], ratio to the authors' loop {median / base:.2f}"
+            f"{name:>16}: all {len(statistics)} roots in {median:.3f} s (median of "
+            f"{len(values)}, [{min(values):.3f}-{max(values):.3f}]), ratio to the authors' loop "
+            f"{median / base:.2f}; largest error {max(errors[name]):.1e}"
         )
 
 

@@ -33,6 +33,7 @@ import json
 import math
 import os
 import platform
+import re
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -59,6 +60,9 @@ flags.DEFINE_integer("resnet_steps", 30, "Measured ResNet-32 steps per configura
 flags.DEFINE_boolean("jit_compile", False, "Compile the training step with XLA.")
 flags.DEFINE_string("output", "", "Optional path of a JSON file with every measurement.")
 flags.DEFINE_string("dtype_policy", "float32", "Keras dtype policy (e.g. mixed_bfloat16).")
+flags.DEFINE_string(
+    "only", "", "Time only the configurations whose label matches this regex (and the baseline)."
+)
 flags.DEFINE_boolean("extra_baselines", False, "Also time SGD-m (autoencoder) and Adam (ResNet).")
 
 JAX = keras.backend.backend() == "jax"
@@ -305,6 +309,22 @@ def run_problem(problem):
                 1,
                 20,
             ),
+            # The roots by the authors' coupled Newton iteration (the default on accelerators).
+            Config(
+                "Shampoo T1=1 T2=20, Newton roots",
+                lambda: keras_tnt.Shampoo(
+                    LR,
+                    3e-4,
+                    0.9,
+                    0.9,
+                    1,
+                    20,
+                    refresh_at_inverse_period_only=True,
+                    root_method="newton",
+                ),
+                1,
+                20,
+            ),
             # KFAC with the paper's autoencoder schedule; its factors come from the layers'
             # inputs and pre-activation gradients of the sampled pass.
             Config("KFAC T1=1 T2=20", lambda: keras_tnt.KFAC(LR, 0.3, 0.9, 0.9, 1, 20), 1, 20),
@@ -323,6 +343,8 @@ def run_problem(problem):
         steps = {c.label: FLAGS.resnet_steps for c in [base] + tnts + extras}
     if FLAGS.extra_baselines:
         tnts = tnts + extras
+    if FLAGS.only:
+        tnts = [c for c in tnts if re.search(FLAGS.only, c.label)]
     configs = [base] + tnts
     for c in configs:
         _build(problem, c, dataset)

@@ -243,6 +243,42 @@ def inverse_pth_root(
     return root, ok
 
 
+def inverse_pth_root_eigh(matrix, p: int, damping):
+    r"""``(matrix + damping I)^{-1/p}`` for symmetric PSD ``matrix`` from its eigendecomposition.
+
+    ``A = V diag(λ) V^T``, root ``V diag(max(λ, damping)^{-1/p}) V^T``: the clamp only removes
+    round-off, since ``matrix + damping I`` has no eigenvalue below ``damping``. Returns
+    ``(root, ok)`` as :func:`inverse_pth_root` does (``ok`` False for NaN/inf input, whose
+    decomposition is not attempted, or a non-finite root, e.g. ``damping = 0`` and a singular
+    matrix).
+
+    Why it is Shampoo's default on a CPU (benchmarks/shampoo_roots.py, the MNIST autoencoder's
+    24 statistics after 20 steps, ε = 3e-4, float32, 2 cores): all roots in 0.84 s against
+    7.0 s for the coupled Newton iteration (8-19 iterations of 3-4 products each), with the same
+    accuracy against float64 roots (largest relative Frobenius error 1.2e-3 against 8.6e-4).
+    A 1000 x 1000 eigendecomposition costs about 18 products there; on accelerators products are
+    far cheaper than eigendecompositions and Newton is the better choice.
+    """
+    if isinstance(p, bool) or not isinstance(p, int) or p < 1:
+        raise ValueError(f"`p` must be an integer >= 1; received p={p!r}.")
+    matrix = ops.convert_to_tensor(matrix)
+    dtype = matrix.dtype
+    eye = ops.eye(matrix.shape[-1], dtype=dtype)
+    if isinstance(damping, (int, float)):
+        damping = ops.convert_to_tensor(damping, dtype=dtype)
+    damping = ops.cast(damping, dtype)
+    a = matrix + damping * eye
+    finite = ops.all(ops.isfinite(a))
+    # TensorFlow's decomposition raises on NaN; such a statistic keeps its previous root.
+    values, vectors = ops.eigh(ops.where(finite, a, eye))
+    values = ops.maximum(values, damping)
+    scale = ops.power(values, ops.convert_to_tensor(-1.0 / p, dtype=dtype))
+    root = ops.matmul(vectors * scale[None, :], ops.transpose(vectors))
+    root = 0.5 * (root + ops.transpose(root))
+    ok = ops.logical_and(finite, ops.all(ops.isfinite(root)))
+    return root, ok
+
+
 # ------------------------------------------------------------ ownership across replicas
 
 

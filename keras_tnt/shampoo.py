@@ -9,8 +9,11 @@ minibatch gradient ``g``) and a different preconditioner: for a tensor with ``k`
     W \leftarrow W (1 - \alpha\lambda) - \alpha\, m \times_1 P_1 \times_2 \cdots \times_k P_k
 
 with no trace normalisation (algorithm.md §3). The momentum, the moving average and warm start
-of the statistics and the refresh schedule are TNT's. The roots come from the coupled Newton
-iteration :func:`keras_tnt.kronecker.inverse_pth_root` with ``p = 2k`` (1-D tensors: ``p = 2``).
+of the statistics and the refresh schedule are TNT's. The roots (``p = 2k``; 1-D tensors:
+``p = 2``) come from an eigendecomposition on a CPU
+(:func:`keras_tnt.kronecker.inverse_pth_root_eigh`) and from the coupled Newton iteration of the
+authors' release (:func:`keras_tnt.kronecker.inverse_pth_root`) on accelerators; ``root_method``
+chooses.
 
 Example::
 
@@ -28,6 +31,8 @@ from keras_tnt import backend
 from keras_tnt import kronecker
 from keras_tnt.tnt import TNT
 
+ROOT_METHODS = ("auto", "eigh", "newton")
+
 
 @keras.saving.register_keras_serializable(package="keras_tnt")
 class Shampoo(TNT):
@@ -43,6 +48,12 @@ class Shampoo(TNT):
         refresh_at_inverse_period_only: if True, the roots are refreshed only when
             ``t % T2 == 0`` (what the authors' release does for Shampoo on the autoencoders);
             otherwise TNT's schedule (every ``T1`` steps while ``t < T2``, then every ``T2``).
+        root_method: how the roots are computed: ``"eigh"`` (eigendecomposition),
+            ``"newton"`` (the coupled Newton iteration of the authors' release, stopped at
+            ``max|M - I| <= 1e-6``), or ``"auto"`` (default): ``"newton"`` when a GPU or TPU is
+            visible, else ``"eigh"`` (8x faster on a CPU at the same accuracy; see
+            benchmarks/shampoo_roots.py). Both give the root to float round-off; the two runs
+            differ by it.
         **kwargs: every base keyword of ``keras.optimizers.Optimizer``.
 
     The statistics always come from the gradients given to ``apply``; a warm start
@@ -61,6 +72,7 @@ class Shampoo(TNT):
         inverse_update_period: int = 20,
         weight_decay: float | None = None,
         refresh_at_inverse_period_only: bool = False,
+        root_method: str = "auto",
         name=None,
         **kwargs,
     ):
@@ -73,6 +85,11 @@ class Shampoo(TNT):
             raise TypeError(
                 "`refresh_at_inverse_period_only` must be True or False; received "
                 f"{refresh_at_inverse_period_only!r}."
+            )
+        if root_method not in ROOT_METHODS:
+            raise ValueError(
+                f"`root_method` must be one of {', '.join(map(repr, ROOT_METHODS))}; received "
+                f"{root_method!r}."
             )
         super().__init__(
             learning_rate=learning_rate,
@@ -87,6 +104,14 @@ class Shampoo(TNT):
             **kwargs,
         )
         self.refresh_at_inverse_period_only = refresh_at_inverse_period_only
+        self.root_method = root_method
+
+    @property
+    def resolved_root_method(self) -> str:
+        """``"eigh"`` or ``"newton"``: what ``root_method`` means on this machine."""
+        if self.root_method != "auto":
+            return self.root_method
+        return "newton" if backend.has_accelerator() else "eigh"
 
     def _refresh_due(self):
         if self.refresh_at_inverse_period_only:
@@ -102,8 +127,12 @@ class Shampoo(TNT):
         damping = ops.convert_to_tensor(self.damping, dtype=stats[0].dtype)
         failed = ops.zeros((), backend.count_dtype())
         out = []
+        method = self.resolved_root_method
         for h, root_var in zip(stats, self._inverses[idx]):
-            root, ok = kronecker.inverse_pth_root(h, p, damping)
+            if method == "eigh":
+                root, ok = kronecker.inverse_pth_root_eigh(h, p, damping)
+            else:
+                root, ok = kronecker.inverse_pth_root(h, p, damping)
             out.append(ops.where(ok, root, ops.convert_to_tensor(root_var)))
             failed = failed + ops.cast(ops.logical_not(ok), backend.count_dtype())
         return out, failed
@@ -112,4 +141,5 @@ class Shampoo(TNT):
         config = super().get_config()
         config.pop("empirical_fisher", None)
         config["refresh_at_inverse_period_only"] = self.refresh_at_inverse_period_only
+        config["root_method"] = self.root_method
         return config

@@ -258,6 +258,30 @@ def test_first_order_optimizer_on_fisher_model_trains_like_keras_model():
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.backends("tensorflow", "jax")
+def test_warm_start_takes_what_fit_takes():
+    """Arrays batched by batch_size, an (x, y) tuple and a keras.utils.PyDataset of the same
+    batches give the same statistics (the sampled pass needs x only)."""
+    x, y = _data(n=48)
+
+    class Batches(keras.utils.PyDataset):
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, i):
+            return x[16 * i : 16 * (i + 1)], y[16 * i : 16 * (i + 1)]
+
+    states = []
+    for source, kwargs in ((x, {"batch_size": 16}), ((x, y), {"batch_size": 16}), (Batches(), {})):
+        model = _compile(_classifier())
+        model.warm_start(source, verbose=0, **kwargs)
+        assert model.optimizer.warm_start_batches == 3
+        states.append(_optimizer_state(model))
+    for other in states[1:]:
+        for a, b in zip(states[0], other, strict=True):
+            np.testing.assert_array_equal(a, b)
+
+
 def test_warm_start_errors():
     model = _classifier()
     with pytest.raises(ValueError, match="compile"):

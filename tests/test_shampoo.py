@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import keras_tnt
+from keras_tnt import backend
 from keras_tnt import kronecker
 from tests.conftest import BOTH_BACKENDS
 from tests.conftest import compiled
@@ -167,6 +168,36 @@ def test_inverse_pth_root_nan_is_not_ok():
     assert not bool(ok)
 
 
+@pytest.mark.parametrize("dtype, rtol", [("float64", 1e-9), ("float32", 2e-3)])
+def test_inverse_pth_root_eigh_matches_the_reference_and_newton(dtype, rtol):
+    rng = np.random.default_rng(11)
+    for n in (1, 5, 40):
+        for cond in (1e0, 1e3, 1e6):
+            h = _spd(rng, n, cond)
+            for p in (2, 4, 6):
+                root, ok = kronecker.inverse_pth_root_eigh(tensor(h, dtype), p, 1e-4)
+                assert root.dtype == dtype and bool(ok)
+                err = _rel(root, _root(h, p, 1e-4))
+                assert err <= rtol, f"n={n} cond={cond:g} p={p}: rel err {err:.2e}"
+                if dtype == "float64":  # the two methods agree to Newton's tolerance
+                    newton, _ = kronecker.inverse_pth_root(tensor(h, dtype), p, 1e-4)
+                    assert _rel(root, newton) <= 1e-6
+
+
+def test_inverse_pth_root_eigh_bad_input_is_not_ok_and_never_raises():
+    h = np.eye(4)
+    h[1, 2] = np.nan
+    for dtype in ("float32", "float64"):
+        _, ok = kronecker.inverse_pth_root_eigh(tensor(h, dtype), 2, 1e-3)
+        assert not bool(ok)
+        _, ok = kronecker.inverse_pth_root_eigh(tensor(np.full((3, 3), np.inf), dtype), 4, 1e-3)
+        assert not bool(ok)
+    _, ok = kronecker.inverse_pth_root_eigh(tensor(np.zeros((3, 3))), 2, 0.0)
+    assert not bool(ok)
+    with pytest.raises(ValueError, match="`p` must be an integer >= 1"):
+        kronecker.inverse_pth_root_eigh(tensor(np.eye(2)), 0, 1e-3)
+
+
 def test_inverse_pth_root_first_iterate_by_hand():
     # X_1 = z^(1/p) (3 I - z A) / 2 for p = 2, with z = 3 / (2 ||A||_F).
     h = np.diag([1.0, 1e-2, 1e-4])
@@ -181,14 +212,18 @@ def test_inverse_pth_root_first_iterate_by_hand():
 # ------------------------------------------------------------------------------- optimizer
 
 
-def test_one_step_matches_numpy(float64):
+@pytest.mark.parametrize("root_method", ["eigh", "newton", "auto"])
+def test_one_step_matches_numpy(float64, root_method):
     rng = np.random.default_rng(0)
     lr, eps = 0.0625, 0.25
     w0, b0 = rng.standard_normal((4, 3)), rng.standard_normal(3)
     g_w, g_b = rng.standard_normal((4, 3)), rng.standard_normal(3)
     kernel = keras.Variable(w0, dtype="float64", name="kernel")
     bias = keras.Variable(b0, dtype="float64", name="bias")
-    opt = keras_tnt.Shampoo(learning_rate=lr, damping=eps)
+    opt = keras_tnt.Shampoo(learning_rate=lr, damping=eps, root_method=root_method)
+    assert opt.resolved_root_method == (
+        root_method if root_method != "auto" else "newton" if backend.has_accelerator() else "eigh"
+    )
     opt.apply([_t(g_w), _t(g_b)], [kernel, bias])
 
     h1, h2, hb = g_w @ g_w.T, g_w.T @ g_w, np.outer(g_b, g_b)
@@ -310,6 +345,11 @@ def test_defaults_and_config_round_trip():
     config = opt.get_config()
     assert "empirical_fisher" not in config
     assert config["refresh_at_inverse_period_only"] is True
+    assert config["root_method"] == "auto"
+    config_newton = keras_tnt.Shampoo(root_method="newton").get_config()
+    assert keras_tnt.Shampoo.from_config(config_newton).root_method == "newton"
+    with pytest.raises(ValueError, match="`root_method` must be one of 'auto', 'eigh', 'newton'"):
+        keras_tnt.Shampoo(root_method="svd")
     restored = keras_tnt.Shampoo.from_config(config)
     assert restored.get_config() == config
     again = keras.optimizers.deserialize(keras.optimizers.serialize(opt))

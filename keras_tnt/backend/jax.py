@@ -36,6 +36,7 @@ __all__ = [
     "count_replica_work",
     "extract_patches",
     "fold_across_replicas",
+    "has_accelerator",
     "make_work_counter",
     "num_replicas",
     "outside_graph",
@@ -72,6 +73,11 @@ def cholesky(x):
     (``keras.ops.cholesky`` raises eagerly when the result holds NaN.)
     """
     return jnp.linalg.cholesky(x)
+
+
+def has_accelerator() -> bool:
+    """Whether JAX's default backend is not the CPU."""
+    return jax.default_backend() != "cpu"
 
 
 def extract_patches(layer, inputs):

@@ -28,6 +28,7 @@ __all__ = [
     "count_replica_work",
     "extract_patches",
     "fold_across_replicas",
+    "has_accelerator",
     "make_work_counter",
     "num_replicas",
     "outside_graph",
@@ -68,6 +69,11 @@ def cholesky(x):
     (``keras.ops.cholesky`` wraps this in ``check_numerics``, which raises on failure.)
     """
     return tf.linalg.cholesky(x)
+
+
+def has_accelerator() -> bool:
+    """Whether TensorFlow sees a GPU or TPU."""
+    return bool(tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU"))
 
 
 def extract_patches(layer, inputs):
@@ -420,7 +426,17 @@ class FisherTrainer:
         if isinstance(x, tf.data.Dataset):
             dataset = x
         else:
-            dataset = tf.data.Dataset.from_tensor_slices(x).batch(batch_size or 32)
+            # Whatever `fit` takes: arrays (or an (x, y[, sample_weight]) tuple of them), a
+            # keras.utils.PyDataset, a generator; batched by `batch_size` where it applies.
+            from keras.src.trainers.data_adapters import get_data_adapter
+
+            y = sample_weight = None
+            if isinstance(x, tuple) and 1 < len(x) <= 3:
+                x, y, sample_weight = (tuple(x) + (None,))[:3]
+            adapter = get_data_adapter(
+                x, y, sample_weight, batch_size=batch_size or 32, shuffle=False
+            )
+            dataset = adapter.get_tf_dataset()
         if steps is not None:
             dataset = dataset.take(steps)
         total = steps
