@@ -215,7 +215,9 @@ def write_report(
     if target_rows:
         results.write_csv(target_rows, output + "_targets.csv")
     title = f"{problem}: mean ± std over seeds"
-    results.plot_curves(runs, results.figure_metrics(problem), output + ".png", title)
+    results.plot_curves(
+        runs, results.figure_metrics(problem), output + ".png", title, zoom=bool(targets)
+    )
     criterion, _ = results.report_metrics(problem)
     name = os.path.basename(output)
     best = "lowest" if criterion.direction == "min" else "highest"

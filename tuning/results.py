@@ -351,12 +351,22 @@ def curve_by_time(runs: list[Run], metric: str, points: int = 200):
     return (times, *_band(stack))
 
 
-def plot_curves(runs: dict[str, list[Run]], metrics, output: str, title: str) -> None:
-    """Mean ± std of each metric (a row of panels each), against epochs and training time."""
+def plot_curves(
+    runs: dict[str, list[Run]], metrics, output: str, title: str, zoom: bool = False
+) -> None:
+    """Mean ± std of each metric (a row of panels each), against epochs and training time.
+
+    ``zoom``: for loss metrics, one more row on a linear axis from just below the lowest mean
+    to just above the highest final mean, where long runs differ (their log-scale row is
+    dominated by the first epochs).
+    """
     metrics = list(metrics)
-    fig, axes = plt.subplots(len(metrics), 2, figsize=(10, 4 * len(metrics)), squeeze=False)
-    for (by_epoch, by_time), metric in zip(axes, metrics):
-        means = []
+    rows = [(m, False) for m in metrics]
+    if zoom:
+        rows += [(m, True) for m in metrics if "loss" in m]
+    fig, axes = plt.subplots(len(rows), 2, figsize=(10, 4 * len(rows)), squeeze=False)
+    for (by_epoch, by_time), (metric, zoomed) in zip(axes, rows):
+        means, finals = [], []
         for optimizer, optimizer_runs in runs.items():
             if not optimizer_runs:
                 continue
@@ -366,16 +376,21 @@ def plot_curves(runs: dict[str, list[Run]], metrics, output: str, title: str) ->
                 (line,) = axis.plot(x, mean, label=name)
                 axis.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2)
                 means.append(mean)
+                finals.append(mean[-1])
         for axis, xlabel in ((by_epoch, "epoch"), (by_time, "training time without tracing (s)")):
             axis.set_xlabel(xlabel)
-            axis.set_ylabel(METRIC_LABELS.get(metric, metric))
+            axis.set_ylabel(METRIC_LABELS.get(metric, metric) + (" (zoomed)" if zoomed else ""))
             axis.grid(alpha=0.3)
-            if "loss" in metric:
+            values = np.concatenate(means) if means else np.array([])
+            values = values[np.isfinite(values) & (values > 0)]
+            last = np.array([f for f in finals if np.isfinite(f)])
+            if zoomed and values.size and last.size:
+                low, high = values.min(), last.max()
+                axis.set_ylim(low - 0.05 * (high - low), high + 0.5 * (high - low))
+            elif "loss" in metric:
                 axis.set_yscale("log")
                 # Limits from the mean curves: a band whose lower edge nears 0 (seeds at very
                 # different losses at the same time) would otherwise stretch the log axis.
-                values = np.concatenate(means) if means else np.array([])
-                values = values[np.isfinite(values) & (values > 0)]
                 if values.size:
                     axis.set_ylim(values.min() / 1.5, values.max() * 1.5)
     axes[0][0].legend()
