@@ -174,6 +174,12 @@ class KFAC(TNT):
         **kwargs,
     ):
         kwargs.pop("empirical_fisher", None)
+        for argument in ("max_factor_dim", "factor_overrides", "memory_limit_bytes"):
+            if argument in kwargs:
+                raise TypeError(
+                    f"KFAC does not take `{argument}` yet: its factors are per layer (input and "
+                    "output width), and every layer it factors keeps full factors."
+                )
         super().__init__(
             learning_rate=learning_rate,
             damping=damping,
@@ -226,6 +232,7 @@ class KFAC(TNT):
         # per-layer factors instead.
         keras.optimizers.Optimizer.build(self, var_list)
         self._modes = [() for _ in var_list]
+        self._diagonal = [() for _ in var_list]
         self._momenta = [self.add_variable_from_reference(v, "momentum") for v in var_list]
         self._statistics = [[] for _ in var_list]
         self._inverses = [[] for _ in var_list]
@@ -664,5 +671,11 @@ class KFAC(TNT):
 
     def get_config(self):
         config = super().get_config()
-        config.pop("empirical_fisher", None)
+        for name in (
+            "empirical_fisher",
+            "max_factor_dim",
+            "factor_overrides",
+            "memory_limit_bytes",
+        ):
+            config.pop(name, None)
         return config

@@ -52,24 +52,41 @@ def _gram(x, transpose: bool):
     return ops.matmul(x, ops.transpose(x))
 
 
-def mode_contractions(g, modes: Sequence[int]) -> list:
+def _diagonal_flags(modes, diagonal):
+    if diagonal is None:
+        return (False,) * len(modes)
+    diagonal = tuple(bool(f) for f in diagonal)
+    if len(diagonal) != len(modes):
+        raise ValueError(f"`diagonal` needs one flag per mode {tuple(modes)}; got {diagonal}.")
+    return diagonal
+
+
+def mode_contractions(g, modes: Sequence[int], diagonal: Sequence[bool] | None = None) -> list:
     """``[mat_i(G) mat_i(G)^T for i in modes]``: each a symmetric ``d_i x d_i`` matrix.
 
     ``g`` may have any shape with ``prod(shape) == prod(modes)``; it is viewed in ``modes``.
-    Cost: ``d_i * prod(modes)`` multiply-adds per mode.
+    Cost: ``d_i * prod(modes)`` multiply-adds per mode. A mode flagged in ``diagonal`` gets the
+    diagonal of that contraction only, a vector of ``d_i`` sums of squares (``prod(modes)``
+    multiply-adds).
     """
     modes = tuple(modes)
+    diagonal = _diagonal_flags(modes, diagonal)
     k = len(modes)
     if k == 0:
         return []
     if k == 1:
         v = ops.reshape(g, (modes[0], 1))
+        if diagonal[0]:
+            return [ops.square(v[:, 0])]
         return [ops.matmul(v, ops.transpose(v))]
     g = ops.reshape(g, modes)
     size = math.prod(modes)
     out = []
     for i, d in enumerate(modes):
-        if i == 0:
+        if diagonal[i]:
+            axes = tuple(j for j in range(k) if j != i)
+            out.append(ops.sum(ops.square(g), axis=axes))
+        elif i == 0:
             out.append(_gram(ops.reshape(g, (d, size // d)), transpose=False))
         elif i == k - 1:
             out.append(_gram(ops.reshape(g, (size // d, d)), transpose=True))
@@ -80,11 +97,18 @@ def mode_contractions(g, modes: Sequence[int]) -> list:
     return out
 
 
+def _trace(h):
+    """The trace of a factor: a full ``d x d`` matrix, or a diagonal one kept as a vector."""
+    return ops.sum(h) if len(h.shape) == 1 else ops.trace(h)
+
+
 def normalize_factors(statistics: Sequence, modes: Sequence[int]) -> list:
     r"""Eq. (5): ``U_i = H_i / (c^{k-1} prod_{j!=i} d_j)`` with ``c = (tr(H_1)/prod d)^{1/k}``.
 
     For ``k = 1`` the factor is returned unchanged. When ``tr(H_1) = 0`` (no statistics yet)
-    every factor is returned as zeros rather than 0/0.
+    every factor is returned as zeros rather than 0/0. A diagonal factor (a vector) has the
+    trace of its sum and is scaled the same way, so that the normalisation, and with it the
+    meaning of the damping, is the one of the full factor whose diagonal it keeps.
     """
     k = len(modes)
     if k <= 1:
@@ -92,7 +116,7 @@ def normalize_factors(statistics: Sequence, modes: Sequence[int]) -> list:
     size = math.prod(modes)
     h0 = statistics[0]
     dtype = h0.dtype
-    trace = ops.trace(h0)
+    trace = _trace(h0)
     # convert_to_tensor, not cast: ops.cast(1/3, "float64") goes through float32.
     c = ops.power(trace / ops.cast(size, dtype), ops.convert_to_tensor(1.0 / k, dtype=dtype))
     out = []
@@ -110,10 +134,15 @@ def damped_inverse(u, damping):
     definite in floating point, or ``u`` holds NaN/inf) ``ok`` is False and ``inverse`` must not
     be used; callers keep their previous inverse.
     """
-    d = u.shape[-1]
-    eye = ops.eye(d, dtype=u.dtype)
     if isinstance(damping, (int, float)):
         damping = ops.convert_to_tensor(damping, dtype=u.dtype)
+    if len(u.shape) == 1:  # a diagonal factor, kept as its diagonal
+        damped = u + ops.cast(damping, u.dtype)
+        inverse = 1 / damped
+        ok = ops.logical_and(ops.all(ops.isfinite(inverse)), ops.all(damped > 0))
+        return inverse, ok
+    d = u.shape[-1]
+    eye = ops.eye(d, dtype=u.dtype)
     damped = u + ops.cast(damping, u.dtype) * eye
     lower = backend.cholesky(damped)  # NaN, not an exception, on failure
     # Two triangular solves, L X = I then L^T A = X (cheaper here than L^{-T} L^{-1} by matmul),
@@ -140,7 +169,9 @@ def precondition(m, factors: Sequence, modes: Sequence[int]):
     x = m
     size = math.prod(modes)
     for d, a in zip(modes, factors):
-        x = ops.matmul(ops.transpose(ops.reshape(x, (d, size // d))), a)
+        x = ops.transpose(ops.reshape(x, (d, size // d)))
+        # A diagonal factor (a vector) scales its mode: the product with diag(a).
+        x = x * a if len(a.shape) == 1 else ops.matmul(x, a)
     return ops.reshape(x, shape)
 
 
@@ -282,17 +313,28 @@ def inverse_pth_root_eigh(matrix, p: int, damping):
 # ------------------------------------------------------------ ownership across replicas
 
 
-def preconditioner_cost(modes: Sequence[int]) -> int:
+def preconditioner_cost(modes: Sequence[int], diagonal: Sequence[bool] | None = None) -> int:
     """Multiply-adds of one tensor's preconditioner work, to balance it across replicas.
 
     ``Σ d_i³`` for the factorisations of a refresh plus ``2 Π d_i · Σ d_i`` for the mode
-    contractions and the preconditioned direction (one product per mode each). A tensor with no
-    modes costs nothing.
+    contractions and the preconditioned direction (one product per mode each). A diagonal mode
+    costs ``d_i + 2 Π d_i`` instead. A tensor with no modes costs nothing.
     """
     if not modes:
         return 0
     size = math.prod(modes)
-    return int(sum(d**3 for d in modes) + 2 * size * sum(modes))
+    flags = _diagonal_flags(modes, diagonal)
+    return int(sum(d + 2 * size if diag else d**3 + 2 * size * d for d, diag in zip(modes, flags)))
+
+
+def diagonal_inverse_pth_root(h, p: int, damping):
+    """``(h + damping)^{-1/p}`` elementwise for a diagonal statistic ``h`` (a vector), and
+    whether it is finite (Shampoo's root of a diagonal factor)."""
+    h = ops.convert_to_tensor(h)
+    damped = h + ops.cast(damping, h.dtype)
+    root = ops.power(damped, ops.convert_to_tensor(-1.0 / p, dtype=h.dtype))
+    ok = ops.logical_and(ops.all(ops.isfinite(root)), ops.all(damped > 0))
+    return root, ok
 
 
 def plan_owners(costs: Sequence[int], replicas: int) -> list[int]:

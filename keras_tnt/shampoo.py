@@ -129,7 +129,9 @@ class Shampoo(TNT):
         out = []
         method = self.resolved_root_method
         for h, root_var in zip(stats, self._inverses[idx]):
-            if method == "eigh":
+            if len(h.shape) == 1:  # a diagonal factor
+                root, ok = kronecker.diagonal_inverse_pth_root(h, p, damping)
+            elif method == "eigh":
                 root, ok = kronecker.inverse_pth_root_eigh(h, p, damping)
             else:
                 root, ok = kronecker.inverse_pth_root(h, p, damping)

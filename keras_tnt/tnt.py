@@ -31,7 +31,10 @@ training step calls with the sampled-label gradients; a custom training loop cal
 
 from __future__ import annotations
 
+import logging
+import math
 import numbers
+import re
 import warnings
 
 import keras
@@ -64,6 +67,71 @@ def _check_period(name, value):
     return int(value)
 
 
+# What a variable's preconditioner can be: every mode a full factor, every mode a diagonal one,
+# or none (the plain momentum step, as for a scalar).
+FACTOR_KINDS = ("full", "diagonal", "none")
+DEFAULT_MAX_FACTOR_DIM = 4096
+logger = logging.getLogger("keras_tnt")
+
+
+def _check_max_factor_dim(value):
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"`max_factor_dim` must be an integer >= 1 or None; received {value!r}.")
+    if value < 1:
+        raise ValueError(f"`max_factor_dim` must be an integer >= 1 or None; received {value!r}.")
+    return int(value)
+
+
+def _check_overrides(overrides):
+    if overrides is None:
+        return {}
+    if not isinstance(overrides, dict):
+        raise TypeError(
+            "`factor_overrides` must be a dict {pattern: kind} with kind one of "
+            f"{', '.join(map(repr, FACTOR_KINDS))}; received {overrides!r}."
+        )
+    checked = {}
+    for pattern, kind in overrides.items():
+        if not isinstance(pattern, str):
+            raise TypeError(f"`factor_overrides` keys must be strings; received {pattern!r}.")
+        if kind not in FACTOR_KINDS:
+            raise ValueError(
+                f"`factor_overrides[{pattern!r}]` must be one of "
+                f"{', '.join(map(repr, FACTOR_KINDS))}; received {kind!r}."
+            )
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            raise ValueError(
+                f"`factor_overrides` key {pattern!r} is not a valid regular expression: {error}."
+            ) from None
+        checked[pattern] = kind
+    return checked
+
+
+def _check_memory_limit(value):
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
+        raise ValueError(
+            f"`memory_limit_bytes` must be a number of bytes > 0 or None; received {value!r}."
+        )
+    return int(value)
+
+
+def _itemsize(dtype) -> int:
+    return int(np.dtype(keras.backend.standardize_dtype(dtype)).itemsize)
+
+
+def format_bytes(n: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
 def statistics_dtype(variable_dtype) -> str:
     """Statistics and inverses are kept in float64 for float64 tensors, else in float32."""
     return "float64" if keras.backend.standardize_dtype(variable_dtype) == "float64" else "float32"
@@ -88,6 +156,21 @@ class TNT(keras.optimizers.Optimizer):
         weight_decay: decoupled weight decay ``λ`` >= 0 or None: ``W ← W (1 - α λ)`` before the
             preconditioned step; it enters neither the momentum nor the statistics. Use
             ``exclude_from_weight_decay`` as with any Keras optimizer.
+        max_factor_dim: the largest mode that gets a full ``d x d`` factor (default 4096:
+            every model of the paper, VGG16's 4096-wide classifier included, keeps full
+            factors). A larger mode (an embedding's vocabulary, a 10,000-class output) gets a
+            diagonal factor: the diagonal of the same contraction, normalised by eq. (5) with
+            the other modes and damped by the same ``ε``, so ``d`` numbers instead of ``d²``.
+            None: no bound.
+        factor_overrides: ``{pattern: kind}``, for the variables whose path
+            (``variable.path``, e.g. ``"transformer/embedding/embeddings"``) matches the
+            regular expression ``pattern`` (``re.search``; the first matching pattern wins):
+            ``"full"`` (every mode a full factor, whatever its size), ``"diagonal"`` (every mode
+            diagonal) or ``"none"`` (no factors: the plain momentum step ``W ← W - α m``). A
+            pattern that matches no variable is an error when the optimizer is built.
+        memory_limit_bytes: if set, building the optimizer raises ``ValueError`` before
+            allocating anything when its state (momentum, statistics, inverses, counters) would
+            take more bytes. See :meth:`plan`.
         empirical_fisher: if True, the statistics come from the ordinary minibatch gradients
             given to ``apply`` (the empirical Fisher; "TNT-EF", the paper's ablation D.4) instead
             of sampled-label gradients. It then works on any model and any loss, with no Fisher
@@ -141,6 +224,9 @@ class TNT(keras.optimizers.Optimizer):
         weight_decay: float | None = None,
         empirical_fisher: bool = False,
         split_preconditioner: bool | None = None,
+        max_factor_dim: int | None = DEFAULT_MAX_FACTOR_DIM,
+        factor_overrides: dict | None = None,
+        memory_limit_bytes: int | None = None,
         clipnorm=None,
         clipvalue=None,
         global_clipnorm=None,
@@ -188,6 +274,9 @@ class TNT(keras.optimizers.Optimizer):
                 f"{split_preconditioner!r}."
             )
         self.split_preconditioner = split_preconditioner
+        self.max_factor_dim = _check_max_factor_dim(max_factor_dim)
+        self.factor_overrides = _check_overrides(factor_overrides)
+        self.memory_limit_bytes = _check_memory_limit(memory_limit_bytes)
         # Set once something feeds statistics (update_curvature, a FisherModel, a restored
         # state); `apply` refuses to precondition with statistics nobody will ever fill. The
         # empirical Fisher feeds itself from the gradients given to `apply`.
@@ -202,11 +291,132 @@ class TNT(keras.optimizers.Optimizer):
 
     # ------------------------------------------------------------------ state
 
+    # ------------------------------------------------------------------ plan
+
+    def _variable_plan(self, var) -> dict:
+        """One variable's entry of :meth:`plan` (no allocation)."""
+        path = var.path if hasattr(var, "path") else str(var.name)
+        shape = tuple(int(d) for d in var.shape)
+        modes = kronecker.tensor_modes(shape)
+        override = next(
+            (kind for pattern, kind in self.factor_overrides.items() if re.search(pattern, path)),
+            None,
+        )
+        if override == "none":
+            modes = ()
+        if override == "full":
+            factors = ["full"] * len(modes)
+        elif override == "diagonal":
+            factors = ["diagonal"] * len(modes)
+        else:
+            bound = self.max_factor_dim
+            factors = ["diagonal" if bound and d > bound else "full" for d in modes]
+        itemsize = _itemsize(statistics_dtype(var.dtype))
+        factor_numbers = sum(d if f == "diagonal" else d * d for d, f in zip(modes, factors))
+        state = math.prod(shape) * _itemsize(var.dtype)  # momentum
+        state += 2 * factor_numbers * itemsize  # statistics and inverses
+        state += 3 * _itemsize(backend.count_dtype())  # count, skipped, failed
+        return {
+            "variable": path,
+            "shape": shape,
+            "modes": modes,
+            "factors": factors,
+            "override": override,
+            "state_bytes": int(state),
+        }
+
+    def plan(self, var_list=None) -> list[dict]:
+        """The preconditioner of every variable, before anything is allocated.
+
+        One dict per variable (build order): ``variable`` (its path), ``shape``, ``modes``
+        (:func:`~keras_tnt.kronecker.tensor_modes`; empty for the plain momentum step),
+        ``factors`` (``"full"`` or ``"diagonal"`` per mode), ``override`` (the kind a
+        ``factor_overrides`` pattern set, or None) and ``state_bytes`` (its momentum,
+        statistics, inverses and counters). ``var_list`` defaults to the variables the
+        optimizer was built with. :meth:`describe_plan` prints it as a table.
+        """
+        if var_list is None:
+            self._require_built("plan")
+            var_list = self._trainable_variables
+        return [self._variable_plan(v) for v in var_list]
+
+    def describe_plan(self, var_list=None) -> str:
+        """:meth:`plan` as a table, with the total optimizer-state memory."""
+        entries = self.plan(var_list)
+        width = max([len(e["variable"]) for e in entries] + [8])
+        lines = [f"{'variable':<{width}}  {'shape':<20} {'factors':<36} state"]
+        for e in entries:
+            if not e["modes"]:
+                factors = "none (plain momentum)"
+            else:
+                factors = " x ".join(
+                    f"{d}{'d' if f == 'diagonal' else ''}" for d, f in zip(e["modes"], e["factors"])
+                )
+                factors += " (d: diagonal)" if "diagonal" in e["factors"] else ""
+            lines.append(
+                f"{e['variable']:<{width}}  {str(e['shape']):<20} {factors:<36} "
+                f"{format_bytes(e['state_bytes'])}"
+            )
+        total = sum(e["state_bytes"] for e in entries)
+        lines.append(f"total optimizer state: {format_bytes(total)} ({total} bytes)")
+        return "\n".join(lines)
+
+    def _check_plan(self, var_list) -> list[dict]:
+        """The plan of ``var_list``; raises before any allocation if it breaks a setting."""
+        entries = self.plan(var_list)
+        unused = [
+            p
+            for p in self.factor_overrides
+            if not any(re.search(p, e["variable"]) for e in entries)
+        ]
+        if unused:
+            paths = ", ".join(e["variable"] for e in entries[:6])
+            raise ValueError(
+                f"`factor_overrides`: {', '.join(map(repr, unused))} matches no variable "
+                f"(variable paths look like: {paths}{', ...' if len(entries) > 6 else ''})."
+            )
+        total = sum(e["state_bytes"] for e in entries)
+        if self.memory_limit_bytes is not None and total > self.memory_limit_bytes:
+            largest = sorted(entries, key=lambda e: -e["state_bytes"])[:3]
+            raise ValueError(
+                f"The optimizer state would take {format_bytes(total)} ({total} bytes), over "
+                f"`memory_limit_bytes={self.memory_limit_bytes}`. Largest: "
+                + "; ".join(
+                    f"{e['variable']} {e['shape']}: {format_bytes(e['state_bytes'])}"
+                    for e in largest
+                )
+                + ". Lower `max_factor_dim`, or set `factor_overrides` (e.g. 'diagonal' or "
+                "'none' for those variables)."
+            )
+        bounded = sum(1 for e in entries if e["override"] is None and "diagonal" in e["factors"])
+        summary = (
+            f"{self.name}: {len(entries)} variables, "
+            f"{sum(f == 'full' for e in entries for f in e['factors'])} full and "
+            f"{sum(f == 'diagonal' for e in entries for f in e['factors'])} diagonal factors, "
+            f"{sum(not e['modes'] for e in entries)} plain momentum; optimizer state "
+            f"{format_bytes(total)}"
+        )
+        if bounded:
+            logger.warning(
+                "%s (%d variables have modes above max_factor_dim=%s and got diagonal factors; "
+                "see optimizer.describe_plan()).",
+                summary,
+                bounded,
+                self.max_factor_dim,
+            )
+        else:
+            logger.info("%s.", summary)
+        return entries
+
+    # ------------------------------------------------------------------ state
+
     def build(self, var_list):
         if self.built:
             return
+        entries = self._check_plan(var_list)
         super().build(var_list)
         self._modes = []
+        self._diagonal = []
         self._momenta = []
         self._statistics = []
         self._inverses = []
@@ -215,22 +425,25 @@ class TNT(keras.optimizers.Optimizer):
         self._failed = []
         # The order of creation is the order of saving: it must never depend on anything but
         # var_list (optimizer state is restored by index).
-        for var in var_list:
-            modes = kronecker.tensor_modes(var.shape)
+        for var, entry in zip(var_list, entries):
+            modes = entry["modes"]
+            diagonal = tuple(f == "diagonal" for f in entry["factors"])
+            shapes = [(d,) if diag else (d, d) for d, diag in zip(modes, diagonal)]
             prefix = var.path.replace("/", "_") if hasattr(var, "path") else str(var.name)
             sdtype = statistics_dtype(var.dtype)
             self._modes.append(modes)
+            self._diagonal.append(diagonal)
             self._momenta.append(self.add_variable_from_reference(var, "momentum"))
             self._statistics.append(
                 [
-                    self.add_variable((d, d), dtype=sdtype, name=f"{prefix}_statistics_{i}")
-                    for i, d in enumerate(modes)
+                    self.add_variable(shape, dtype=sdtype, name=f"{prefix}_statistics_{i}")
+                    for i, shape in enumerate(shapes)
                 ]
             )
             self._inverses.append(
                 [
-                    self.add_variable((d, d), dtype=sdtype, name=f"{prefix}_inverse_{i}")
-                    for i, d in enumerate(modes)
+                    self.add_variable(shape, dtype=sdtype, name=f"{prefix}_inverse_{i}")
+                    for i, shape in enumerate(shapes)
                 ]
             )
             # Batches folded into this variable's statistics (the first one sets them).
@@ -499,7 +712,7 @@ class TNT(keras.optimizers.Optimizer):
         def zeros(k):
             idx = indices[k]
             sdtype = statistics_dtype(self._trainable_variables[idx].dtype)
-            return [ops.zeros((d, d), sdtype) for d in self._modes[idx]]
+            return [ops.zeros(h.shape, sdtype) for h in self._statistics[idx]]
 
         def fold_shared(local_grads, gate, shared):
             contractions = [c for k, c in enumerate(shared) if self._modes[indices[k]]]
@@ -520,7 +733,9 @@ class TNT(keras.optimizers.Optimizer):
             modes = self._modes[idx]
             if modes:
                 sdtype = statistics_dtype(self._trainable_variables[idx].dtype)
-                out.append(kronecker.mode_contractions(ops.cast(g, sdtype), modes))
+                out.append(
+                    kronecker.mode_contractions(ops.cast(g, sdtype), modes, self._diagonal[idx])
+                )
         return out
 
     def _average_into(self, slots, compute, inputs, gate, warm_start):
@@ -690,7 +905,10 @@ class TNT(keras.optimizers.Optimizer):
 
     def _unit_costs(self):
         """The cost of each unit of split work (here: each variable), in build order."""
-        return [kronecker.preconditioner_cost(modes) for modes in self._modes]
+        return [
+            kronecker.preconditioner_cost(modes, diagonal)
+            for modes, diagonal in zip(self._modes, self._diagonal)
+        ]
 
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
         owners = self._owners()
@@ -805,6 +1023,9 @@ class TNT(keras.optimizers.Optimizer):
                 "inverse_update_period": self.inverse_update_period,
                 "empirical_fisher": self.empirical_fisher,
                 "split_preconditioner": self.split_preconditioner,
+                "max_factor_dim": self.max_factor_dim,
+                "factor_overrides": dict(self.factor_overrides),
+                "memory_limit_bytes": self.memory_limit_bytes,
             }
         )
         return config
