@@ -62,6 +62,9 @@ class KillAt(keras.callbacks.Callback):
 
 
 def main(out, checkpoint_dir, optimizers, epochs, kill_at=None):
+    # The shuffles' seeds combine with TensorFlow's global seed: fix it, so that a run in a
+    # fresh process and one in a test process that set another seed see the same order.
+    keras.utils.set_random_seed(0)
     if os.environ.get("TF_CONFIG"):
         timeout = float(os.environ.get("CONNECT_TIMEOUT", "120"))
         strategy = multi_worker.strategy_from_tf_config(timeout=timeout)
