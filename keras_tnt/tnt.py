@@ -398,10 +398,11 @@ class TNT(keras.optimizers.Optimizer):
         )
         if bounded:
             logger.warning(
-                "%s (%d variables have modes above max_factor_dim=%s and got diagonal factors; "
-                "see optimizer.describe_plan()).",
+                "%s (%d %s modes above max_factor_dim=%s, which got diagonal factors; see "
+                "optimizer.describe_plan()).",
                 summary,
                 bounded,
+                "variable has" if bounded == 1 else "variables have",
                 self.max_factor_dim,
             )
         else:

@@ -10,9 +10,12 @@ from models.mlp import linear
 from models.mlp import mlp
 from models.resnet import ZeroPadShortcut
 from models.resnet import resnet32
+from models.transformer import PositionEmbedding
+from models.transformer import transformer_classifier
 from models.vgg import vgg16_bn
 
 __all__ = [
+    "PositionEmbedding",
     "ZeroPadShortcut",
     "autoencoder",
     "digits_autoencoder",
@@ -23,5 +26,6 @@ __all__ = [
     "mlp",
     "mnist_autoencoder",
     "resnet32",
+    "transformer_classifier",
     "vgg16_bn",
 ]

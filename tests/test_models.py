@@ -309,3 +309,33 @@ def test_resnet32_trains_the_same_with_and_without_xla(float64):
     for a, b in zip(*runs):
         scale = max(np.abs(a).max(), 1e-12)
         np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-8 * scale)
+
+
+def test_transformer_classifier_layers_plan_and_save(tmp_path):
+    """The zoo's transformer: its tensors' TNT modes, a few TNT steps that learn, .keras."""
+    model = models.transformer_classifier(17, 8, 3, width=8, heads=2, mlp_width=16)
+    plan = {e["variable"]: e["modes"] for e in keras_tnt.TNT().plan(model.trainable_variables)}
+    assert plan["token_embedding/embeddings"] == (17, 8)
+    assert plan["position_embedding/embeddings"] == (8, 8)
+    assert plan["block0_attention/query/kernel"] == (8, 2, 4)
+    assert plan["block0_attention/attention_output/kernel"] == (2, 4, 8)
+    assert plan["block1_mlp_norm/gamma"] == (8,)
+    assert model.count_params() == sum(math.prod(v.shape) for v in model.trainable_variables)
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 17, size=(96, 8)).astype("int32")
+    y = (x[:, 0] % 3).astype("int32")  # the class is in the first token
+    model.compile(
+        optimizer=keras_tnt.TNT(learning_rate=3e-3, damping=0.1),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    model.warm_start(x, batch_size=32, verbose=0)
+    history = model.fit(x, y, batch_size=32, epochs=8, verbose=0)
+    assert history.history["loss"][-1] < 0.8 * history.history["loss"][0]
+    path = os.path.join(tmp_path, "transformer.keras")
+    model.save(path)
+    restored = keras.models.load_model(path)
+    np.testing.assert_allclose(restored.predict(x, verbose=0), model.predict(x, verbose=0))
+    with pytest.raises(ValueError, match="`width` \\(10\\) must be a multiple of `heads` \\(4\\)"):
+        models.transformer_classifier(17, 8, 3, width=10, heads=4)
+    with pytest.raises(ValueError, match="`vocabulary` must be an integer >= 1"):
+        models.transformer_classifier(0, 8, 3)
