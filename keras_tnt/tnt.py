@@ -706,6 +706,8 @@ class TNT(keras.optimizers.Optimizer):
         # Split: the owner of each tensor computes its contractions; the others add zeros.
         def contract(k, gradient, gate):
             idx = indices[k]
+            if not self._modes[idx]:  # plain momentum (a scalar, or factor_overrides "none")
+                return []
             run = ops.convert_to_tensor(True) if gate is None else gate
             self._count_work(idx, contraction=run)
             return ops.cond(run, lambda: self._contractions([idx], [gradient])[0], lambda: zeros(k))

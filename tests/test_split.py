@@ -46,9 +46,9 @@ def _run(optimizer_cls, split, epochs=2, replicas=2, **kwargs):
     with strategy.scope():
         inputs = keras.Input((64,), dtype="float64")
         h = inputs
-        for _ in range(3):
-            h = keras.layers.Dense(64, activation="tanh", dtype="float64")(h)
-        outputs = keras.layers.Dense(64, dtype="float64")(h)
+        for i in range(3):
+            h = keras.layers.Dense(64, activation="tanh", dtype="float64", name=f"layer{i}")(h)
+        outputs = keras.layers.Dense(64, dtype="float64", name="layer3")(h)
         model = keras_tnt.FisherModel(inputs, outputs, fisher_seed=3)
         rng = np.random.default_rng(0)
         model.set_weights([rng.uniform(-0.4, 0.4, w.shape) for w in model.get_weights()])
@@ -79,6 +79,15 @@ def _state(model):
     "optimizer_cls,kwargs",
     [
         (keras_tnt.TNT, {"damping": 0.1, "weight_decay": 1e-3}),
+        # Diagonal factors (64 > 32), one kernel forced full, one bias on plain momentum.
+        (
+            keras_tnt.TNT,
+            {
+                "damping": 0.1,
+                "max_factor_dim": 32,
+                "factor_overrides": {"^layer0/kernel$": "full", "^layer2/bias$": "none"},
+            },
+        ),
         (keras_tnt.Shampoo, {"damping": 1e-3}),
         (keras_tnt.KFAC, {"damping": 0.3, "weight_decay": 1e-3}),
     ],
@@ -96,6 +105,11 @@ def test_split_is_the_unsplit_run_bit_for_bit(optimizer_cls, kwargs):
         first, second = _components(v)
         np.testing.assert_array_equal(first, second, err_msg=v.path)
     assert unsplit.optimizer.replica_work() == [{k: 0 for k in _WORK}] * 2
+    if "max_factor_dim" in kwargs:
+        kinds = [(e["variable"], e["factors"]) for e in split.optimizer.plan()]
+        assert kinds[0] == ("layer0/kernel", ["full", "full"])
+        assert kinds[1] == ("layer0/bias", ["diagonal"])
+        assert ("layer2/bias", []) in kinds
 
 
 _WORK = ("factorizations", "contractions", "preconditionings")
