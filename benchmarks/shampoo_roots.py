@@ -34,6 +34,7 @@ from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
 import keras_tnt  # noqa: E402
+from benchmarks import figure1  # noqa: E402
 from keras_tnt import kronecker  # noqa: E402
 from models import mnist_autoencoder  # noqa: E402
 from models import runtime  # noqa: E402
@@ -102,18 +103,6 @@ def authors_coupled_newton(h, p, damping, iterations=100, tolerance=1e-6):
     return (x if run else x_prev), i
 
 
-def _compile(fn):
-    if keras.backend.backend() == "tensorflow":
-        import tensorflow as tf
-
-        return tf.function(fn, autograph=False)
-    if keras.backend.backend() == "jax":
-        import jax
-
-        return jax.jit(fn)
-    return fn
-
-
 def ours(statistics, damping, method):
     """A compiled function: every root (and Newton's iteration counts), as the refresh computes
     them with ``root_method=method``."""
@@ -130,7 +119,7 @@ def ours(statistics, damping, method):
             out.append((root, iterations))
         return out
 
-    return _compile(roots)
+    return figure1._compiled(roots)
 
 
 def _median_time(fn, repeats):
