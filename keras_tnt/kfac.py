@@ -22,6 +22,14 @@ TNT's. The factors are updated whenever ``t % T1 == 0`` (also at ``t = 0``) and 
 and offset, embeddings, ...) takes the plain momentum step ``W ← W - α m``, and the optimizer
 says which layers those are when it is built.
 
+Wide layers (``max_factor_dim``, as for TNT): a side of a layer wider than the bound (its kernel's
+input rows ``d_in`` without the bias's ones row, or its ``d_out`` outputs) gets a diagonal factor,
+``diag(A)`` = the mean of ``a²`` per input (the bias's entry is 1) or ``diag(G)``, damped by the
+same ``√λ``; ``(diag(A) + √λ)^{-1}`` then scales the rows of ``[M_W; m_b]`` and
+``(diag(G) + √λ)^{-1}`` its columns. A 10,000-class output layer keeps a full ``A`` and a diagonal
+``G``. ``factor_overrides`` picks per layer (the pattern is searched in the paths of the layer's
+kernel and bias): ``"full"``, ``"diagonal"`` (both factors) or ``"none"`` (plain momentum).
+
 Example::
 
     import keras, keras_tnt
@@ -38,6 +46,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import warnings
 
 import keras
@@ -47,6 +56,7 @@ from keras_tnt import backend
 from keras_tnt import kronecker
 from keras_tnt._capture import capture_layers  # noqa: F401 (part of the KFAC API)
 from keras_tnt.tnt import TNT
+from keras_tnt.tnt import _itemsize
 from keras_tnt.tnt import statistics_dtype
 
 
@@ -60,6 +70,8 @@ class LayerBlock:
     bias_index: int | None
     input_size: int  # rows of the factor A (with the bias's ones column)
     output_size: int  # rows of the factor G
+    diagonal: tuple[bool, bool] = (False, False)  # A, G kept as their diagonals
+    override: str | None = None  # the kind a factor_overrides pattern set
 
     @property
     def indices(self) -> tuple[int, ...]:
@@ -71,6 +83,10 @@ class LayerBlock:
 def _kernel_variable(layer):
     kernel = getattr(layer, "_kernel", None)
     return kernel if kernel is not None else getattr(layer, "kernel", None)
+
+
+def _path(variable) -> str:
+    return variable.path if hasattr(variable, "path") else str(variable.name)
 
 
 def _why_not_factored(layer) -> str | None:
@@ -116,9 +132,10 @@ def _layer_sums(block: LayerBlock, inputs, preactivation_gradients, dtype, repli
         a = ops.concatenate([a, ops.ones((ops.shape(a)[0], 1), dtype=dtype)], axis=1)
     positions = ops.maximum(ops.cast(ops.shape(s)[0], dtype), one) / local
     per_example = local * replicas
-    sum_a = ops.matmul(ops.transpose(a), a)
-    sum_g = ops.matmul(ops.transpose(s), s) * (per_example**2 / positions)
-    return sum_a, sum_g, count
+    diagonal_a, diagonal_g = block.diagonal
+    sum_a = ops.sum(a * a, axis=0) if diagonal_a else ops.matmul(ops.transpose(a), a)
+    sum_g = ops.sum(s * s, axis=0) if diagonal_g else ops.matmul(ops.transpose(s), s)
+    return sum_a, sum_g * (per_example**2 / positions), count
 
 
 def layer_factors(block: LayerBlock, inputs, preactivation_gradients, dtype):
@@ -127,7 +144,8 @@ def layer_factors(block: LayerBlock, inputs, preactivation_gradients, dtype):
     ``inputs`` is the layer's input and ``preactivation_gradients`` the gradient of the
     batch-mean loss with respect to the layer's pre-activation output:
     ``A = (1/N) Σ a aᵀ`` (a ones column for the bias; im2col patches, summed over the ``P``
-    positions, for a convolution) and ``G = (1/(N P)) Σ (N s)(N s)ᵀ``.
+    positions, for a convolution) and ``G = (1/(N P)) Σ (N s)(N s)ᵀ``; a factor the block keeps
+    diagonal (:attr:`LayerBlock.diagonal`) is returned as its diagonal, a vector.
     """
     sum_a, sum_g, count = _layer_sums(block, inputs, preactivation_gradients, dtype, 1)
     count = ops.maximum(count, ops.ones((), dtype=count.dtype))
@@ -146,7 +164,17 @@ class KFAC(TNT):
         damping: ``λ`` > 0; ``√λ I`` is added to each of the two factors. Default 0.3 (MNIST
             autoencoder; the paper's CIFAR runs used 0.03).
         momentum, statistics_decay, curvature_update_period, inverse_update_period,
-        weight_decay, split_preconditioner: as for :class:`~keras_tnt.TNT`. Split, a layer
+        weight_decay, memory_limit_bytes: as for :class:`~keras_tnt.TNT`.
+        max_factor_dim: the widest layer side (kernel input rows without the bias row, or
+            outputs) that gets a full factor; a wider side gets a diagonal one (see the module
+            notes). Default 4096: every layer of the paper's models, VGG16's 4096-wide
+            classifier included, keeps full factors. None: no bound.
+        factor_overrides: ``{pattern: kind}`` per layer: the first pattern found
+            (``re.search``) in the path of a factored layer's kernel or bias sets its kind,
+            ``"full"``, ``"diagonal"`` (both factors) or ``"none"`` (the plain momentum step
+            for its variables). A pattern that matches no variable, or that asks ``"full"`` or
+            ``"diagonal"`` of variables of layers KFAC does not factor only, is an error.
+        split_preconditioner: as for :class:`~keras_tnt.TNT`. Split, a layer
             (kernel and bias) is one unit: its owner replica refreshes both factors' inverses
             and computes the direction ``A⁻¹ M G⁻¹``. The factors themselves are sums over each
             replica's own examples, so they are never redundant work.
@@ -174,12 +202,6 @@ class KFAC(TNT):
         **kwargs,
     ):
         kwargs.pop("empirical_fisher", None)
-        for argument in ("max_factor_dim", "factor_overrides", "memory_limit_bytes"):
-            if argument in kwargs:
-                raise TypeError(
-                    f"KFAC does not take `{argument}` yet: its factors are per layer (input and "
-                    "output width), and every layer it factors keeps full factors."
-                )
         super().__init__(
             learning_rate=learning_rate,
             damping=damping,
@@ -217,9 +239,10 @@ class KFAC(TNT):
         self._require_built("unfactored_layers")
         return dict(self._unfactored)
 
-    def build(self, var_list):
-        if self.built:
-            return
+    def _find_blocks(self, var_list):
+        """``(blocks, reasons)``: the layers of ``var_list`` KFAC factors (with the kind of each
+        factor) and, by layer id, why each other layer takes the plain momentum step. Allocates
+        nothing."""
         if self._layers is None:
             raise ValueError(
                 "KFAC factors each layer's Fisher block from its input activations and "
@@ -228,6 +251,129 @@ class KFAC(TNT):
                 "compile() registers them, or call `optimizer.register_layers(model)` before "
                 "building it."
             )
+        index = {id(v): i for i, v in enumerate(var_list)}
+        blocks, reasons = [], {}
+        for layer in self._layers:
+            reason = _why_not_factored(layer)
+            kernel = _kernel_variable(layer)
+            if reason is None and id(kernel) not in index:
+                reason = "its kernel is not among the optimized variables"
+            bias = getattr(layer, "bias", None)
+            if reason is None and bias is not None and id(bias) not in index:
+                reason = "its bias is not among the optimized variables"
+            override = None
+            if reason is None:
+                paths = [_path(v) for v in (kernel, bias) if v is not None]
+                override = next(
+                    (
+                        kind
+                        for pattern, kind in self.factor_overrides.items()
+                        if any(re.search(pattern, p) for p in paths)
+                    ),
+                    None,
+                )
+                if override == "none":
+                    reason = "factor_overrides chose 'none'"
+            if reason is not None:
+                reasons[id(layer)] = reason
+                continue
+            shape = tuple(kernel.shape)
+            rows, outputs = math.prod(shape[:-1]), shape[-1]
+            if override is not None:
+                diagonal = (override == "diagonal",) * 2
+            else:
+                bound = self.max_factor_dim
+                diagonal = tuple(bound is not None and d > bound for d in (rows, outputs))
+            blocks.append(
+                LayerBlock(
+                    layer=layer,
+                    kind="dense" if isinstance(layer, keras.layers.Dense) else "conv2d",
+                    kernel_index=index[id(kernel)],
+                    bias_index=None if bias is None else index[id(bias)],
+                    input_size=rows + (0 if bias is None else 1),
+                    output_size=outputs,
+                    diagonal=diagonal,
+                    override=override,
+                )
+            )
+        return blocks, reasons
+
+    def plan(self, var_list=None) -> list[dict]:
+        """The preconditioner of every variable, before anything is allocated.
+
+        As :meth:`TNT.plan`, per variable in build order, with KFAC's layer view: a factored
+        layer's kernel entry has ``modes`` ``(d_in + 1, d_out)`` (the sizes of ``A`` with the
+        bias row, and ``G``; ``d_in`` without a bias), ``factors`` ``"full"`` or ``"diagonal"``
+        for ``A`` and ``G``, ``layer`` and ``state_bytes`` with the layer's factors and
+        inverses; its bias entry has no modes and a ``note`` naming the kernel whose factors it
+        shares. Other variables: no modes, the plain momentum step. Needs the model's layers
+        (:meth:`register_layers`) to plan before the build.
+        """
+        if var_list is None:
+            self._require_built("plan")
+            var_list, blocks = self._trainable_variables, self._blocks
+        else:
+            blocks, _ = self._find_blocks(var_list)
+        counter = _itemsize(backend.count_dtype())
+        entries = []
+        for var in var_list:
+            path = _path(var)
+            override = next(
+                (k for p, k in self.factor_overrides.items() if re.search(p, path)), None
+            )
+            shape = tuple(int(d) for d in var.shape)
+            entries.append(
+                {
+                    "variable": path,
+                    "shape": shape,
+                    "modes": (),
+                    "factors": [],
+                    "override": override if override == "none" else None,
+                    # momentum and the skipped-step counter
+                    "state_bytes": math.prod(shape) * _itemsize(var.dtype) + counter,
+                }
+            )
+        for block in blocks:
+            kernel = entries[block.kernel_index]
+            sizes = (block.input_size, block.output_size)
+            numbers = sum(d if diag else d * d for d, diag in zip(sizes, block.diagonal))
+            itemsize = _itemsize(statistics_dtype(var_list[block.kernel_index].dtype))
+            kernel.update(
+                modes=sizes,
+                factors=["diagonal" if diag else "full" for diag in block.diagonal],
+                override=block.override,
+                layer=block.layer.name,
+                note=f"A x G of layer {block.layer.name}",
+            )
+            # factors and inverses, and the layer's two counters (batches folded, step flag)
+            kernel["state_bytes"] += 2 * numbers * itemsize + 2 * counter
+            if block.bias_index is not None:
+                entries[block.bias_index].update(
+                    override=block.override,
+                    layer=block.layer.name,
+                    note=f"in the factors of {kernel['variable']}",
+                )
+        return entries
+
+    def _check_plan(self, var_list) -> list[dict]:
+        blocks, _ = self._find_blocks(var_list)
+        factored = {_path(var_list[i]) for b in blocks for i in b.indices}
+        for pattern, kind in self.factor_overrides.items():
+            matched = [_path(v) for v in var_list if re.search(pattern, _path(v))]
+            if kind != "none" and matched and not any(p in factored for p in matched):
+                raise ValueError(
+                    f"`factor_overrides[{pattern!r}] = {kind!r}`: KFAC factors Dense and "
+                    f"Conv2D layers only, and the variables this pattern matches "
+                    f"({', '.join(matched[:4])}{', ...' if len(matched) > 4 else ''}) belong to "
+                    "none of them."
+                )
+        return super()._check_plan(var_list)
+
+    def build(self, var_list):
+        if self.built:
+            return
+        entries = self._check_plan(var_list)  # raises before any allocation
+        del entries
         # TNT's per-variable state (momentum, counters) without its per-mode slots: KFAC keeps
         # per-layer factors instead.
         keras.optimizers.Optimizer.build(self, var_list)
@@ -244,33 +390,11 @@ class KFAC(TNT):
         self._build_counters()
 
         index = {id(v): i for i, v in enumerate(var_list)}
-        self._blocks = []
+        self._blocks, reasons = self._find_blocks(var_list)
         self._block_of = {}
-        reasons = {}
-        for layer in self._layers:
-            reason = _why_not_factored(layer)
-            kernel = _kernel_variable(layer)
-            if reason is None and id(kernel) not in index:
-                reason = "its kernel is not among the optimized variables"
-            bias = getattr(layer, "bias", None)
-            if reason is None and bias is not None and id(bias) not in index:
-                reason = "its bias is not among the optimized variables"
-            if reason is not None:
-                reasons[id(layer)] = reason
-                continue
-            kind = "dense" if isinstance(layer, keras.layers.Dense) else "conv2d"
-            shape = tuple(kernel.shape)
-            block = LayerBlock(
-                layer=layer,
-                kind=kind,
-                kernel_index=index[id(kernel)],
-                bias_index=None if bias is None else index[id(bias)],
-                input_size=math.prod(shape[:-1]) + (0 if bias is None else 1),
-                output_size=shape[-1],
-            )
-            self._blocks.append(block)
+        for b, block in enumerate(self._blocks):
             for i in block.indices:
-                self._block_of[i] = len(self._blocks) - 1
+                self._block_of[i] = b
         # Report each variable no block owns under the innermost layer holding it (a container
         # whose sublayers are all factored is not reported).
         unowned = {i for i in range(len(var_list)) if i not in self._block_of}
@@ -289,17 +413,20 @@ class KFAC(TNT):
         for block in self._blocks:
             sdtype = statistics_dtype(var_list[block.kernel_index].dtype)
             name = block.layer.name
-            sizes = (block.input_size, block.output_size)
+            shapes = [
+                (d,) if diag else (d, d)
+                for d, diag in zip((block.input_size, block.output_size), block.diagonal)
+            ]
             self._factors.append(
                 [
-                    self.add_variable((d, d), dtype=sdtype, name=f"{name}_factor_{f}")
-                    for d, f in zip(sizes, "AG")
+                    self.add_variable(shape, dtype=sdtype, name=f"{name}_factor_{f}")
+                    for shape, f in zip(shapes, "AG")
                 ]
             )
             self._factor_inverses.append(
                 [
-                    self.add_variable((d, d), dtype=sdtype, name=f"{name}_inverse_{f}")
-                    for d, f in zip(sizes, "AG")
+                    self.add_variable(shape, dtype=sdtype, name=f"{name}_inverse_{f}")
+                    for shape, f in zip(shapes, "AG")
                 ]
             )
             # Batches folded into the layer's factors (the first one sets them).
@@ -554,7 +681,15 @@ class KFAC(TNT):
             m_bias = momentum_of(block.bias_index)
             rows.append(ops.reshape(ops.cast(m_bias, sdtype), (1, block.output_size)))
         stacked = ops.concatenate(rows, axis=0) if len(rows) > 1 else rows[0]
-        direction = ops.matmul(ops.matmul(inverse_a, stacked), inverse_g)
+        # A diagonal factor (a vector) scales the rows (A) or the columns (G).
+        if block.diagonal[0]:
+            direction = inverse_a[:, None] * stacked
+        else:
+            direction = ops.matmul(inverse_a, stacked)
+        if block.diagonal[1]:
+            direction = direction * inverse_g[None, :]
+        else:
+            direction = ops.matmul(direction, inverse_g)
         kernel_rows = block.input_size - (0 if block.bias_index is None else 1)
         directions = {block.kernel_index: ops.reshape(direction[:kernel_rows], kernel.shape)}
         if block.bias_index is not None:
@@ -579,11 +714,15 @@ class KFAC(TNT):
 
     def _unit_costs(self):
         # A layer: the refresh (din³ + dout³) and the direction A⁻¹ M G⁻¹ (din·dout·(din + dout));
-        # its factors are sums over this replica's own examples, not redundant work. Others: 0.
+        # a diagonal side costs d and din·dout instead. Its factors are sums over this replica's
+        # own examples, not redundant work. Others: 0.
         costs = []
         for block in self._blocks:
-            din, dout = block.input_size, block.output_size
-            costs.append(din**3 + dout**3 + din * dout * (din + dout))
+            cost = 0
+            for d, diag in zip((block.input_size, block.output_size), block.diagonal):
+                other = block.input_size * block.output_size
+                cost += d + other if diag else d**3 + other * d
+            costs.append(cost)
         return costs + [0] * (len(self._units()) - len(self._blocks))
 
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
@@ -671,11 +810,5 @@ class KFAC(TNT):
 
     def get_config(self):
         config = super().get_config()
-        for name in (
-            "empirical_fisher",
-            "max_factor_dim",
-            "factor_overrides",
-            "memory_limit_bytes",
-        ):
-            config.pop(name, None)
+        config.pop("empirical_fisher", None)
         return config

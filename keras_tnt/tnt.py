@@ -347,12 +347,13 @@ class TNT(keras.optimizers.Optimizer):
         lines = [f"{'variable':<{width}}  {'shape':<20} {'factors':<36} state"]
         for e in entries:
             if not e["modes"]:
-                factors = "none (plain momentum)"
+                factors = e.get("note") or "none (plain momentum)"
             else:
                 factors = " x ".join(
                     f"{d}{'d' if f == 'diagonal' else ''}" for d, f in zip(e["modes"], e["factors"])
                 )
                 factors += " (d: diagonal)" if "diagonal" in e["factors"] else ""
+                factors += f", {e['note']}" if e.get("note") else ""
             lines.append(
                 f"{e['variable']:<{width}}  {str(e['shape']):<20} {factors:<36} "
                 f"{format_bytes(e['state_bytes'])}"
@@ -393,7 +394,8 @@ class TNT(keras.optimizers.Optimizer):
             f"{self.name}: {len(entries)} variables, "
             f"{sum(f == 'full' for e in entries for f in e['factors'])} full and "
             f"{sum(f == 'diagonal' for e in entries for f in e['factors'])} diagonal factors, "
-            f"{sum(not e['modes'] for e in entries)} plain momentum; optimizer state "
+            f"{sum(not e['modes'] and 'note' not in e for e in entries)} plain momentum; "
+            f"optimizer state "
             f"{format_bytes(total)}"
         )
         if bounded:

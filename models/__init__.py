@@ -11,6 +11,7 @@ from models.mlp import mlp
 from models.resnet import ZeroPadShortcut
 from models.resnet import resnet32
 from models.transformer import PositionEmbedding
+from models.transformer import digits_transformer
 from models.transformer import transformer_classifier
 from models.vgg import vgg16_bn
 
@@ -20,6 +21,7 @@ __all__ = [
     "autoencoder",
     "digits_autoencoder",
     "digits_classifier",
+    "digits_transformer",
     "faces_autoencoder",
     "figure1_mlp",
     "linear",

@@ -20,6 +20,9 @@ Data sets (``x`` per example; train / test sizes):
   pixels / 16: (64,) float32; a fixed split: after a permutation seeded with
   :data:`DIGITS_SPLIT_SEED` (not the ``seed`` argument), the first 1,500 train and the other
   297 test.
+* ``digits_tokens``: the same images and split as ``digits``, each read as a sequence of 64
+  integer tokens in raster order (the pixel intensities 0-16 as they are in the file):
+  (64,) int32, vocabulary :data:`DIGITS_TOKEN_VOCABULARY` = 17 (the transformer problem).
 
 The CIFAR augmentation follows the authors' torchvision pipeline (``RandomCrop(32, padding=4)``,
 ``RandomHorizontalFlip``, ``ToTensor``, ``Normalize``): the padding is black pixels (zeros in
@@ -52,7 +55,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
-DATASETS = ("mnist", "mnist16", "faces", "cifar10", "cifar100", "digits")
+DATASETS = ("mnist", "mnist16", "faces", "cifar10", "cifar100", "digits", "digits_tokens")
 SPLITS = ("train", "test")
 TARGETS = ("label", "input")
 
@@ -83,6 +86,8 @@ FACES_TEST_EXAMPLES = 41_400  # the last columns of the file
 DIGITS_EXAMPLES = 1_797
 DIGITS_TRAIN_EXAMPLES = 1_500
 DIGITS_SPLIT_SEED = 0
+DIGITS_TOKEN_VOCABULARY = 17  # pixel intensities 0..16
+DIGITS_TOKEN_LENGTH = 64
 
 
 class DataUnavailableError(ValueError):
@@ -143,8 +148,8 @@ def load(
 
     if name == "faces":
         features, labels = _faces_split(faces_path, split), None
-    elif name == "digits":
-        features, labels = _digits_split(split)
+    elif name in ("digits", "digits_tokens"):
+        features, labels = _digits_split(split, tokens=name == "digits_tokens")
     else:
         features, labels = _tfds_split(name, split, data_dir)
 
@@ -211,7 +216,7 @@ def num_examples(
     del faces_path  # The FACES split sizes do not depend on the file.
     if name == "faces":
         return FACES_TRAIN_EXAMPLES if split == "train" else FACES_TEST_EXAMPLES
-    if name == "digits":
+    if name in ("digits", "digits_tokens"):
         return (
             DIGITS_TRAIN_EXAMPLES if split == "train" else DIGITS_EXAMPLES - DIGITS_TRAIN_EXAMPLES
         )
@@ -469,13 +474,14 @@ def _read_faces_matrix(path):
 # ------------------------------------------------------------------ digits
 
 
-@functools.lru_cache(maxsize=2)
-def _digits_split(split):
+@functools.lru_cache(maxsize=4)
+def _digits_split(split, tokens=False):
     """Kept once read (train.py builds a pipeline per epoch; reading the file took ~90 ms)."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
-    x = (digits.data / 16.0).astype(np.float32)
+    # The file holds integer intensities 0..16: tokens as they are, or pixels in [0, 1].
+    x = digits.data.astype(np.int32) if tokens else (digits.data / 16.0).astype(np.float32)
     y = digits.target.astype(np.int32)
     order = np.random.default_rng(DIGITS_SPLIT_SEED).permutation(len(x))
     chosen = order[:DIGITS_TRAIN_EXAMPLES] if split == "train" else order[DIGITS_TRAIN_EXAMPLES:]

@@ -1,8 +1,9 @@
 """One registry of named problems: model + loss + data + the paper's settings.
 
 Every experiment of the paper (``docs/algorithm.md`` §5 of the project notes) is a
-:class:`Problem`; ``train.py --problem=NAME`` runs it. The two ``digits_*`` problems use
-scikit-learn's 8x8 digits, which ship inside the wheel, and are the offline defaults.
+:class:`Problem`; ``train.py --problem=NAME`` runs it. The three ``digits_*`` problems use
+scikit-learn's 8x8 digits, which ship inside the wheel, and are the offline defaults
+(``digits_transformer`` reads each image as 64 tokens, for TNT on embeddings and attention).
 """
 
 from __future__ import annotations
@@ -137,6 +138,28 @@ PROBLEMS: dict[str, Problem] = {
                 "tnt": {"learning_rate": 3e-3, "damping": 0.1},
                 "kfac": {"learning_rate": 3e-2, "damping": 0.01},  # ours, as above
                 "shampoo": {"learning_rate": 3e-3, "damping": 3e-3},  # ours, as above
+                "adam": {"learning_rate": 3e-3, "epsilon": 1e-7},
+                "sgd": {"learning_rate": 0.1},
+            },
+        ),
+        Problem(
+            name="digits_transformer",
+            description=(
+                "scikit-learn 8x8 digits as 64 intensity tokens (vocabulary 17), 2-block "
+                "transformer encoder (width 32, 2 heads), softmax cross-entropy"
+            ),
+            build=_build("digits_transformer"),
+            loss=_classifier_loss,
+            dataset="digits_tokens",
+            target="label",
+            batch_size=100,
+            epochs=50,
+            curvature_update_period=1,
+            inverse_update_period=20,
+            defaults={
+                "tnt": {"learning_rate": 3e-3, "damping": 0.1},
+                "shampoo": {"learning_rate": 3e-3, "damping": 3e-3},
+                "kfac": {"learning_rate": 3e-2, "damping": 0.01},
                 "adam": {"learning_rate": 3e-3, "epsilon": 1e-7},
                 "sgd": {"learning_rate": 0.1},
             },

@@ -416,6 +416,16 @@ def test_digits_split_and_values():
     assert all(np.array_equal(x.numpy(), y.numpy()) for x, y in pairs)
 
 
+def test_digits_tokens_are_the_digits_intensities_with_the_same_split():
+    pixels, labels = _batches(data.load("digits", "test", 297, shuffle=False))
+    tokens, token_labels = _batches(data.load("digits_tokens", "test", 297, shuffle=False))
+    assert tokens.dtype == np.int32 and tokens.shape == (297, data.DIGITS_TOKEN_LENGTH)
+    assert tokens.min() == 0 and tokens.max() == data.DIGITS_TOKEN_VOCABULARY - 1
+    np.testing.assert_array_equal(tokens, pixels * 16)  # the file's integers, raster order
+    np.testing.assert_array_equal(token_labels, labels)
+    assert data.num_examples("digits_tokens", "train") == 1_500
+
+
 # ------------------------------------------------------------------ arguments
 
 
@@ -434,4 +444,4 @@ def test_invalid_arguments():
         data.preprocess_cifar(tf.zeros([32, 32, 3], tf.uint8), 0, "mnist", False)
     with pytest.raises(ValueError, match="Unknown data set"):
         data.num_examples("svhn", "train")
-    assert set(data.DATASETS) == {"mnist", "mnist16", "faces", "cifar10", "cifar100", "digits"}
+    assert set(data.DATASETS) == {"mnist", "mnist16", "faces", "cifar10", "cifar100", "digits", "digits_tokens"}

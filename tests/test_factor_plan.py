@@ -192,8 +192,8 @@ def test_bad_settings_name_the_argument():
     opt = keras_tnt.TNT(factor_overrides={"embedding": "diagonal"})
     with pytest.raises(ValueError, match="`factor_overrides`: 'embedding' matches no variable"):
         opt.build(variables)
-    with pytest.raises(TypeError, match="KFAC does not take `max_factor_dim`"):
-        keras_tnt.KFAC(max_factor_dim=10)
+    with pytest.raises(ValueError, match="`max_factor_dim` must be an integer >= 1 or None"):
+        keras_tnt.KFAC(max_factor_dim=0)
 
 
 def test_config_round_trip_keeps_the_plan_settings():
@@ -206,9 +206,76 @@ def test_config_round_trip_keeps_the_plan_settings():
     assert again.get_config() == config
     shampoo = keras_tnt.Shampoo(max_factor_dim=None)
     assert keras_tnt.Shampoo.from_config(shampoo.get_config()).max_factor_dim is None
-    kfac_config = keras_tnt.KFAC().get_config()
-    assert "max_factor_dim" not in kfac_config
-    keras_tnt.KFAC.from_config(kfac_config)
+    kfac = keras_tnt.KFAC(max_factor_dim=64, factor_overrides={"head": "diagonal"})
+    kfac_config = kfac.get_config()
+    assert "empirical_fisher" not in kfac_config
+    again = keras_tnt.KFAC.from_config(kfac_config)
+    assert again.max_factor_dim == 64 and again.factor_overrides == {"head": "diagonal"}
+
+
+def _kfac_model(widths, name="kfac_plan"):
+    inputs = keras.Input((widths[0],))
+    x = inputs
+    for i, width in enumerate(widths[1:]):
+        x = keras.layers.Dense(width, name=f"{name}_dense{i}")(x)
+    x = keras.layers.BatchNormalization(name=f"{name}_norm")(x)
+    return keras_tnt.FisherModel(inputs, x, name=name)
+
+
+def test_kfac_plan_bound_and_bytes_are_the_allocated_bytes():
+    """KFAC's bound is on a layer's sides (kernel rows without the bias row, outputs): the
+    default keeps VGG16's 4096x4096 classifier layer full and makes a 10,001-class output's G
+    diagonal; the plan's bytes are what the build allocates."""
+    model = _kfac_model([4096, 4096, 10_001], name="vggish")
+    opt = keras_tnt.KFAC()
+    opt.register_layers(model)
+    entries = opt.plan(model.trainable_variables)
+    assert [(e["modes"], e["factors"]) for e in entries[:3]] == [
+        ((4097, 4096), ["full", "full"]),
+        ((), []),
+        ((4097, 10_001), ["full", "diagonal"]),
+    ]
+    assert entries[1]["note"] == f"in the factors of {entries[0]['variable']}"
+    small = _kfac_model([12, 9, 7])
+    opt = keras_tnt.KFAC(max_factor_dim=8)
+    small.compile(optimizer=opt, loss="mse")
+    entries = opt.plan(small.trainable_variables)
+    expected = [["diagonal", "diagonal"], [], ["diagonal", "full"], [], [], []]
+    assert [e["factors"] for e in entries] == expected
+    with pytest.warns(UserWarning, match="not Kronecker-factored"):  # the BatchNormalization
+        opt.build(small.trainable_variables)
+    assert [tuple(f.shape) for f in opt.factors(small.layers[1])] == [(13,), (9,)]
+    assert [tuple(f.shape) for f in opt.factors(small.layers[2])] == [(10,), (7, 7)]
+    slots = [*opt._momenta, *opt._skipped]
+    for b in range(len(opt.blocks)):
+        slots += [*opt._factors[b], *opt._factor_inverses[b]]
+        slots += [opt._block_counts[b], opt._block_flags[b]]
+    allocated = sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in slots)
+    assert sum(e["state_bytes"] for e in entries) == allocated
+    assert "A x G of layer kfac_plan_dense0" in opt.describe_plan()
+
+
+def test_kfac_overrides_and_memory_limit():
+    model = _kfac_model([6, 5, 4], name="over")
+    opt = keras_tnt.KFAC(factor_overrides={"over_dense0/": "none", "over_dense1/": "full"})
+    opt.register_layers(model)
+    entries = opt.plan(model.trainable_variables)
+    assert [e["modes"] for e in entries[:4]] == [(), (), (6, 4), ()]
+    assert entries[0]["override"] == "none" and entries[2]["override"] == "full"
+    # 'full'/'diagonal' asked of variables of layers KFAC does not factor: an error.
+    opt = keras_tnt.KFAC(factor_overrides={"over_norm": "diagonal"})
+    opt.register_layers(model)
+    with pytest.raises(ValueError, match=r"`factor_overrides\['over_norm'\] = 'diagonal'`"):
+        opt.build(model.trainable_variables)
+    opt = keras_tnt.KFAC(factor_overrides={"attention": "none"})
+    opt.register_layers(model)
+    with pytest.raises(ValueError, match="'attention' matches no variable"):
+        opt.build(model.trainable_variables)
+    opt = keras_tnt.KFAC(memory_limit_bytes=200)
+    opt.register_layers(model)
+    with pytest.raises(ValueError, match="over `memory_limit_bytes=200`"):
+        opt.build(model.trainable_variables)
+    assert not opt.built
 
 
 def test_embedding_rows_absent_from_the_batch_keep_their_weights():

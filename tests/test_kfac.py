@@ -138,8 +138,10 @@ def test_conv2d_patches_match_the_kernel_layout_and_factor_scale(float64, conv_k
 class RefKFAC:
     """algorithm.md §3 for a Dense-tanh-Dense softmax classifier, labels = argmax (as above)."""
 
-    def __init__(self, weights, lr, lam, beta, rho, T1, T2, wd):
+    def __init__(self, weights, lr, lam, beta, rho, T1, T2, wd, diagonal=((0, 0), (0, 0))):
         self.w = [np.array(w, np.float64) for w in weights]  # W1, b1, W2, b2
+        # Per layer, per factor (A, G): kept diagonal, i.e. diag(diag(F)) as a dense matrix.
+        self.diagonal = diagonal
         self.lr, self.lam, self.beta, self.rho = lr, lam, beta, rho
         self.T1, self.T2, self.wd = T1, T2, wd
         self.m = [np.zeros_like(w) for w in self.w]
@@ -169,6 +171,10 @@ class RefKFAC:
         for a, s in ((x, f1), (a1, f2)):
             ab = np.concatenate([a, np.ones((n, 1))], axis=1)
             factors.append([ab.T @ ab / n, n * s.T @ s])
+        for li, flags in enumerate(self.diagonal):
+            for k, flag in enumerate(flags):
+                if flag:
+                    factors[li][k] = np.diag(np.diag(factors[li][k]))
         return grads, factors
 
     def warm_start(self, x):
@@ -216,8 +222,18 @@ def _mlp(model_cls=ArgmaxTargets):
     return model_cls(inputs, outputs, fisher_seed=3)
 
 
-@pytest.mark.parametrize("warm_start", [False, True])
-def test_training_matches_numpy_reference(float64, warm_start):
+@pytest.mark.parametrize(
+    "warm_start, bound, diagonal",
+    [
+        (False, None, ((0, 0), (0, 0))),
+        (True, None, ((0, 0), (0, 0))),
+        # The first layer's 4 input rows exceed 3: a diagonal A (its bias entry stays 1).
+        (True, 3, ((1, 0), (0, 0))),
+        # An override: every factor of the second layer diagonal.
+        (False, "override", ((0, 0), (1, 1))),
+    ],
+)
+def test_training_matches_numpy_reference(float64, warm_start, bound, diagonal):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(48, 4))
     y = rng.integers(0, 2, size=48)
@@ -231,6 +247,10 @@ def test_training_matches_numpy_reference(float64, warm_start):
         "weight_decay": 0.1,
     }
     model = _mlp()
+    if bound == "override":
+        settings["factor_overrides"] = {f"^{model.layers[2].name}/": "diagonal"}
+    elif bound is not None:
+        settings["max_factor_dim"] = bound
     model.compile(optimizer=keras_tnt.KFAC(**settings), loss=_ce_loss())
     ref = RefKFAC(
         [np.array(w) for w in model.trainable_variables],
@@ -241,6 +261,7 @@ def test_training_matches_numpy_reference(float64, warm_start):
         T1=2,
         T2=3,
         wd=0.1,
+        diagonal=diagonal,
     )
     if warm_start:
         model.warm_start(x[:32], batch_size=16, verbose=0)
@@ -254,8 +275,12 @@ def test_training_matches_numpy_reference(float64, warm_start):
     assert opt.curvature_updates == 3 + (2 if warm_start else 0)
     for actual, expected in zip(model.trainable_variables, ref.w):
         np.testing.assert_allclose(np.array(actual), expected, rtol=1e-10, atol=1e-13)
+    assert [b.diagonal for b in opt.blocks] == [tuple(map(bool, d)) for d in diagonal]
     for li, layer in enumerate(b.layer for b in opt.blocks):
-        for actual, expected in zip(opt.factors(layer), ref.F[li]):
+        for k, (actual, expected) in enumerate(zip(opt.factors(layer), ref.F[li])):
+            if diagonal[li][k]:  # kept as its diagonal, a vector
+                assert np.array(actual).shape == (len(expected),)
+                expected = np.diag(expected)
             np.testing.assert_allclose(np.array(actual), expected, rtol=1e-10, atol=1e-14)
 
 

@@ -90,6 +90,15 @@ def _state(model):
         ),
         (keras_tnt.Shampoo, {"damping": 1e-3}),
         (keras_tnt.KFAC, {"damping": 0.3, "weight_decay": 1e-3}),
+        # Diagonal A and G (65 and 64 > 32), one layer forced full, one on plain momentum.
+        (
+            keras_tnt.KFAC,
+            {
+                "damping": 0.3,
+                "max_factor_dim": 32,
+                "factor_overrides": {"^layer0/": "full", "^layer2/": "none"},
+            },
+        ),
     ],
 )
 def test_split_is_the_unsplit_run_bit_for_bit(optimizer_cls, kwargs):
@@ -105,7 +114,14 @@ def test_split_is_the_unsplit_run_bit_for_bit(optimizer_cls, kwargs):
         first, second = _components(v)
         np.testing.assert_array_equal(first, second, err_msg=v.path)
     assert unsplit.optimizer.replica_work() == [{k: 0 for k in _WORK}] * 2
-    if "max_factor_dim" in kwargs:
+    if "max_factor_dim" in kwargs and optimizer_cls is keras_tnt.KFAC:
+        blocks = split.optimizer.blocks
+        assert [(b.layer.name, b.diagonal) for b in blocks] == [
+            ("layer0", (False, False)),
+            ("layer1", (True, True)),
+            ("layer3", (True, True)),
+        ]
+    elif "max_factor_dim" in kwargs:
         kinds = [(e["variable"], e["factors"]) for e in split.optimizer.plan()]
         assert kinds[0] == ("layer0/kernel", ["full", "full"])
         assert kinds[1] == ("layer0/bias", ["diagonal"])
