@@ -27,6 +27,19 @@ Example::
 The statistics come from :meth:`TNT.update_curvature`, which :class:`keras_tnt.FisherModel`'s
 training step calls with the sampled-label gradients; a custom training loop calls it itself
 (see :meth:`TNT.curvature_due`).
+
+Algorithm note: a mode above ``max_factor_dim`` gets a diagonal factor, not blocks. Splitting
+the mode into blocks of ``b`` (Distributed Shampoo's answer) keeps ``d·b`` numbers and refreshes
+in ``d·b²``; the diagonal keeps ``d`` and refreshes in ``d``. ``benchmarks/blocking.py`` measured
+both against the full factor on real TNT statistics of 4,096-wide modes (60 steps, ε = 0.1):
+relative error of the preconditioned direction, blocks of 256 / blocks of 1,024 / diagonal:
+a Zipf vocabulary with ids in frequency order 0.049 / 0.033 / 0.216; the same with shuffled ids
+0.140 / 0.127 / 0.147; a 4,096-class head 0.031 / 0.028 / 0.032. Blocks only help where the ids
+happen to group the tokens that co-occur (frequency order puts the frequent ones in the first
+block), and never enter the loss visibly: 200 TNT steps with the mode full or diagonal ended
+at held-out losses 1.9691 / 1.9695, 1.9707 / 1.9784 and 6.6207 / 6.6191, the diagonal 40-50x
+faster (4-5 s against 169-275 s). Blocks of 4,096 on a 50,000-token vocabulary would keep 1.6 GB
+of statistics and inverses, more than Adam's whole state for that model; the diagonal 0.4 MB.
 """
 
 from __future__ import annotations
