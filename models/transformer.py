@@ -90,6 +90,12 @@ def digits_transformer() -> keras_tnt.FisherModel:
     Width 32, 2 heads, 2 blocks, MLP width 64: 20,074 parameters.
     """
     return transformer_classifier(
-        vocabulary=17, length=64, classes=10, width=32, heads=2, blocks=2, mlp_width=64,
+        vocabulary=17,
+        length=64,
+        classes=10,
+        width=32,
+        heads=2,
+        blocks=2,
+        mlp_width=64,
         name="digits_transformer",
     )

@@ -444,4 +444,12 @@ def test_invalid_arguments():
         data.preprocess_cifar(tf.zeros([32, 32, 3], tf.uint8), 0, "mnist", False)
     with pytest.raises(ValueError, match="Unknown data set"):
         data.num_examples("svhn", "train")
-    assert set(data.DATASETS) == {"mnist", "mnist16", "faces", "cifar10", "cifar100", "digits", "digits_tokens"}
+    assert set(data.DATASETS) == {
+        "mnist",
+        "mnist16",
+        "faces",
+        "cifar10",
+        "cifar100",
+        "digits",
+        "digits_tokens",
+    }
