@@ -582,6 +582,9 @@ class KFAC(TNT):
                 object.__setattr__(self, "_moving", {b: tuple(m) for b, m in members.items()})
         return super().apply(grads, trainable_variables)
 
+    # A layer's refresh runs in its last variable's update_step (see :meth:`update_step`).
+    _groups_refreshes = False
+
     def _moving_members(self, b):
         """The variables of block ``b`` that have a gradient in the current ``apply``."""
         moving = self.__dict__.get("_moving")

@@ -158,8 +158,9 @@ def _dot_counts(jaxpr):
 
 @jax_only
 def test_jax_step_has_one_forward_pass_and_the_fisher_pass_under_a_cond():
-    """In the compiled step of a 3-layer Dense model: forward (3 matmuls) and ordinary backward
-    (5) outside any cond; the sampled-label backward pass (5) only inside one."""
+    """In the compiled step of a 3-layer Dense model: forward (3 matmuls), ordinary backward
+    (5) and the preconditioned directions (one matmul per mode) outside any cond; the
+    sampled-label backward pass (5) only inside one."""
     import jax
 
     model = _classifier()
@@ -181,7 +182,9 @@ def test_jax_step_has_one_forward_pass_and_the_fisher_pass_under_a_cond():
     )
     jaxpr = jax.make_jaxpr(model.train_step)(state, (x, y))
     outside, conds = _dot_counts(jaxpr)
-    assert outside == 3 + 5
+    directions = sum(len(entry["modes"]) for entry in model.optimizer.plan())
+    assert directions == 3 * 2 + 3  # kernels: 2 modes, biases: 1
+    assert outside == 3 + 5 + directions
     assert 5 in conds  # the Fisher pass: its own cond, with exactly the backward pass
     assert conds.count(5) == 1
 

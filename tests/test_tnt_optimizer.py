@@ -466,9 +466,11 @@ def test_nonfinite_gradient_skips_only_that_tensor(float64):
 
     kernel_before = np.array(kernel.numpy())
     momentum_before = np.array(opt._momenta[0].numpy())
+    inverses_before = [np.array(a.numpy()) for a in opt.inverses(kernel)]
     bad = rng.standard_normal((4, 3))
     bad[2, 1] = np.nan
     g_b = rng.standard_normal(3)
+    ghats = _rand(rng, *shapes)  # new statistics: the refresh due now (T1 = 1) changes them
     opt.update_curvature([_t(g) for g in ghats])
     ref.update_curvature(ghats)
     opt.apply([_t(bad), _t(g_b)], [kernel, bias])
@@ -476,6 +478,10 @@ def test_nonfinite_gradient_skips_only_that_tensor(float64):
     _, ref_bias = ref.step(weights, [np.zeros((4, 3)), g_b])
     np.testing.assert_array_equal(kernel.numpy(), kernel_before)
     np.testing.assert_array_equal(opt._momenta[0].numpy(), momentum_before)
+    # The refresh due at this step (the reference's inverses moved) skips the kernel's too.
+    for a, new, before in zip(opt.inverses(kernel), ref.A[0], inverses_before):
+        assert np.abs(new - before).max() > 1e-3
+        np.testing.assert_array_equal(a.numpy(), before)
     _close(bias, ref_bias)
     assert opt.skipped_updates == 1
     assert int(opt.iterations) == 2

@@ -41,6 +41,7 @@ __all__ = [
     "num_replicas",
     "outside_graph",
     "replica_work",
+    "single_program",
     "split_replicas",
     "update_from_owners",
     "value_now",
@@ -108,6 +109,10 @@ def fold_across_replicas(
 # done on JAX: under ``keras.distribution.DataParallel`` the step is one global program that XLA
 # partitions (GSPMD), with no replica id to branch on. It would need the optimizer update under
 # ``jax.shard_map`` with a per-device ``lax.axis_index`` and a ``psum``; see the README.
+
+
+def single_program() -> bool:
+    return True  # under keras.distribution the step is one global program, too
 
 
 def split_replicas():

@@ -33,6 +33,7 @@ __all__ = [
     "num_replicas",
     "outside_graph",
     "replica_work",
+    "single_program",
     "split_replicas",
     "update_from_owners",
     "value_now",
@@ -155,6 +156,12 @@ def _tf_variable(variable):
 # ------------------------------------------------------- split work across replicas
 
 
+def single_program() -> bool:
+    """Whether no ``tf.distribute`` strategy is in use: the optimizer's update may assign its
+    variables directly, in one grouped program (else Keras' per-variable ``update`` path)."""
+    return not tf.distribute.has_strategy()
+
+
 def split_replicas():
     """The number of replicas to split work across, or None (one replica, no replica context).
 
@@ -263,6 +270,23 @@ class FisherTrainer:
     def _build_scope(self):
         """Where optimizer variables are created (mirrored under a strategy)."""
         return self.distribute_strategy.scope()
+
+    def make_train_function(self, force=False):
+        # Without a strategy, Keras builds the optimizer inside the first traced step: each
+        # variable is then created under a traced initialisation branch and the step is traced
+        # twice. A second-order optimizer has several variables per weight (TNT on a 38-tensor
+        # transformer: 380), so build it here, eagerly, once the model is built.
+        optimizer = self.optimizer
+        if (
+            optimizer is not None
+            and not optimizer.built
+            and tf.executing_eagerly()
+            and self.built
+            and all(layer.built for layer in self._flatten_layers())
+        ):
+            with self._build_scope():
+                optimizer.build(self.trainable_variables)
+        return super().make_train_function(force)
 
     def _seed(self, counter, stream: int):
         return tf.stack(
