@@ -57,6 +57,7 @@ from keras_tnt import kronecker
 from keras_tnt._capture import capture_layers  # noqa: F401 (part of the KFAC API)
 from keras_tnt.tnt import TNT
 from keras_tnt.tnt import _itemsize
+from keras_tnt.tnt import slot_prefix
 from keras_tnt.tnt import statistics_dtype
 
 
@@ -384,7 +385,7 @@ class KFAC(TNT):
         self._inverses = [[] for _ in var_list]
         self._skipped = []
         for var in var_list:
-            prefix = var.path.replace("/", "_") if hasattr(var, "path") else str(var.name)
+            prefix = slot_prefix(var)
             self._skipped.append(self._add_counter(f"{prefix}_skipped"))
         self._failed = [self._add_counter("failed_inversions")]
         self._build_counters()

@@ -138,6 +138,17 @@ def _itemsize(dtype) -> int:
     return int(np.dtype(keras.backend.standardize_dtype(dtype)).itemsize)
 
 
+def variable_path(var) -> str:
+    """A variable's path (``dense/kernel``); a raw ``tf.Variable``'s name (``Variable:0``)."""
+    return var.path if hasattr(var, "path") else str(var.name)
+
+
+def slot_prefix(var) -> str:
+    """The prefix of a variable's slot names: its path, with what a scope name cannot hold
+    (``/``, ``:``) as ``_``."""
+    return re.sub(r"[^A-Za-z0-9_.\-]", "_", variable_path(var))
+
+
 def format_bytes(n: int) -> str:
     for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if n >= size:
@@ -182,8 +193,9 @@ class TNT(keras.optimizers.Optimizer):
             diagonal) or ``"none"`` (no factors: the plain momentum step ``W ← W - α m``). A
             pattern that matches no variable is an error when the optimizer is built.
         memory_limit_bytes: if set, building the optimizer raises ``ValueError`` before
-            allocating anything when its state (momentum, statistics, inverses, counters) would
-            take more bytes. See :meth:`plan`.
+            allocating anything when its state (momentum, statistics, inverses, counters, and
+            Keras' copies of the variables for ``use_ema`` and ``gradient_accumulation_steps``)
+            would take more bytes. See :meth:`plan_bytes`.
         empirical_fisher: if True, the statistics come from the ordinary minibatch gradients
             given to ``apply`` (the empirical Fisher; "TNT-EF", the paper's ablation D.4) instead
             of sampled-label gradients. It then works on any model and any loss, with no Fisher
@@ -308,7 +320,7 @@ class TNT(keras.optimizers.Optimizer):
 
     def _variable_plan(self, var) -> dict:
         """One variable's entry of :meth:`plan` (no allocation)."""
-        path = var.path if hasattr(var, "path") else str(var.name)
+        path = variable_path(var)
         shape = tuple(int(d) for d in var.shape)
         modes = kronecker.tensor_modes(shape)
         override = next(
@@ -353,8 +365,36 @@ class TNT(keras.optimizers.Optimizer):
             var_list = self._trainable_variables
         return [self._variable_plan(v) for v in var_list]
 
+    # The optimizer-wide counters of `_build_counters` (curvature updates, warm-start batches,
+    # skipped curvature updates), in no variable's plan entry.
+    _optimizer_counters = 3
+
+    def _shared_state_bytes(self, var_list) -> int:
+        """What :meth:`build` allocates besides the entries of :meth:`plan`: the optimizer-wide
+        counters, and Keras' copy of every variable for ``use_ema`` (the moving average) and for
+        ``gradient_accumulation_steps`` (the accumulator)."""
+        copies = int(bool(self.use_ema)) + int(bool(self.gradient_accumulation_steps))
+        variables = sum(math.prod(int(d) for d in v.shape) * _itemsize(v.dtype) for v in var_list)
+        return self._optimizer_counters * _itemsize(backend.count_dtype()) + copies * variables
+
+    def plan_bytes(self, var_list=None) -> int:
+        """The bytes of optimizer state :meth:`build` allocates for ``var_list`` (default: the
+        variables the optimizer was built with), before anything is allocated: the
+        ``state_bytes`` of :meth:`plan`, the optimizer-wide counters and, when set, Keras'
+        ``use_ema`` and ``gradient_accumulation_steps`` copies of the variables. What
+        ``memory_limit_bytes`` bounds and :meth:`describe_plan` totals. Keras' ``iterations``
+        and learning rate, which exist before the build, are not counted."""
+        if var_list is None:
+            self._require_built("plan_bytes")
+            var_list = self._trainable_variables
+        entries = self.plan(var_list)
+        return sum(e["state_bytes"] for e in entries) + self._shared_state_bytes(var_list)
+
     def describe_plan(self, var_list=None) -> str:
-        """:meth:`plan` as a table, with the total optimizer-state memory."""
+        """:meth:`plan` as a table, with the total optimizer-state memory (:meth:`plan_bytes`)."""
+        if var_list is None:
+            self._require_built("describe_plan")
+            var_list = self._trainable_variables
         entries = self.plan(var_list)
         width = max([len(e["variable"]) for e in entries] + [8])
         lines = [f"{'variable':<{width}}  {'shape':<20} {'factors':<36} state"]
@@ -371,7 +411,12 @@ class TNT(keras.optimizers.Optimizer):
                 f"{e['variable']:<{width}}  {str(e['shape']):<20} {factors:<36} "
                 f"{format_bytes(e['state_bytes'])}"
             )
-        total = sum(e["state_bytes"] for e in entries)
+        shared = self._shared_state_bytes(var_list)
+        what = ["optimizer-wide counters"]
+        what += ["use_ema averages"] if self.use_ema else []
+        what += ["gradient accumulators"] if self.gradient_accumulation_steps else []
+        lines.append(f"{', '.join(what)}: {format_bytes(shared)}")
+        total = sum(e["state_bytes"] for e in entries) + shared
         lines.append(f"total optimizer state: {format_bytes(total)} ({total} bytes)")
         return "\n".join(lines)
 
@@ -389,7 +434,7 @@ class TNT(keras.optimizers.Optimizer):
                 f"`factor_overrides`: {', '.join(map(repr, unused))} matches no variable "
                 f"(variable paths look like: {paths}{', ...' if len(entries) > 6 else ''})."
             )
-        total = sum(e["state_bytes"] for e in entries)
+        total = sum(e["state_bytes"] for e in entries) + self._shared_state_bytes(var_list)
         if self.memory_limit_bytes is not None and total > self.memory_limit_bytes:
             largest = sorted(entries, key=lambda e: -e["state_bytes"])[:3]
             raise ValueError(
@@ -445,7 +490,7 @@ class TNT(keras.optimizers.Optimizer):
             modes = entry["modes"]
             diagonal = tuple(f == "diagonal" for f in entry["factors"])
             shapes = [(d,) if diag else (d, d) for d, diag in zip(modes, diagonal)]
-            prefix = var.path.replace("/", "_") if hasattr(var, "path") else str(var.name)
+            prefix = slot_prefix(var)
             sdtype = statistics_dtype(var.dtype)
             self._modes.append(modes)
             self._diagonal.append(diagonal)
@@ -621,7 +666,9 @@ class TNT(keras.optimizers.Optimizer):
         left out, keeps its statistics. A variable's first batch sets its statistics; later ones
         take the moving average ``H ← ρ H + (1-ρ) Ĝ^(i)``. Under ``tf.distribute`` the gradients
         are summed across replicas first, so every replica holds the same statistics.
-        ``condition`` (optional scalar bool tensor) gates the update inside the graph.
+        ``condition`` (optional scalar bool tensor) gates the update inside the graph. An
+        optimizer not built yet is built on ``trainable_variables``, as ``apply`` builds it (so
+        a custom loop's first step may call this first, also inside ``strategy.run``).
         """
         self._fold(fisher_gradients, trainable_variables, warm_start=False, condition=condition)
 
@@ -692,6 +739,8 @@ class TNT(keras.optimizers.Optimizer):
             )
 
     def _fold(self, fisher_gradients, trainable_variables, warm_start, condition=None):
+        # Built from the variables given, as `apply` builds (a custom loop's first step).
+        self._build_for_apply(trainable_variables)
         self._require_built("update_curvature")
         present = self._align(fisher_gradients, trainable_variables)
         self._curvature_source = True
@@ -926,7 +975,7 @@ class TNT(keras.optimizers.Optimizer):
         if self.gradient_accumulation_steps:
             # Keras runs the update inside a cond there; collectives must not be conditional.
             return None
-        replicas = backend.split_replicas()
+        replicas = backend.split_replicas(self)
         if replicas is None:
             return None
         plan = self.__dict__.get("_owner_plan")

@@ -125,6 +125,40 @@ def pytest_collection_modifyitems(config, items):
         items[:] = keep
 
 
+# ----------------------------------------------------------- tf.distribute on two CPU devices
+
+
+def two_devices():
+    """The names of the two logical CPU devices :func:`pytest_configure` sets up."""
+    import tensorflow as tf
+
+    devices = tf.config.list_logical_devices("CPU")
+    # Fail, not skip: pytest_configure sets up two logical CPU devices before TensorFlow starts.
+    assert len(devices) >= 2, f"needs 2 logical CPU devices (see conftest); found {devices}"
+    return [d.name for d in devices[:2]]
+
+
+def mirrored():
+    """A MirroredStrategy over :func:`two_devices`.
+
+    Reduction through one device, not collectives: TensorFlow's collective executor is
+    process-wide, and a new MirroredStrategy reuses the instance keys of earlier ones (from
+    other tests) with tensors of other shapes and types, which aborts the collective.
+    """
+    import tensorflow as tf
+
+    return tf.distribute.MirroredStrategy(
+        two_devices(), cross_device_ops=tf.distribute.ReductionToOneDevice()
+    )
+
+
+def replica_values(variable):
+    """Each replica's copy of a (mirrored) variable, as NumPy arrays (one without a strategy)."""
+    # A Keras variable wraps the (mirrored) tf.Variable; a raw tf.Variable is one.
+    value = variable.value if isinstance(variable, keras.Variable) else variable
+    return [np.array(v) for v in getattr(value, "values", [value])]
+
+
 class RecordingTargets:
     """Mixin for a ``keras_tnt.FisherModel``: keeps the last targets the Fisher pass drew in
     ``model.__dict__["_recorded"]`` (a variable no optimizer sees, set by the test), so that a

@@ -115,7 +115,8 @@ def single_program() -> bool:
     return True  # under keras.distribution the step is one global program, too
 
 
-def split_replicas():
+def split_replicas(optimizer=None):
+    del optimizer
     return None
 
 
@@ -286,8 +287,12 @@ class FisherTrainer:
     # ------------------------------------------------------------ warm start
 
     def _make_warm_start_function(self):
-        if getattr(self, "_warm_start_function", None) is not None:
-            return self._warm_start_function
+        # Compiled as `fit` compiles its step: not under `run_eagerly`, nor without
+        # `jit_compile` (both may change after `compile`, as for `fit`).
+        key = (bool(self.run_eagerly), bool(self.jit_compile))
+        cached = getattr(self, "_warm_start_function", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
         optimizer = self.statistics_optimizer
         sampled = getattr(optimizer, "needs_sampled_gradients", True)
 
@@ -318,7 +323,7 @@ class FisherTrainer:
             optimizer_values = [scope.get_current_value(v) for v in self.optimizer.variables]
             return optimizer_values, non_trainable
 
-        jitted = jax.jit(step)
+        jitted = jax.jit(step) if not self.run_eagerly and self.jit_compile else step
 
         def run(data):
             state = tuple(
@@ -336,7 +341,7 @@ class FisherTrainer:
             for variable, value in zip(self.non_trainable_variables, non_trainable):
                 variable.assign(value)
 
-        self._warm_start_function = run
+        self._warm_start_function = (key, run)
         return run
 
     def _warm_start_batches(self, x, batch_size, steps):

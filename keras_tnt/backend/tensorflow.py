@@ -13,6 +13,8 @@ step and the condition is applied after it, in cross-replica context.
 
 from __future__ import annotations
 
+import contextlib
+import weakref
 from collections.abc import Callable
 from collections.abc import Sequence
 
@@ -162,17 +164,24 @@ def single_program() -> bool:
     return not tf.distribute.has_strategy()
 
 
-def split_replicas():
+def split_replicas(optimizer=None):
     """The number of replicas to split work across, or None (one replica, no replica context).
 
     Needs the replica's id as a constant (MirroredStrategy, MultiWorkerMirroredStrategy), so
-    that each replica's program holds only the work it owns.
+    that each replica's program holds only the work it owns. Not in the trace that created
+    ``optimizer``'s variables (``strategy.run(lambda: optimizer.apply(...))`` on an unbuilt
+    optimizer): TensorFlow runs that trace once, to initialise them, and the owner branches
+    with their all-reduce do not run there. That first step runs unsplit (the same numbers);
+    the next trace splits.
     """
     ctx = tf.distribute.get_replica_context()
     if ctx is None or num_replicas() == 1:
         return None
     if tf.get_static_value(ctx.replica_id_in_sync_group) is None:
         return None  # e.g. TPUStrategy: every replica runs one program
+    built_in = optimizer.__dict__.get("_built_in_graph") if optimizer is not None else None
+    if built_in is not None and built_in() is tf.compat.v1.get_default_graph():
+        return None
     return num_replicas()
 
 
@@ -180,7 +189,9 @@ def _from_owners(ctx, owners, compute, zeros):
     """``[compute(k) on replica owners[k]]`` on every replica: one sum all-reduce."""
     replica = int(tf.get_static_value(ctx.replica_id_in_sync_group))
     local = [compute(k) if owner == replica else zeros(k) for k, owner in enumerate(owners)]
-    return tf.nest.pack_sequence_as(local, _sum(ctx, tf.nest.flatten(local)))
+    # Tensors, not variables: run eagerly, a branch may hand back a slot variable itself.
+    flat = [tf.convert_to_tensor(v) for v in tf.nest.flatten(local)]
+    return tf.nest.pack_sequence_as(local, _sum(ctx, flat))
 
 
 def _sum(ctx, values):
@@ -221,10 +232,20 @@ def update_from_owners(grads, owners, compute, zeros, assign, anchor) -> None:
 
 def make_work_counter(optimizer) -> None:
     """Per-replica work counters (not optimizer state: never saved), under a strategy only."""
+    if not tf.executing_eagerly():
+        # Built inside a traced step: remember which (see `split_replicas`).
+        graph = weakref.ref(tf.compat.v1.get_default_graph())
+        object.__setattr__(optimizer, "_built_in_graph", graph)
     strategy = tf.distribute.get_strategy()
     if strategy.num_replicas_in_sync == 1:
         return
-    with outside_graph(), strategy.scope():
+    # In a replica context (``strategy.run(lambda: optimizer.apply(...))`` builds the optimizer
+    # there) the strategy's variable creator is already active, and ``strategy.scope()`` is not
+    # allowed.
+    scope = (
+        strategy.scope() if tf.distribute.in_cross_replica_context() else contextlib.nullcontext()
+    )
+    with outside_graph(), scope:
         counter = tf.Variable(
             tf.zeros((3,), tf.int64),
             trainable=False,
@@ -407,8 +428,12 @@ class FisherTrainer:
     # ------------------------------------------------------------ warm start
 
     def _make_warm_start_function(self):
-        if getattr(self, "_warm_start_function", None) is not None:
-            return self._warm_start_function
+        # Compiled as `fit` compiles its step: eagerly under `run_eagerly`, with XLA under
+        # `jit_compile` (both may change after `compile`, as for `fit`).
+        key = (bool(self.run_eagerly), bool(self.jit_compile))
+        cached = getattr(self, "_warm_start_function", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
         optimizer = self.statistics_optimizer
         strategy = self.distribute_strategy
         sampled = getattr(optimizer, "needs_sampled_gradients", True)
@@ -438,11 +463,14 @@ class FisherTrainer:
                 grads = tape.gradient(loss, keys)
             optimizer.accumulate_curvature(grads, keys)
 
-        @tf.function(reduce_retracing=True, autograph=False)
         def step(data):
             strategy.run(replica_step, args=(data,))
 
-        self._warm_start_function = step
+        if not self.run_eagerly:
+            step = tf.function(
+                step, reduce_retracing=True, autograph=False, jit_compile=self.jit_compile
+            )
+        self._warm_start_function = (key, step)
         return step
 
     def _warm_start_batches(self, x, batch_size, steps):
