@@ -56,7 +56,7 @@ def test_reordered_variables_of_one_shape_keep_their_own_statistics(float64):
     swapped.update_curvature([_t(gb), _t(ga)], [b, a])
     for opt in (in_order, swapped):
         for var, g in ((a, ga), (b, gb)):
-            for h, ref in zip(_stats(opt, var), _contractions(g)):
+            for h, ref in zip(_stats(opt, var), _contractions(g), strict=True):
                 np.testing.assert_allclose(h, ref, rtol=1e-14)
     # The step, with the gradients also given in the other order, is the same; as for Adam.
     grads = [rng.standard_normal((3, 3)) for _ in range(2)]
@@ -77,7 +77,7 @@ def test_reordered_variables_of_one_shape_keep_their_own_statistics(float64):
             opt.apply([_t(grads[0]), _t(grads[1])], [a, b])
         results[name] = [np.array(a), np.array(b)]
     for kind in ("tnt", "adam"):
-        for x, y in zip(results[kind], results[f"{kind}_swapped"]):
+        for x, y in zip(results[kind], results[f"{kind}_swapped"], strict=True):
             np.testing.assert_array_equal(x, y)
     assert not np.allclose(results["tnt"][0], start[0])
 
@@ -90,14 +90,14 @@ def test_subset_updates_only_its_own_statistics(float64):
     ga1, gb1, gb2, ga2 = (rng.standard_normal((3, 3)) for _ in range(4))
     opt.update_curvature([_t(ga1), _t(gb1)])
     opt.update_curvature([_t(gb2)], [b])
-    for h, ref in zip(_stats(opt, a), _contractions(ga1)):
+    for h, ref in zip(_stats(opt, a), _contractions(ga1), strict=True):
         np.testing.assert_allclose(h, ref, rtol=1e-14)  # untouched: no decay by rho
-    for h, c1, c2 in zip(_stats(opt, b), _contractions(gb1), _contractions(gb2)):
+    for h, c1, c2 in zip(_stats(opt, b), _contractions(gb1), _contractions(gb2), strict=True):
         np.testing.assert_allclose(h, RHO * c1 + (1 - RHO) * c2, rtol=1e-14)
     assert (opt.statistics_count(a), opt.statistics_count(b)) == (1, 2)
     # A None gradient is the same as leaving the variable out.
     opt.update_curvature([_t(ga2), None])
-    for h, c1, c2 in zip(_stats(opt, a), _contractions(ga1), _contractions(ga2)):
+    for h, c1, c2 in zip(_stats(opt, a), _contractions(ga1), _contractions(ga2), strict=True):
         np.testing.assert_allclose(h, RHO * c1 + (1 - RHO) * c2, rtol=1e-14)
     assert (opt.statistics_count(a), opt.statistics_count(b)) == (2, 2)
 
@@ -111,7 +111,7 @@ def test_first_batch_of_each_variable_sets_its_statistics(float64):
         opt.update_curvature([_t(rng.standard_normal((3, 3)))], [a])
     gb = rng.standard_normal((3, 3))
     opt.update_curvature([_t(gb)], [b])  # b's first batch, the optimizer's fourth
-    for h, ref in zip(_stats(opt, b), _contractions(gb)):
+    for h, ref in zip(_stats(opt, b), _contractions(gb), strict=True):
         np.testing.assert_allclose(h, ref, rtol=1e-14)  # not (1 - rho) * contraction
     # Warm start after a subset's warm start: each variable's running mean over its own batches.
     opt2 = keras_tnt.TNT(statistics_decay=RHO)
@@ -119,9 +119,9 @@ def test_first_batch_of_each_variable_sets_its_statistics(float64):
     g1, g2, g3 = (rng.standard_normal((3, 3)) for _ in range(3))
     opt2.accumulate_curvature([_t(g1)], [a])
     opt2.accumulate_curvature([_t(g2), _t(g3)], [a, b])
-    for h, c1, c2 in zip(_stats(opt2, a), _contractions(g1), _contractions(g2)):
+    for h, c1, c2 in zip(_stats(opt2, a), _contractions(g1), _contractions(g2), strict=True):
         np.testing.assert_allclose(h, (c1 + c2) / 2, rtol=1e-14)
-    for h, c3 in zip(_stats(opt2, b), _contractions(g3)):
+    for h, c3 in zip(_stats(opt2, b), _contractions(g3), strict=True):
         np.testing.assert_allclose(h, c3, rtol=1e-14)
 
 
@@ -168,7 +168,7 @@ def test_none_gradient_leaves_weights_momentum_and_statistics(float64, make):
     # Every slot of b (momentum, statistics, inverses, counts) is unchanged.
     changed = {
         v.path
-        for v, old in zip(opt.variables, state_before)
+        for v, old in zip(opt.variables, state_before, strict=True)
         if not np.array_equal(np.array(v), old)
     }
     assert any("/a_" in p for p in changed), changed  # the filter below sees slot paths
@@ -227,7 +227,7 @@ def test_freeze_a_layer_and_recompile_with_the_same_optimizer(make, model_cls):
     head_weights = [np.array(w) for w in head.weights]
     model.fit(x, y, batch_size=16, epochs=1, verbose=0)
     assert int(opt.iterations) == 4
-    for w, old in zip(hidden.weights, frozen_weights):
+    for w, old in zip(hidden.weights, frozen_weights, strict=True):
         np.testing.assert_array_equal(np.array(w), old)
     for path, old in _slots(opt, hidden).items():
         np.testing.assert_array_equal(old, frozen_slots[path], err_msg=path)
@@ -270,7 +270,7 @@ def test_kfac_none_gradient_moves_only_the_members_with_one(float64):
     # A None pair leaves that layer's factors and count.
     factors = [np.array(f) for f in opt.factors(layer)]
     opt.update_curvature([None])
-    for f, old in zip(opt.factors(layer), factors):
+    for f, old in zip(opt.factors(layer), factors, strict=True):
         np.testing.assert_array_equal(np.array(f), old)
     assert opt.factor_count(layer) == 1
     with pytest.raises(ValueError, match="not Kronecker-factored"):
@@ -333,13 +333,13 @@ def test_restored_state_steps_in_a_custom_loop(tmp_path, how, kind):
     grads = [tf.fill(v.shape, 0.5) for v in variables]
     results = []
     for o in (opt, restored):
-        for v, s in zip(variables, start):
+        for v, s in zip(variables, start, strict=True):
             v.assign(s)
         o.apply(grads, variables)  # t = 2: no statistics due, the restored ones are used
         results.append([np.array(v) for v in variables])
-    for a, b in zip(opt.variables, restored.variables):
+    for a, b in zip(opt.variables, restored.variables, strict=True):
         np.testing.assert_array_equal(np.array(a), np.array(b), err_msg=a.path)
-    for a, b in zip(*results):
+    for a, b in zip(*results, strict=True):
         np.testing.assert_array_equal(a, b)
     assert not np.allclose(results[0][0], start[0])
 
@@ -459,9 +459,9 @@ def test_weights_file_into_a_freshly_compiled_model_continues_the_run(tmp_path, 
     for m in (model, fresh, again):
         m.train_on_batch(x[:16], y[:16])
     for other in (fresh, again):
-        for a, b in zip(model.get_weights(), other.get_weights()):
+        for a, b in zip(model.get_weights(), other.get_weights(), strict=True):
             np.testing.assert_array_equal(a, b)
-        for a, b in zip(opt.variables, other.optimizer.variables):
+        for a, b in zip(opt.variables, other.optimizer.variables, strict=True):
             np.testing.assert_array_equal(np.array(a), np.array(b))
     assert opt.curvature_updates > 0
 
