@@ -189,6 +189,8 @@ class KFAC(TNT):
     """
 
     curvature_inputs = "layers"
+    # TNT's three optimizer-wide counters and KFAC's one `failed_inversions` counter.
+    _optimizer_counters = 4
 
     def __init__(
         self,

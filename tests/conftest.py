@@ -53,7 +53,9 @@ def compiled_step(optimizer, variables, step):
     import jax
 
     def pure(values, optimizer_values, *args):
-        mapping = list(zip(variables, values)) + list(zip(optimizer.variables, optimizer_values))
+        mapping = list(zip(variables, values, strict=True)) + list(
+            zip(optimizer.variables, optimizer_values, strict=True)
+        )
         with keras.StatelessScope(state_mapping=mapping) as scope:
             step(*args)
         return (
@@ -67,7 +69,9 @@ def compiled_step(optimizer, variables, step):
         values, optimizer_values = jitted(
             [v.value for v in variables], [v.value for v in optimizer.variables], *args
         )
-        for v, value in zip(list(variables) + list(optimizer.variables), values + optimizer_values):
+        for v, value in zip(
+            list(variables) + list(optimizer.variables), values + optimizer_values, strict=True
+        ):
             v.assign(value)
 
     return run

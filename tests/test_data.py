@@ -29,14 +29,14 @@ NUM_CLASSES = {"mnist": 10, "mnist16": 10, "cifar10": 10, "cifar100": 100}
 
 
 def _batches(ds):
-    xs, ys = zip(*[(x.numpy(), y.numpy()) for x, y in ds])
+    xs, ys = zip(*[(x.numpy(), y.numpy()) for x, y in ds], strict=True)
     return np.concatenate(xs), np.concatenate(ys)
 
 
 def _mock_raw_examples(name):
     """The (image, label) examples the mock yields for `name`, read directly through tfds."""
     ds = tfds.load(data._TFDS_NAMES[name], split="test", as_supervised=True)
-    images, labels = zip(*tfds.as_numpy(ds))
+    images, labels = zip(*tfds.as_numpy(ds), strict=True)
     return np.stack(images), np.array(labels)
 
 
@@ -120,7 +120,7 @@ def test_mnist16_is_pils_bilinear_resize():
         images, _ = _mock_raw_examples("mnist16")
         x, _ = _batches(data.load("mnist16", "test", 6))
     assert x.shape == (len(images), 256)
-    for image, row in zip(images, x):
+    for image, row in zip(images, x, strict=True):
         pixels = image[:, :, 0].astype(np.float32) / 255.0
         expected = np.asarray(Image.fromarray(pixels, mode="F").resize((16, 16), Image.BILINEAR))
         np.testing.assert_allclose(row.reshape(16, 16), expected, rtol=0, atol=1e-5)
@@ -270,7 +270,7 @@ def _prepare_fake(tfds_name, data_dir, examples):
         return {
             split: (
                 (i, {"image": image, "label": int(label), **extra(i)})
-                for i, (image, label) in enumerate(zip(*pairs))
+                for i, (image, label) in enumerate(zip(*pairs, strict=True))
             )
             for split, pairs in examples.items()
         }

@@ -164,15 +164,86 @@ def test_the_plan_is_logged_once_at_build(caplog):
     assert "max_factor_dim=8" in records[0].getMessage()
 
 
-def test_memory_limit_refuses_before_allocating():
-    variables = [keras.Variable(np.zeros((300, 200), "float32"), name="big")]
-    opt = keras_tnt.TNT(memory_limit_bytes=100_000)
-    before = len(opt.variables)
-    with pytest.raises(ValueError, match=r"over `memory_limit_bytes=100000`.*big \(300, 200\)"):
+def _bytes(variables):
+    return sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in variables)
+
+
+def _check_memory_limit_boundary(make, variables):
+    """``make(memory_limit_bytes=...)`` (an optimizer, registered if it needs to be) refuses
+    at one byte under its plan, allocating nothing, and builds at the plan exactly. Returns the
+    built optimizer, the plan's bytes and the bytes the build allocated: every optimizer
+    variable, less those that exist before the build (Keras' iterations and learning rate)."""
+    need = make(memory_limit_bytes=None).plan_bytes(variables)
+    opt = make(memory_limit_bytes=need - 1)
+    before = list(opt.variables)
+    assert sorted(v.name for v in before) == ["iteration", "learning_rate"]
+    with pytest.raises(
+        ValueError, match=rf"\({need} bytes\), over `memory_limit_bytes={need - 1}`"
+    ):
         opt.build(variables)
-    assert len(opt.variables) == before and not opt.built
-    # (300² + 200²) x 2 x 4 bytes of factors + 240,000 of momentum: under 1.5 MB.
-    keras_tnt.TNT(memory_limit_bytes=1_500_000).build(variables)
+    assert not opt.built and [id(v) for v in opt.variables] == [id(v) for v in before]
+    opt = make(memory_limit_bytes=need)
+    before = list(opt.variables)
+    opt.build(variables)
+    assert opt.built and {id(v) for v in before} <= {id(v) for v in opt.variables}
+    assert opt.plan_bytes() == need and f"({need} bytes)" in opt.describe_plan()
+    return opt, need, _bytes(opt.variables) - _bytes(before)
+
+
+@pytest.mark.parametrize(
+    "cls, settings",
+    [
+        (keras_tnt.TNT, {}),
+        (keras_tnt.TNT, {"max_factor_dim": 40, "factor_overrides": {"bias": "none"}}),
+        (keras_tnt.TNT, {"use_ema": True}),
+        (keras_tnt.TNT, {"gradient_accumulation_steps": 2}),
+        (keras_tnt.Shampoo, {"max_factor_dim": 40}),
+    ],
+    ids=["tnt", "tnt-diagonal-none", "tnt-ema", "tnt-accumulation", "shampoo"],
+)
+def test_memory_limit_is_exact_and_the_plan_is_every_allocated_byte(cls, settings):
+    """A 2-D kernel, its bias, a float16 4-D kernel (float32 statistics), a table with a mode
+    above max_factor_dim and a scalar: at ``memory_limit_bytes`` one byte under the plan the
+    build refuses, at the plan it builds, and the plan is the sum of ``size * itemsize`` over
+    every variable the build added to ``optimizer.variables``."""
+    variables = [
+        keras.Variable(np.zeros(shape, dtype), name=name)
+        for shape, dtype, name in (
+            ((300, 200), "float32", "kernel"),
+            ((200,), "float32", "bias"),
+            ((3, 2, 5, 4), "float16", "conv"),
+            ((50, 6), "float32", "table"),
+            ((), "float32", "scale"),
+        )
+    ]
+    _, need, allocated = _check_memory_limit_boundary(lambda **kw: cls(**settings, **kw), variables)
+    assert allocated == need
+
+
+def test_kfac_memory_limit_is_exact():
+    model = _kfac_model([12, 9, 7], name="limit")
+
+    def make(**kw):
+        opt = keras_tnt.KFAC(max_factor_dim=8, **kw)
+        opt.register_layers(model)
+        return opt
+
+    with pytest.warns(UserWarning, match="not Kronecker-factored"):  # the BatchNormalization
+        _, need, allocated = _check_memory_limit_boundary(make, model.trainable_variables)
+    assert allocated == need
+
+
+def test_kfac_plan_is_every_allocated_byte():
+    model = _kfac_model([12, 9, 7], name="exact")
+
+    def make(**kw):
+        opt = keras_tnt.KFAC(max_factor_dim=8, use_ema=True, **kw)
+        opt.register_layers(model)
+        return opt
+
+    with pytest.warns(UserWarning, match="not Kronecker-factored"):
+        _, need, allocated = _check_memory_limit_boundary(make, model.trainable_variables)
+    assert allocated == need
 
 
 def test_bad_settings_name_the_argument():

@@ -53,57 +53,97 @@ def _eigh_root(h, p, eps):
     return (q * (w + eps) ** (-1.0 / p)) @ q.T
 
 
-def test_every_direction_equals_a_dense_numpy_computation(float64):
-    """After one batch of statistics: TNT and KFAC against (np.kron of the damped factors)^-1
-    vec(m), Shampoo against eigh roots, BF against the dense solve; SGD-m and Adam by formula."""
+def _fold_weights(warm, decayed, decay=figure1.DECAY):
+    """The weight of each batch in statistics folded from ``warm`` warm-start batches (their
+    mean) and then ``decayed`` batches (moving average with ``decay``; a first batch sets the
+    statistics), in closed form: batch ``i`` of ``warm`` has ``decay^decayed / warm``, the
+    ``k``-th decayed one ``(1 - decay) decay^(decayed - k)`` (the first ``decay^(decayed - 1)``
+    without a warm start)."""
+    weights = [decay**decayed / warm] * warm if warm else []
+    weights += [(1 - decay) * decay ** (decayed - k) for k in range(1, decayed + 1)]
+    if not warm:
+        weights[0] = decay ** (decayed - 1)
+    assert np.isclose(sum(weights), 1.0)
+    return weights
+
+
+@pytest.mark.parametrize("warm, decayed", [(0, 3), (2, 3)], ids=["decayed", "warm-then-decayed"])
+def test_every_direction_equals_a_dense_numpy_computation(float64, warm, decayed):
+    """After ``warm`` warm-start batches then ``decayed`` batches folded with decay 0.9: TNT and
+    KFAC against (np.kron of the damped factors)^-1 vec(m), Shampoo against eigh roots, BF
+    against the dense solve, every statistic the NumPy average of the batches' (each batch
+    other data and other sampled labels); SGD-m and Adam by formula."""
     gamma = 0.05
     comparison = figure1.Comparison(WIDTHS, figure1.METHODS, gamma, seed=0)
-    x, y = _batch(n=16, seed=2)
-    inputs, logits = figure1.forward(comparison.params, x)
     rng = np.random.default_rng(3)
-    drawn = rng.integers(0, WIDTHS[-1], size=len(x))
-    s_true = figure1.preactivation_gradients(comparison.params, inputs, logits, y)
-    s_drawn = figure1.preactivation_gradients(comparison.params, inputs, logits, drawn)
-    g = figure1.mean_gradients(inputs, s_true)
-    comparison.fold(inputs, g, s_drawn, warm=1)
+    batches = []
+    for j in range(warm + decayed):
+        x, y = _batch(n=16, seed=10 + j)
+        inputs, logits = figure1.forward(comparison.params, x)
+        drawn = rng.integers(0, WIDTHS[-1], size=len(x))
+        s_true = figure1.preactivation_gradients(comparison.params, inputs, logits, y)
+        s_drawn = figure1.preactivation_gradients(comparison.params, inputs, logits, drawn)
+        g = figure1.mean_gradients(inputs, s_true)
+        comparison.fold(inputs, g, s_drawn, warm=j + 1 if j < warm else None)
+        batches.append((inputs, s_drawn, g))
+    weights = _fold_weights(warm, decayed)
+
+    def average(statistic):  # statistic(inputs, s_drawn, g) of each batch, weighted
+        return sum(w * statistic(*batch) for w, batch in zip(weights, batches))
+
     for layer in range(len(comparison.momentum)):
         comparison.momentum[layer] = rng.normal(size=comparison.momentum[layer].shape)
         comparison.second_moment[layer] = rng.uniform(0.5, 2.0, comparison.momentum[layer].shape)
-    n = len(x)
-    for layer, (a, s) in enumerate(zip(inputs, s_drawn)):
+    n = 16
+    for layer in range(len(comparison.momentum)):
         m = comparison.momentum[layer]
         d_in, d_out = m.shape[0] - 1, m.shape[1]
-        abar = np.concatenate([a, np.ones((n, 1))], axis=1)
-        v = np.stack([np.kron(abar[i], s[i]) for i in range(n)])
-        fisher = v.T @ v / n
+
+        def abar(inputs):
+            return np.concatenate([inputs[layer], np.ones((n, 1))], axis=1)
+
+        def block(inputs, s_drawn, g):
+            v = np.stack([np.kron(abar(inputs)[i], s_drawn[layer][i]) for i in range(n)])
+            return v.T @ v / n
+
+        fisher = average(block)
         lam = gamma * np.trace(fisher) / len(fisher)
         bf = np.linalg.solve(fisher + lam * np.eye(len(fisher)), m.ravel()).reshape(m.shape)
         np.testing.assert_allclose(comparison.bf_direction(layer), bf, rtol=1e-9)
 
-        # TNT: eq. (5) factors of the sampled-label mean gradient, eps = sqrt(lam / N).
-        gw, gb = a.T @ s / n, s.mean(axis=0)
-        h1, h2 = gw @ gw.T, gw.T @ gw
+        # TNT: eq. (5) factors of the averaged contractions of the sampled-label mean gradient,
+        # eps = sqrt(lam / N).
+        def tnt_gradient(inputs, s_drawn):
+            return inputs[layer].T @ s_drawn[layer] / n, s_drawn[layer].mean(axis=0)
+
+        h1 = average(lambda i, s, g: tnt_gradient(i, s)[0] @ tnt_gradient(i, s)[0].T)
+        h2 = average(lambda i, s, g: tnt_gradient(i, s)[0].T @ tnt_gradient(i, s)[0])
+        hb = average(lambda i, s, g: np.outer(tnt_gradient(i, s)[1], tnt_gradient(i, s)[1]))
         c = np.sqrt(np.trace(h1) / (d_in * d_out))
         u1, u2 = h1 / (c * d_out), h2 / (c * d_in)
         eps = np.sqrt(lam / n)
         kron = np.kron(u1 + eps * np.eye(d_in), u2 + eps * np.eye(d_out))
         tnt_w = np.linalg.solve(kron, m[:-1].ravel()).reshape(d_in, d_out)
-        tnt_b = np.linalg.solve(np.outer(gb, gb) + eps * np.eye(d_out), m[-1])
+        tnt_b = np.linalg.solve(hb + eps * np.eye(d_out), m[-1])
         expected = np.concatenate([tnt_w, tnt_b[None]])
         np.testing.assert_allclose(comparison.direction("tnt", layer, n), expected, rtol=1e-8)
 
-        # KFAC: A = E[abar abar^T], G = E[s s^T] (per-example s), sqrt(lam) on each.
-        big_a, big_g = abar.T @ abar / n, s.T @ s / n
+        # KFAC: A = E[abar abar^T], G = E[s s^T] (per-example s), averaged, sqrt(lam) on each.
+        big_a = average(lambda i, s, g: abar(i).T @ abar(i) / n)
+        big_g = average(lambda i, s, g: s[layer].T @ s[layer] / n)
         root = np.sqrt(lam)
         kron = np.kron(big_a + root * np.eye(d_in + 1), big_g + root * np.eye(d_out))
         expected = np.linalg.solve(kron, m.ravel()).reshape(m.shape)
         np.testing.assert_allclose(comparison.direction("kfac", layer, n), expected, rtol=1e-8)
 
-        # Shampoo: statistics of the true-label gradient, (H_i + eps_i I)^(-1/4) by eigh.
-        tw, tb = g[2 * layer], g[2 * layer + 1]
-        hs = [tw @ tw.T, tw.T @ tw]
+        # Shampoo: averaged statistics of the true-label gradient, (H_i + eps_i I)^(-1/4) by
+        # eigh.
+        hs = [
+            average(lambda i, s, g: g[2 * layer] @ g[2 * layer].T),
+            average(lambda i, s, g: g[2 * layer].T @ g[2 * layer]),
+        ]
         p1, p2 = (_eigh_root(h, 4, gamma * np.trace(h) / len(h)) for h in hs)
-        hb = np.outer(tb, tb)
+        hb = average(lambda i, s, g: np.outer(g[2 * layer + 1], g[2 * layer + 1]))
         pb = _eigh_root(hb, 2, gamma * np.trace(hb) / len(hb))
         expected_w = (np.kron(p1, p2) @ m[:-1].ravel()).reshape(d_in, d_out)
         expected = np.concatenate([expected_w, (pb @ m[-1])[None]])

@@ -1,6 +1,12 @@
 """Replays the authors' float64 TNT trajectory (../shared/golden) through FisherModel + TNT.
 
-On both backends (TensorFlow's tf.function step and JAX's stateless jitted step).
+On both backends (TensorFlow's tf.function step and JAX's stateless jitted step). Every weight
+tensor after every step is within MAX_RELATIVE_ERROR of the reference, relative to how far that
+tensor has moved from its initial value (measured on CPU, TensorFlow and JAX: 5.6e-14). The
+measured maximum is reported wherever the test runs: as the JUnit property
+``max_relative_error``, on stdout (``pytest -s``), and appended as one line to the file named by
+``KERAS_TNT_GOLDEN_REPORT`` if set (tools/gpu_check.sh puts it into its report), also when the
+replay fails.
 """
 
 import json
@@ -17,6 +23,31 @@ from tests.conftest import GOLDEN_DIR
 pytestmark = BOTH_BACKENDS
 
 GOLDEN = os.path.join(GOLDEN_DIR, "golden_tnt_classifier.npz")
+MAX_RELATIVE_ERROR = 1e-12
+
+
+def _device():
+    if BACKEND == "jax":
+        import jax
+
+        return str(jax.devices()[0].device_kind)
+    import tensorflow as tf
+
+    return "GPU" if tf.config.list_logical_devices("GPU") else "CPU"
+
+
+def _report(record_property, worst, steps, total):
+    """The measured error, where tools/gpu_check.sh and a JUnit report can read it."""
+    record_property("max_relative_error", worst)
+    line = (
+        f"golden replay ({BACKEND}, {_device()}): max relative error {worst:.2e} over "
+        f"{steps} of {total} steps (bound {MAX_RELATIVE_ERROR:g})"
+    )
+    print(line)
+    path = os.environ.get("KERAS_TNT_GOLDEN_REPORT")
+    if path:
+        with open(path, "a") as f:
+            f.write(line + "\n")
 
 
 class RecordedTargets(keras_tnt.FisherModel):
@@ -41,7 +72,7 @@ def _activation(name):
     return name
 
 
-def test_replays_reference_trajectory(float64):
+def test_replays_reference_trajectory(float64, record_property):
     g = np.load(GOLDEN, allow_pickle=False)
     cfg = json.loads(str(g["meta"][0]))["config"]
     widths = [int(w) for w in g["layer_widths"]]
@@ -77,23 +108,28 @@ def test_replays_reference_trajectory(float64):
         model.warm_start(g[f"warm_x_{j}"], batch_size=cfg["batch_size"], verbose=0)
     assert optimizer.warm_start_batches == cfg["warm_start_batches"]
 
-    worst = 0.0
-    for i in range(cfg["train_steps"]):
-        assert np.allclose(g["step_alpha"][i], cfg["lr"])
-        key = f"yhat_{i}"
-        model.recorded.assign(g[key] if key in g.files else np.zeros(cfg["batch_size"], np.int64))
-        logs = model.train_on_batch(g[f"x_{i}"], g[f"t_{i}"], return_dict=True)
-        np.testing.assert_allclose(logs["loss"], g["step_loss"][i], rtol=1e-12)
-        for layer_index in range(len(widths) - 1):
-            kernel, bias = model.get_layer(f"dense_{layer_index}").get_weights()
-            for name, value in (("kernel", kernel), ("bias", bias)):
-                ref = g[f"step_{i}/dense_{layer_index}/{name}"]
-                init = g[f"init/dense_{layer_index}/{name}"]
-                err = np.max(np.abs(value - ref)) / np.max(np.abs(ref - init))
-                worst = max(worst, err)
+    worst, steps = 0.0, 0
+    try:
+        for i in range(cfg["train_steps"]):
+            assert np.allclose(g["step_alpha"][i], cfg["lr"])
+            key = f"yhat_{i}"
+            model.recorded.assign(
+                g[key] if key in g.files else np.zeros(cfg["batch_size"], np.int64)
+            )
+            logs = model.train_on_batch(g[f"x_{i}"], g[f"t_{i}"], return_dict=True)
+            for layer_index in range(len(widths) - 1):
+                kernel, bias = model.get_layer(f"dense_{layer_index}").get_weights()
+                for name, value in (("kernel", kernel), ("bias", bias)):
+                    ref = g[f"step_{i}/dense_{layer_index}/{name}"]
+                    init = g[f"init/dense_{layer_index}/{name}"]
+                    err = np.max(np.abs(value - ref)) / np.max(np.abs(ref - init))
+                    worst = max(worst, err)
+            steps = i + 1
+            np.testing.assert_allclose(logs["loss"], g["step_loss"][i], rtol=1e-12)
+    finally:
+        _report(record_property, worst, steps, cfg["train_steps"])
     assert optimizer.curvature_updates == cfg["warm_start_batches"] + int(
         g["step_stats_update"].sum()
     )
     assert optimizer.failed_inversions == 0
-    print(f"golden replay: max relative error {worst:.2e}")
-    assert worst <= 1e-9
+    assert worst <= MAX_RELATIVE_ERROR

@@ -204,7 +204,7 @@ def _expected_normalized(stats, modes):
     k = len(modes)
     size = math.prod(modes)
     c = (np.trace(stats[0]) / size) ** (1.0 / k)
-    return [h / (c ** (k - 1) * (size // d)) for h, d in zip(stats, modes)], c
+    return [h / (c ** (k - 1) * (size // d)) for h, d in zip(stats, modes, strict=True)], c
 
 
 @pytest.mark.parametrize(
@@ -226,7 +226,7 @@ def test_normalize_factors_equalises_mean_eigenvalue(modes):
     k = len(modes)
     size = math.prod(modes)
     assert np.isclose(c, (np.sum(g * g) / size) ** (1.0 / k), rtol=1e-12)
-    for u, e, d in zip(got, expected, modes):
+    for u, e, d in zip(got, expected, modes, strict=True):
         _close(u, e)
         # eq. (5): every factor has mean eigenvalue c.
         np.testing.assert_allclose(np.trace(u) / d, c, rtol=RTOL)
@@ -253,7 +253,7 @@ def test_normalize_factors_uses_trace_of_first_statistic(modes):
         stats.append(x @ x.T)
     got = kronecker.normalize_factors([_t(h) for h in stats], modes)
     expected, _ = _expected_normalized(stats, modes)
-    for u, e in zip(got, expected):
+    for u, e in zip(got, expected, strict=True):
         _close(u, e)
 
 
@@ -269,7 +269,7 @@ def test_normalize_factors_single_mode_returns_statistic_unchanged():
 def test_normalize_factors_zero_statistics_give_zeros(modes):
     stats = [_t(np.zeros((d, d))) for d in modes]
     got = kronecker.normalize_factors(stats, modes)
-    for u, d in zip(got, modes):
+    for u, d in zip(got, modes, strict=True):
         u = _np(u)
         assert u.shape == (d, d)
         assert np.all(np.isfinite(u))

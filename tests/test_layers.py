@@ -1,6 +1,8 @@
 """TNT on the Keras layers people use beyond the paper's: each layer's tensors get the modes the
-README lists, and one step equals a dense NumPy computation (np.kron of the inverses of every
-mode's factor applied to vec(m)) on a tiny instance."""
+README's table lists (written out here, not asked of the code), and one step equals a dense NumPy
+computation on a tiny instance: the statistics of the sampled-label (Fisher) gradient given to
+``update_curvature``, np.kron of the inverses of every mode's factor applied to vec(m) of the
+(different) gradient given to ``apply``."""
 
 import math
 
@@ -10,12 +12,11 @@ import pytest
 import tensorflow as tf
 
 import keras_tnt
-from keras_tnt import kronecker
 
 
-def _reference_step(w, g, fisher, lr, eps):
-    """One TNT step (t = 0: m = g, inverses refreshed) of one tensor, in NumPy."""
-    modes = kronecker.tensor_modes(w.shape)
+def _reference_step(w, g, fisher, modes, lr, eps):
+    """One TNT step (t = 0: m = g, inverses refreshed) of one tensor of the given ``modes``, in
+    NumPy: statistics from ``fisher``, direction applied to ``g``."""
     if not modes:
         return w - lr * g
     k, size = len(modes), math.prod(modes)
@@ -39,14 +40,26 @@ def _inputs(shape, rng, integers=None):
     return rng.standard_normal(shape)
 
 
+# The README's table of modes (section "Large modes, per-variable choices and memory"), one
+# instance per row: Keras layer -> (builder of the output from the input (float64), input shape
+# and vocabulary (None: float inputs), {variable path after "layer/": modes}).
 LAYERS = {
-    # name: (builder of (inputs, outputs) on float64, input shape, modes per variable path end)
+    "dense": (
+        lambda x: keras.layers.Dense(3, name="layer")(x),
+        ((4, 5), None),
+        {"kernel": (5, 3), "bias": (3,)},
+    ),
+    "dense_on_3d_inputs": (
+        lambda x: keras.layers.Dense(3, name="layer")(x),
+        ((2, 4, 5), None),
+        {"kernel": (5, 3), "bias": (3,)},
+    ),
     "embedding": (
         lambda x: keras.layers.Embedding(7, 3, name="layer")(x),
         ((4, 5), 7),
         {"embeddings": (7, 3)},
     ),
-    "multi_head_attention": (
+    "multi_head_attention": (  # H = 2 heads of K = 3 on width D = 4
         lambda x: keras.layers.MultiHeadAttention(2, 3, name="layer")(x, x),
         ((2, 4, 4), None),
         {
@@ -65,25 +78,30 @@ LAYERS = {
         ((3, 5), None),
         {"gamma": (5,), "beta": (5,)},
     ),
-    "conv1d": (
+    "batch_normalization": (
+        lambda x: keras.layers.BatchNormalization(name="layer")(x),
+        ((3, 5), None),
+        {"gamma": (5,), "beta": (5,)},
+    ),
+    "conv1d": (  # kernel (k, in, out) = (2, 4, 3)
         lambda x: keras.layers.Conv1D(3, 2, name="layer")(x),
         ((2, 5, 4), None),
         {"kernel": (2, 4, 3), "bias": (3,)},
     ),
-    "depthwise_conv2d": (
+    "conv2d": (  # kernel (kh, kw, in, out) = (2, 3, 2, 4): modes (kh kw, in, out)
+        lambda x: keras.layers.Conv2D(4, (2, 3), name="layer")(x),
+        ((2, 4, 4, 2), None),
+        {"kernel": (6, 2, 4), "bias": (4,)},
+    ),
+    "depthwise_conv2d": (  # kernel (kh, kw, in, mult) = (2, 2, 3, 2)
         lambda x: keras.layers.DepthwiseConv2D(2, depth_multiplier=2, name="layer")(x),
         ((2, 4, 4, 3), None),
         {"kernel": (4, 3, 2), "bias": (6,)},
     ),
-    "separable_conv2d": (
+    "separable_conv2d": (  # depthwise (2, 2, 3, 1), pointwise (1, 1, 3, 4)
         lambda x: keras.layers.SeparableConv2D(4, 2, name="layer")(x),
         ((2, 4, 4, 3), None),
         {"depthwise_kernel": (4, 3, 1), "pointwise_kernel": (1, 3, 4), "bias": (4,)},
-    ),
-    "dense_on_3d_inputs": (
-        lambda x: keras.layers.Dense(3, name="layer")(x),
-        ((2, 4, 5), None),
-        {"kernel": (5, 3), "bias": (3,)},
     ),
 }
 
@@ -97,23 +115,29 @@ def test_layer_modes_and_one_step_match_numpy(float64, name):
     for v in model.trainable_variables:  # non-trivial LayerNorm gamma/beta, biases
         v.assign(rng.uniform(-1, 1, v.shape))
     x = _inputs(shape, rng, vocabulary)
-    target = rng.standard_normal(model.output_shape[1:])
+    # The ordinary gradient (at the data's targets) and the Fisher pass's (at other targets, as
+    # sampled labels are): different tensors, so a step that took its statistics from the
+    # gradient given to `apply` instead of the sampled-label one would not match.
+    target, sampled = (rng.standard_normal(model.output_shape[1:]) for _ in range(2))
 
-    def gradients():
+    def gradients(y):
         with tf.GradientTape() as tape:
-            loss = tf.reduce_mean(tf.square(model(x) - target))
+            loss = tf.reduce_mean(tf.square(model(x) - y))
+        # The embedding's is a tf.IndexedSlices: the optimizer gets it as Keras would.
         return tape.gradient(loss, model.trainable_variables)
 
-    grads = gradients()
+    grads, fisher_grads = gradients(target), gradients(sampled)
     lr, eps = 0.25, 0.5
     opt = keras_tnt.TNT(learning_rate=lr, damping=eps)
     opt.build(model.trainable_variables)
-    plan = {e["variable"].split("layer/", 1)[-1]: e["modes"] for e in opt.plan()}
-    assert plan == expected_modes
+    paths = [v.path.split("layer/", 1)[-1] for v in model.trainable_variables]
+    assert sorted(paths) == sorted(expected_modes)
+    assert {e["variable"].split("layer/", 1)[-1]: e["modes"] for e in opt.plan()} == expected_modes
     before = [np.array(v) for v in model.trainable_variables]
-    opt.update_curvature(grads)  # the statistics from these gradients (as TNT-EF would)
+    opt.update_curvature(fisher_grads)
     opt.apply(grads, model.trainable_variables)
-    for v, w0, g in zip(model.trainable_variables, before, grads):
-        g = np.array(tf.convert_to_tensor(g))  # the embedding's is a tf.IndexedSlices
-        want = _reference_step(w0, g, g, lr, eps)
+    for v, path, w0, g, f in zip(model.trainable_variables, paths, before, grads, fisher_grads):
+        g, f = (np.array(tf.convert_to_tensor(t)) for t in (g, f))
+        assert np.abs(g - f).max() > 0.1 * np.abs(g).max(), path  # really two gradients
+        want = _reference_step(w0, g, f, expected_modes[path], lr, eps)
         np.testing.assert_allclose(np.array(v), want, rtol=1e-9, atol=1e-12, err_msg=v.path)

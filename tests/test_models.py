@@ -152,7 +152,7 @@ def test_init_follows_the_global_seed():
     b = [np.asarray(w) for w in models.digits_autoencoder().weights]
     keras.utils.set_random_seed(8)
     c = [np.asarray(w) for w in models.digits_autoencoder().weights]
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         np.testing.assert_array_equal(x, y)
     assert not np.array_equal(a[0], c[0])
     # Each layer draws its own seed: same-shaped layers are not copies of each other.
@@ -237,7 +237,9 @@ def _one_tnt_step(model, name, batch_size):
     for w in model.weights:
         assert np.isfinite(np.asarray(w)).all(), w.path
     weights = model.trainable_weights
-    unchanged = [w.path for w, b in zip(weights, before) if np.array_equal(np.asarray(w), b)]
+    unchanged = [
+        w.path for w, b in zip(weights, before, strict=True) if np.array_equal(np.asarray(w), b)
+    ]
     assert not unchanged
 
 
@@ -303,10 +305,13 @@ def test_resnet32_trains_the_same_with_and_without_xla(float64):
         start = [np.array(w) for w in model.trainable_weights]
         model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
         model.fit(x[:8], y[:8], batch_size=8, epochs=1, shuffle=False, verbose=0)
-        moved = [np.abs(np.array(w) - w0).max() for w, w0 in zip(model.trainable_weights, start)]
+        moved = [
+            np.abs(np.array(w) - w0).max()
+            for w, w0 in zip(model.trainable_weights, start, strict=True)
+        ]
         assert min(moved) > 1e-6  # every weight took real steps
         runs.append([np.array(v) for v in model.weights + model.optimizer.variables])
-    for a, b in zip(*runs):
+    for a, b in zip(*runs, strict=True):
         scale = max(np.abs(a).max(), 1e-12)
         np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-8 * scale)
 

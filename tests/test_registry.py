@@ -51,7 +51,7 @@ def test_problem_trains_one_step(name):
     logs = model.train_on_batch(x, y, return_dict=True)
     assert np.isfinite(logs["loss"])
     after = [np.array(w) for w in model.trainable_weights]
-    assert any(not np.array_equal(a, b) for a, b in zip(before, after))
+    assert any(not np.array_equal(a, b) for a, b in zip(before, after, strict=True))
     assert all(np.all(np.isfinite(w)) for w in after)
     assert model.optimizer.curvature_updates == 1
 

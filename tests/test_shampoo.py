@@ -89,7 +89,7 @@ class RefShampoo:
             self.count += 1
         refresh = self.refresh_due()
         new = []
-        for idx, (w, g) in enumerate(zip(weights, grads)):
+        for idx, (w, g) in enumerate(zip(weights, grads, strict=True)):
             k = len(self.modes[idx])
             self.m[idx] = self.beta * self.m[idx] + g
             if refresh:
@@ -269,9 +269,9 @@ def test_refresh_schedule_matches_numpy(float64, period_only, refresh_steps):
         apply([_t(g) for g in grads])
         weights = ref.step(weights, grads)
         after = [np.array(p) for p in opt.inverses(variables[0])]
-        if any(not np.array_equal(a, b) for a, b in zip(before, after)):
+        if any(not np.array_equal(a, b) for a, b in zip(before, after, strict=True)):
             refreshed.append(t)
-        for var, want in zip(variables, weights):
+        for var, want in zip(variables, weights, strict=True):
             assert _rel(var, want) <= 1e-6, f"t={t}"
     assert refreshed == refresh_steps
     assert opt.curvature_updates == 8
@@ -308,10 +308,10 @@ def test_three_and_four_mode_tensors_with_warm_start_period_and_decay_match_nump
         grads = [rng.standard_normal(s) for s in shapes]
         apply([_t(g) for g in grads])
         weights = ref.step(weights, grads)
-        for var, want in zip(variables, weights):
+        for var, want in zip(variables, weights, strict=True):
             assert _rel(var, want) <= 1e-6, f"t={t}"
-    for var, stats in zip(variables, ref.H):
-        for actual, expected in zip(opt.statistics(var), stats):
+    for var, stats in zip(variables, ref.H, strict=True):
+        for actual, expected in zip(opt.statistics(var), stats, strict=True):
             np.testing.assert_allclose(np.array(actual), expected, rtol=1e-12)
     assert opt.curvature_updates == 2 + 3  # warm start, then t = 2, 4, 6
 

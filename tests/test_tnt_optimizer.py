@@ -43,7 +43,7 @@ def _normalize(stats, modes):
         return list(stats)
     size = math.prod(modes)
     c = (np.trace(stats[0]) / size) ** (1.0 / k)
-    return [h / (c ** (k - 1) * (size // d)) for h, d in zip(stats, modes)]
+    return [h / (c ** (k - 1) * (size // d)) for h, d in zip(stats, modes, strict=True)]
 
 
 class RefTNT:
@@ -99,7 +99,7 @@ class RefTNT:
     def step(self, weights, grads):
         refresh = self.refresh_due()
         new = []
-        for idx, (w, g) in enumerate(zip(weights, grads)):
+        for idx, (w, g) in enumerate(zip(weights, grads, strict=True)):
             modes = self.modes[idx]
             self.m[idx] = self.beta * self.m[idx] + g
             if modes:
@@ -131,7 +131,10 @@ def _close(actual, expected, rtol=RTOL):
 
 def _vars(values, names=None):
     names = names or [f"w{i}" for i in range(len(values))]
-    return [keras.Variable(np.array(v), dtype="float64", name=n) for v, n in zip(values, names)]
+    return [
+        keras.Variable(np.array(v), dtype="float64", name=n)
+        for v, n in zip(values, names, strict=True)
+    ]
 
 
 def _t(x):
@@ -231,10 +234,10 @@ def test_first_two_steps_match_hand_computation(float64):
 
     _close(kernel, w1)
     _close(bias, b1)
-    for got, want in zip(opt.statistics(kernel), [h1, h2]):
+    for got, want in zip(opt.statistics(kernel), [h1, h2], strict=True):
         _close(got, want)
     _close(opt.statistics(bias)[0], hb)
-    for got, want in zip(opt.inverses(kernel), [a1, a2]):
+    for got, want in zip(opt.inverses(kernel), [a1, a2], strict=True):
         _close(got, want)
     _close(opt.inverses(bias)[0], ab)
     _close(opt._momenta[0], m_w)
@@ -260,7 +263,7 @@ def test_first_two_steps_match_hand_computation(float64):
     b2 = b1 * (1 - lr * wd) - lr * (ab @ m_b)
     _close(kernel, w2)
     _close(bias, b2)
-    for got, want in zip(opt.inverses(kernel), [a1, a2]):
+    for got, want in zip(opt.inverses(kernel), [a1, a2], strict=True):
         _close(got, want)
     assert int(opt.iterations) == 2
     assert opt.curvature_updates == 2
@@ -305,17 +308,19 @@ def test_refresh_and_curvature_schedule(float64, T1, T2, warm, refresh_steps, cu
         if due:
             due_steps.append(t)
         inverses = [np.array(a.numpy()) for v in variables for a in opt.inverses(v)]
-        if before is None or all(not np.array_equal(a, b) for a, b in zip(inverses, before)):
+        if before is None or all(
+            not np.array_equal(a, b) for a, b in zip(inverses, before, strict=True)
+        ):
             refreshed.append(t)
         else:  # a refresh renews every factor of every tensor, or none
-            assert all(np.array_equal(a, b) for a, b in zip(inverses, before)), t
+            assert all(np.array_equal(a, b) for a, b in zip(inverses, before, strict=True)), t
         before = inverses
-        for v, w in zip(variables, weights):
+        for v, w in zip(variables, weights, strict=True):
             _close(v, w)
         for idx, v in enumerate(variables):
-            for got, want in zip(opt.statistics(v), ref.H[idx]):
+            for got, want in zip(opt.statistics(v), ref.H[idx], strict=True):
                 _close(got, want)
-            for got, want in zip(opt.inverses(v), ref.A[idx]):
+            for got, want in zip(opt.inverses(v), ref.A[idx], strict=True):
                 _close(got, want)
     assert refreshed == refresh_steps
     assert due_steps == curvature_steps
@@ -348,7 +353,7 @@ def test_schedule_in_graph_mode_matches_eager(float64):
             ref.update_curvature(ghats)
         weights = ref.step(weights, grads)
         train_step([_t(g) for g in ghats], [_t(g) for g in grads])
-        for v, w in zip(variables, weights):
+        for v, w in zip(variables, weights, strict=True):
             _close(v, w)
     assert opt.curvature_updates == 5  # t = 0, 2, 4, 6, 8
     assert int(opt.iterations) == 9
@@ -364,7 +369,7 @@ def test_conv_kernel_preconditioned_with_merged_spatial_mode(float64, rtol):
     kw = dict(HYPER, weight_decay=0.25)
     for _, opt, variables, _, weights, _ in _run_pair(shapes, 3, seed=5, **kw):
         assert [tuple(a.shape) for a in opt.inverses(variables[0])] == [(4, 4), (3, 3), (2, 2)]
-        for v, w in zip(variables, weights):
+        for v, w in zip(variables, weights, strict=True):
             _close(v, w, rtol=rtol)
 
 
@@ -382,15 +387,15 @@ def test_update_curvature_sets_then_averages(float64):
     g1 = _rand(rng, (5, 3), (3,))
     opt.update_curvature([_t(g) for g in g1])
     c1 = [_contractions(g1[0], (5, 3)), _contractions(g1[1], (3,))]
-    for v, cs in zip([kernel, bias], c1):
-        for got, want in zip(opt.statistics(v), cs):
+    for v, cs in zip([kernel, bias], c1, strict=True):
+        for got, want in zip(opt.statistics(v), cs, strict=True):
             _close(got, want)  # the first update sets H = contraction (no (1-ρ) factor)
 
     g2 = _rand(rng, (5, 3), (3,))
     opt.update_curvature([_t(g) for g in g2])
     c2 = [_contractions(g2[0], (5, 3)), _contractions(g2[1], (3,))]
-    for v, a, b in zip([kernel, bias], c1, c2):
-        for got, x, y in zip(opt.statistics(v), a, b):
+    for v, a, b in zip([kernel, bias], c1, c2, strict=True):
+        for got, x, y in zip(opt.statistics(v), a, b, strict=True):
             _close(got, 0.75 * x + 0.25 * y)
     assert opt.curvature_updates == 2
     assert opt.warm_start_batches == 0
@@ -408,7 +413,7 @@ def test_accumulate_curvature_is_running_mean_then_moving_average(float64):
         mean = [
             np.mean([_contractions(b, (4, 2, 3))[i] for b in batches[:j]], axis=0) for i in range(3)
         ]
-        for got, want in zip(opt.statistics(kernel), mean):
+        for got, want in zip(opt.statistics(kernel), mean, strict=True):
             _close(got, want)
     assert opt.warm_start_batches == 3
     assert opt.curvature_updates == 3
@@ -416,7 +421,7 @@ def test_accumulate_curvature_is_running_mean_then_moving_average(float64):
     # A later regular update averages into the warm-start statistics (not "first ever").
     g = rng.standard_normal((4, 2, 3))
     opt.update_curvature([_t(g)])
-    for got, want, c in zip(opt.statistics(kernel), mean, _contractions(g, (4, 2, 3))):
+    for got, want, c in zip(opt.statistics(kernel), mean, _contractions(g, (4, 2, 3)), strict=True):
         _close(got, 0.75 * want + 0.25 * c)
 
 
@@ -434,7 +439,7 @@ def test_nonfinite_fisher_gradient_leaves_statistics(float64, bad, warm):
     fold = opt.accumulate_curvature if warm else opt.update_curvature
     fold([_t(g_w), _t(g_b)])
     after = [np.array(h.numpy()) for v in (kernel, bias) for h in opt.statistics(v)]
-    for a, b in zip(after, before):
+    for a, b in zip(after, before, strict=True):
         np.testing.assert_array_equal(a, b)
     assert opt.skipped_curvature_updates == 1
     assert opt.curvature_updates == 1
@@ -479,7 +484,7 @@ def test_nonfinite_gradient_skips_only_that_tensor(float64):
     np.testing.assert_array_equal(kernel.numpy(), kernel_before)
     np.testing.assert_array_equal(opt._momenta[0].numpy(), momentum_before)
     # The refresh due at this step (the reference's inverses moved) skips the kernel's too.
-    for a, new, before in zip(opt.inverses(kernel), ref.A[0], inverses_before):
+    for a, new, before in zip(opt.inverses(kernel), ref.A[0], inverses_before, strict=True):
         assert np.abs(new - before).max() > 1e-3
         np.testing.assert_array_equal(a.numpy(), before)
     _close(bias, ref_bias)
@@ -523,7 +528,7 @@ def test_failed_inversion_keeps_previous_inverse():
     assert not np.all(np.isfinite(opt.statistics(kernel)[0].numpy()))
     opt.apply([tensor(rng.standard_normal((4, 3)), "float32")], [kernel])
     assert opt.failed_inversions >= 1
-    for a, b in zip(opt.inverses(kernel), inverses):
+    for a, b in zip(opt.inverses(kernel), inverses, strict=True):
         np.testing.assert_array_equal(a.numpy(), b)
     assert np.all(np.isfinite(kernel.numpy()))
 
@@ -555,16 +560,18 @@ def test_clipping_equals_feeding_clipped_gradients(float64, kind):
         ghats = [_t(g) for g in _rand(rng, *shapes)]
         grads = _rand(rng, *shapes, scale=2.0)
         pre = _clip(kind, grads, value)
-        assert not all(np.allclose(p, g) for p, g in zip(pre, grads))  # clipping is active
+        assert not all(
+            np.allclose(p, g) for p, g in zip(pre, grads, strict=True)
+        )  # clipping is active
         clipped.update_curvature(ghats)
         plain.update_curvature(ghats)
         clipped.apply([_t(g) for g in grads], a_vars)
         plain.apply([_t(g) for g in pre], b_vars)
-        for a, b in zip(a_vars, b_vars):
+        for a, b in zip(a_vars, b_vars, strict=True):
             _close(a, b.numpy())
     # Clipping applies to g only: the statistics are those of the unclipped Ĝ.
-    for a, b in zip(a_vars, b_vars):
-        for x, y in zip(clipped.statistics(a), plain.statistics(b)):
+    for a, b in zip(a_vars, b_vars, strict=True):
+        for x, y in zip(clipped.statistics(a), plain.statistics(b), strict=True):
             np.testing.assert_array_equal(x.numpy(), y.numpy())
 
 
@@ -633,13 +640,13 @@ def test_ema_follows_keras_formula(float64):
         if averages is None:
             averages = current
         else:
-            averages = [0.75 * a + 0.25 * w for a, w in zip(averages, current)]
-        for v, p in zip(ema_vars, plain_vars):
+            averages = [0.75 * a + 0.25 * w for a, w in zip(averages, current, strict=True)]
+        for v, p in zip(ema_vars, plain_vars, strict=True):
             np.testing.assert_array_equal(v.numpy(), p.numpy())  # EMA does not change training
-        for got, want in zip(ema._model_variables_moving_average, averages):
+        for got, want in zip(ema._model_variables_moving_average, averages, strict=True):
             _close(got, want)
     ema.finalize_variable_values(ema_vars)
-    for v, want in zip(ema_vars, averages):
+    for v, want in zip(ema_vars, averages, strict=True):
         _close(v, want)
 
 
@@ -659,7 +666,7 @@ def test_gradient_accumulation_averages_micro_batches(float64):
         acc.update_curvature(ghats)
         before = [np.array(v.numpy()) for v in acc_vars]
         acc.apply([_t(g) for g in g1], acc_vars)
-        for v, b in zip(acc_vars, before):
+        for v, b in zip(acc_vars, before, strict=True):
             np.testing.assert_array_equal(v.numpy(), b)  # no update on the first micro-step
         assert int(acc.iterations) == window
         assert not bool(acc.curvature_due())  # second micro-batch: no new statistics
@@ -668,10 +675,10 @@ def test_gradient_accumulation_averages_micro_batches(float64):
 
         assert bool(one.curvature_due())
         one.update_curvature(ghats)
-        one.apply([_t((a + b) / 2) for a, b in zip(g1, g2)], one_vars)
-        for a, b in zip(acc_vars, one_vars):
+        one.apply([_t((a + b) / 2) for a, b in zip(g1, g2, strict=True)], one_vars)
+        for a, b in zip(acc_vars, one_vars, strict=True):
             _close(a, b.numpy())
-        for a, b in zip(acc._momenta, one._momenta):
+        for a, b in zip(acc._momenta, one._momenta, strict=True):
             _close(a, b.numpy())
 
 
@@ -690,10 +697,10 @@ def test_loss_scale_factor_divides_gradients_and_fisher_gradients(float64):
         unscaled.update_curvature([_t(g) for g in ghats])
         scaled.apply([_t(4.0 * g) for g in grads], s_vars)
         unscaled.apply([_t(g) for g in grads], u_vars)
-        for a, b in zip(s_vars, u_vars):
+        for a, b in zip(s_vars, u_vars, strict=True):
             _close(a, b.numpy())
-        for a, b in zip(s_vars, u_vars):
-            for x, y in zip(scaled.statistics(a), unscaled.statistics(b)):
+        for a, b in zip(s_vars, u_vars, strict=True):
+            for x, y in zip(scaled.statistics(a), unscaled.statistics(b), strict=True):
                 _close(x, y.numpy())
     assert float(scaled.scale_loss(_t(1.5))) == 6.0
 

@@ -6,6 +6,9 @@
 # test's time is single-threaded tracing, so two workers use the two cores); PYTEST_WORKERS=0
 # runs them in one process.
 # Usage: bash tools/test.sh [extra pytest args]
+# A run that collects no test fails (pytest's exit code 5), except that with a selection among
+# the arguments (-k, -m, --deselect, --ignore*, --lf, or a test path) one of the two backends
+# may select nothing: most tests run on one backend only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -19,7 +22,31 @@ echo "== environment ready (${SECONDS} s)"
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 
-run_pytest() {  # $1: backend; the rest: pytest args. Exit code 5 (nothing collected) is success.
+# Whether the arguments select tests: -k/-m (also -kEXPR, -k=EXPR), --deselect, --ignore,
+# --ignore-glob, --lf/--last-failed, or an argument naming an existing path (tests/x.py,
+# tests/x.py::test_y). Not -q, -x, -n 4, -p no:cacheprovider, -c setup.cfg, --rootdir . and
+# the like: the value of an option that takes one is skipped.
+selects_tests() {
+  local arg skip=0
+  for arg in "$@"; do
+    if [ "$skip" = 1 ]; then
+      skip=0
+      continue
+    fi
+    case "$arg" in
+      -k* | -m* | --deselect* | --ignore* | --lf | --last-failed) return 0 ;;
+      -c | -p | -n | -o | -W | --rootdir | --basetemp | --confcutdir | --junitxml | --junit-xml | \
+        --durations | --maxfail | --tb | --dist | --log-file | --import-mode | --capture | \
+        --override-ini | --pythonwarnings | --maxprocesses | --cov | --cov-report) skip=1 ;;
+      -*) ;;
+      *) [ -e "${arg%%::*}" ] && return 0 ;;
+    esac
+  done
+  return 1
+}
+
+empty=0  # backends that collected no test
+run_pytest() {  # $1: backend; the rest: pytest args. Exit code 5: see above.
   local backend=$1 start=$SECONDS rc workers=()
   shift
   if [ "${PYTEST_WORKERS:-2}" != 0 ]; then
@@ -35,8 +62,13 @@ run_pytest() {  # $1: backend; the rest: pytest args. Exit code 5 (nothing colle
   rc=$?
   set -e
   if [ "$rc" -eq 5 ]; then
-    echo "pytest ($backend) collected no tests (exit 5): treated as success"
-    rc=0
+    empty=$((empty + 1))
+    if selects_tests "$@"; then
+      echo "pytest ($backend) collected no tests (exit 5): the selection holds none on $backend"
+      rc=0
+    else
+      echo "pytest ($backend) collected no tests (exit 5) in a run without a selection: failure"
+    fi
   fi
   echo "== pytest on $backend: exit $rc ($((SECONDS - start)) s)"
   return "$rc"
@@ -45,5 +77,9 @@ run_pytest() {  # $1: backend; the rest: pytest args. Exit code 5 (nothing colle
 status=0
 run_pytest tensorflow "$@" || status=1
 run_pytest jax "$@" || status=1
+if [ "$empty" -eq 2 ]; then
+  echo "== no test collected on either backend: failure"
+  status=1
+fi
 echo "== all done (${SECONDS} s)"
 exit "$status"
