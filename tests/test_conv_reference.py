@@ -35,7 +35,7 @@ class Recording(RecordingTargets, keras_tnt.FisherModel):
 
 
 def _gradients(twin, weights, x, labels):
-    for v, w in zip(twin.trainable_variables, weights):
+    for v, w in zip(twin.trainable_variables, weights, strict=True):
         v.assign(w)
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     with tf.GradientTape() as tape:
@@ -78,15 +78,15 @@ def test_tnt_on_conv_batchnorm_dense_matches_numpy(float64):
             drawn = model.__dict__["_recorded"].numpy()
             ref.update_curvature(_gradients(twin, weights, xb, drawn))
         weights = ref.step(weights, gradient)
-        for v, want in zip(model.trainable_variables, weights):
+        for v, want in zip(model.trainable_variables, weights, strict=True):
             np.testing.assert_allclose(np.array(v), want, rtol=1e-10, atol=1e-12, err_msg=v.path)
     assert optimizer.curvature_updates == 1 + 2  # warm start; t = 1, 2 (t = 0 skipped)
     modes = [[int(a.shape[0]) for a in optimizer.inverses(v)] for v in model.trainable_variables]
     assert modes[0] == [9, 2, 3] and modes[1] == [3] and modes[3] == [9, 3, 4]
-    for v, stats, inverses in zip(model.trainable_variables, ref.H, ref.A):
-        for actual, expected in zip(optimizer.statistics(v), stats):
+    for v, stats, inverses in zip(model.trainable_variables, ref.H, ref.A, strict=True):
+        for actual, expected in zip(optimizer.statistics(v), stats, strict=True):
             np.testing.assert_allclose(np.array(actual), expected, rtol=1e-10, atol=1e-14)
-        for actual, expected in zip(optimizer.inverses(v), inverses):
+        for actual, expected in zip(optimizer.inverses(v), inverses, strict=True):
             np.testing.assert_allclose(np.array(actual), expected, rtol=1e-9, atol=1e-12)
 
 
@@ -107,10 +107,12 @@ def test_xla_step_on_conv_batchnorm_dense_equals_the_graph_step(float64):
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
             jit_compile=jit,
         )
+        # Keras drops jit_compile=True (with a warning only) where it cannot compile the model.
+        assert model.jit_compile is jit
         model.warm_start(x[:8], batch_size=8, verbose=0)
         model.fit(x[8:], y[8:], batch_size=8, epochs=1, shuffle=False, verbose=0)
         runs.append([np.array(v) for v in model.weights + model.optimizer.variables])
     assert len(runs[0]) == len(runs[1])
-    for a, b in zip(*runs):
+    for a, b in zip(*runs, strict=True):
         scale = max(np.abs(a).max(), 1e-12)
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10 * scale)

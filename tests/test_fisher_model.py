@@ -8,6 +8,8 @@ import pytest
 import tensorflow as tf
 
 import keras_tnt
+from tests.conftest import mirrored
+from tests.conftest import replica_values
 
 
 def _data(n=64, d=8, classes=5, seed=0):
@@ -56,16 +58,16 @@ def test_save_load_restores_every_slot_and_the_next_step(tmp_path):
     before = _optimizer_state(model)
     after = _optimizer_state(restored)
     assert len(before) == len(after)
-    for a, b in zip(before, after):
+    for a, b in zip(before, after, strict=True):
         np.testing.assert_array_equal(a, b)
     # The next step is identical (same sampled labels: the seed and counter were restored).
     # Step 8 is due for statistics (T1 = 2) and refreshes nothing (T2 = 4 -> every 4).
     xb, yb = x[:16], y[:16]
     model.train_on_batch(xb, yb)
     restored.train_on_batch(xb, yb)
-    for a, b in zip(model.get_weights(), restored.get_weights()):
+    for a, b in zip(model.get_weights(), restored.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
-    for a, b in zip(_optimizer_state(model), _optimizer_state(restored)):
+    for a, b in zip(_optimizer_state(model), _optimizer_state(restored), strict=True):
         np.testing.assert_array_equal(a, b)
 
 
@@ -85,13 +87,15 @@ def test_xla_step_matches_graph_step(float64, model_cls):
     init = None
     for jit in (False, True):
         model = _compile(_classifier(model_cls=model_cls), jit_compile=jit, weight_decay=0.25)
+        # Keras drops jit_compile=True (with a warning only) where it cannot compile the model.
+        assert model.jit_compile is jit
         if init is None:
             init = model.get_weights()
         model.set_weights(init)
         model.warm_start(x, batch_size=16, verbose=0)
         model.fit(x, y, batch_size=16, epochs=3, verbose=0, shuffle=False)
         runs.append((model.get_weights(), _optimizer_state(model)))
-    for a, b in zip(runs[0][0] + runs[0][1], runs[1][0] + runs[1][1]):
+    for a, b in zip(runs[0][0] + runs[0][1], runs[1][0] + runs[1][1], strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
 
 
@@ -102,32 +106,10 @@ class ArgmaxTargets(keras_tnt.FisherModel):
         return tf.argmax(y_pred, axis=-1)
 
 
-def _two_devices():
-    devices = tf.config.list_logical_devices("CPU")
-    # Fail, not skip: conftest sets up two logical CPU devices before TensorFlow starts.
-    assert len(devices) >= 2, f"needs 2 logical CPU devices (conftest); found {devices}"
-    return [d.name for d in devices[:2]]
-
-
-def _mirrored(devices):
-    # Reduction through one device, not collectives: TensorFlow's collective executor is
-    # process-wide, and a new MirroredStrategy reuses the instance keys of earlier ones (from
-    # other tests) with tensors of other types, which aborts the collective.
-    return tf.distribute.MirroredStrategy(
-        devices, cross_device_ops=tf.distribute.ReductionToOneDevice()
-    )
-
-
-def _components(variable):
-    value = variable.value if hasattr(variable, "value") else variable
-    return [np.array(v) for v in getattr(value, "values", [value])]
-
-
 def test_mirrored_replicas_identical_and_equal_to_one_device():
-    devices = _two_devices()
     x, y = _data(n=64)
     results = []
-    for strategy in (None, _mirrored(devices)):
+    for strategy in (None, mirrored()):
         scope = strategy.scope() if strategy else tf.distribute.get_strategy().scope()
         with scope:
             model = _compile(_classifier(model_cls=ArgmaxTargets))
@@ -135,25 +117,24 @@ def test_mirrored_replicas_identical_and_equal_to_one_device():
         model.fit(x, y, batch_size=32, epochs=3, verbose=0, shuffle=False)
         if strategy:
             for v in model.weights + model.optimizer.variables:
-                parts = _components(v)
+                parts = replica_values(v)
                 assert len(parts) == 2
                 np.testing.assert_array_equal(parts[0], parts[1], err_msg=v.path)
         results.append(
             [np.array(v) for v in model.weights] + [np.array(v) for v in model.optimizer.variables]
         )
-    for a, b in zip(*results):
+    for a, b in zip(*results, strict=True):
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)
 
 
 def test_mirrored_with_sampled_targets_keeps_replicas_identical():
-    devices = _two_devices()
     x, y = _data(n=64)
-    with _mirrored(devices).scope():
+    with mirrored().scope():
         model = _compile(_classifier(), curvature_update_period=1)
     model.fit(x, y, batch_size=32, epochs=2, verbose=0)
     assert model.optimizer.curvature_updates == 4
     for v in model.weights + model.optimizer.variables:
-        parts = _components(v)
+        parts = replica_values(v)
         np.testing.assert_array_equal(parts[0], parts[1], err_msg=v.path)
 
 
@@ -170,7 +151,7 @@ def _statistics_after_two_steps(policy, weights=None):
         kernel = model.trainable_variables[0]
         stats = [np.array(h) for h in tnt.statistics(kernel)]
         dtypes = {str(h.dtype) for h in tnt.statistics(kernel) + tnt.inverses(kernel)}
-        steps = [w - w0 for w, w0 in zip(model.get_weights(), start)]
+        steps = [w - w0 for w, w0 in zip(model.get_weights(), start, strict=True)]
         return start, stats, dtypes, steps, tnt.curvature_updates
     finally:
         keras.mixed_precision.set_global_policy("float32")
@@ -184,9 +165,9 @@ def test_mixed_precision_statistics_equal_the_float32_run(policy, tolerance):
     start, reference, _, reference_steps, _ = _statistics_after_two_steps("float32")
     _, stats, dtypes, steps, updates = _statistics_after_two_steps(policy, start)
     assert dtypes == {"float32"} and updates == 2
-    for h, h_ref in zip(stats, reference):
+    for h, h_ref in zip(stats, reference, strict=True):
         assert np.linalg.norm(h - h_ref) <= tolerance * np.linalg.norm(h_ref)
-    for d, d_ref in zip(steps, reference_steps):
+    for d, d_ref in zip(steps, reference_steps, strict=True):
         assert np.linalg.norm(d - d_ref) <= tolerance * np.linalg.norm(d_ref)
 
 
@@ -218,11 +199,41 @@ def test_from_sequential_model_trains_and_decreases_loss():
     assert losses[-1] < 0.8 * losses[0]
 
 
+def _op_counts(graph_def, ops=("MatMul", "TanhGrad")):
+    """``(counts outside any cond, [(then counts, else counts) per cond, nested ones too])``:
+    the ``ops`` in the main graph and in each branch function (not counting nested conds)."""
+    library = {f.signature.name: f.node_def for f in graph_def.library.function}
+    conds = []
+
+    def count(nodes):
+        for node in nodes:
+            if node.op in ("If", "StatelessIf"):
+                branches = (node.attr["then_branch"], node.attr["else_branch"])
+                conds.append(tuple(count(library[b.func.name]) for b in branches))
+        return {op: sum(node.op == op for node in nodes) for op in ops}
+
+    return count(graph_def.node), conds
+
+
 def test_second_backward_pass_only_when_statistics_are_due():
+    """In the traced TensorFlow step of a Dense(6, tanh) -> Dense(5) model: the forward pass (2
+    matmuls), the ordinary backward pass (3: two kernel gradients and one input gradient; one
+    tanh gradient) and the preconditioned directions (one matmul per mode) outside any cond; the
+    sampled-label backward pass (3 matmuls, one tanh gradient) only in the true branch of one
+    cond (the statistics' contractions are in a cond nested in that branch)."""
     x, y = _data(n=80)
     model = _compile(_classifier(), curvature_update_period=3, inverse_update_period=6)
     model.fit(x, y, batch_size=16, epochs=2, verbose=0)  # steps 0..9 -> due at 0, 3, 6, 9
     assert model.optimizer.curvature_updates == 4
+    # The step as Keras traces it (one replica: `strategy.run` calls train_step; no autograph).
+    step = tf.function(model.train_step, autograph=False)
+    graph = step.get_concrete_function((tf.constant(x[:16]), tf.constant(y[:16]))).graph
+    outside, conds = _op_counts(graph.as_graph_def())
+    directions = sum(len(entry["modes"]) for entry in model.optimizer.plan())
+    assert directions == 2 * 2 + 2  # kernels: 2 modes, biases: 1
+    assert outside == {"MatMul": 2 + 3 + directions, "TanhGrad": 1}
+    fisher = [c for c in conds if c[0]["TanhGrad"] or c[1]["TanhGrad"]]
+    assert fisher == [({"MatMul": 3, "TanhGrad": 1}, {"MatMul": 0, "TanhGrad": 0})], conds
 
 
 def test_warm_start_skips_the_statistics_update_at_step_zero():
@@ -254,7 +265,7 @@ def test_first_order_optimizer_on_fisher_model_trains_like_keras_model():
     reference.set_weights(model.get_weights())
     model.fit(x, y, batch_size=16, epochs=1, verbose=0, shuffle=False)
     reference.fit(x, y, batch_size=16, epochs=1, verbose=0, shuffle=False)
-    for a, b in zip(model.get_weights(), reference.get_weights()):
+    for a, b in zip(model.get_weights(), reference.get_weights(), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 

@@ -27,6 +27,7 @@ import tensorflow as tf
 import keras_tnt
 from keras_tnt.sampling import SUPPORTED_LOSSES
 from keras_tnt.sampling import resolve_sampler
+from tests.conftest import mirrored
 
 Z = 5.0  # standard errors allowed for every Monte Carlo estimate
 DRAWS = 40_000  # sampled-label gradients per Fisher test (one per seed)
@@ -513,11 +514,7 @@ def test_a_slice_draws_what_the_whole_batch_draws_there():
 def test_replicas_draw_for_their_slice_what_one_device_draws(n):
     """Under MirroredStrategy each replica holds a consecutive slice of the global batch (a
     partial one too: 64 + 63) and draws for it what one device draws for the whole batch."""
-    devices = tf.config.list_logical_devices("CPU")
-    assert len(devices) >= 2, "needs two logical CPU devices (set up in conftest.py)"
-    strategy = tf.distribute.MirroredStrategy(
-        [d.name for d in devices[:2]], cross_device_ops=tf.distribute.ReductionToOneDevice()
-    )
+    strategy = mirrored()
     with strategy.scope():
         model = _tiny_model()
         model.compile(

@@ -16,33 +16,17 @@ import tensorflow as tf
 
 import keras_tnt
 from keras_tnt import kronecker
+from tests.conftest import mirrored
+from tests.conftest import replica_values
 
 
-def _two_devices():
-    devices = tf.config.list_logical_devices("CPU")
-    # Fail, not skip: conftest sets up two logical CPU devices before TensorFlow starts.
-    assert len(devices) >= 2, f"needs 2 logical CPU devices (see conftest); found {devices}"
-    return [d.name for d in devices[:2]]
-
-
-def _mirrored():
-    # Reduction through one device: see test_kfac._mirrored (collective instance keys).
-    return tf.distribute.MirroredStrategy(
-        _two_devices(), cross_device_ops=tf.distribute.ReductionToOneDevice()
-    )
-
-
-def _components(variable):
-    value = variable.value if hasattr(variable, "value") else variable
-    return [np.array(v) for v in getattr(value, "values", [value])]
-
-
-def _run(optimizer_cls, split, epochs=2, replicas=2, **kwargs):
-    """A float64 64-64-64-64-64 digits autoencoder (4 equal layers), under MirroredStrategy."""
+def _run(optimizer_cls, split, epochs=2, replicas=2, examples=320, reduction=None, **kwargs):
+    """A float64 64-64-64-64-64 digits autoencoder (4 equal layers), under MirroredStrategy,
+    on the first ``examples`` digits in batches of 80: a warm start and ``epochs`` of fit."""
     from sklearn.datasets import load_digits
 
-    x = (load_digits().data / 16.0)[:320]
-    strategy = _mirrored() if replicas == 2 else tf.distribute.get_strategy()
+    x = (load_digits().data / 16.0)[:examples]
+    strategy = mirrored() if replicas == 2 else tf.distribute.get_strategy()
     with strategy.scope():
         inputs = keras.Input((64,), dtype="float64")
         h = inputs
@@ -57,8 +41,13 @@ def _run(optimizer_cls, split, epochs=2, replicas=2, **kwargs):
         )
         model.compile(
             optimizer=optimizer,
-            loss=keras_tnt.losses.SummedBinaryCrossentropy(from_logits=True),
+            loss=keras_tnt.losses.SummedBinaryCrossentropy(
+                from_logits=True, reduction=reduction or "sum_over_batch_size"
+            ),
         )
+    if not epochs:
+        model.warm_start((x, x), batch_size=80, verbose=0)
+        return model
     model.fit(
         x,
         x,
@@ -73,6 +62,33 @@ def _run(optimizer_cls, split, epochs=2, replicas=2, **kwargs):
 
 def _state(model):
     return [np.array(v) for v in model.optimizer.variables + model.weights]
+
+
+_WORK = ("factorizations", "contractions", "preconditionings")
+
+
+def _unsplit_work(optimizer):
+    """The work one replica does unsplit over the run (see test_replica_work_is_split_in_half_
+    and_adds_up and test_kfac_splits_its_layers_in_half for the accounting)."""
+    steps = int(optimizer.iterations.numpy())
+    t1, t2 = optimizer.curvature_update_period, optimizer.inverse_update_period
+    assert t2 % t1 == 0  # then TNT's and KFAC's refresh schedules are the same
+    refreshes = sum(1 for t in range(steps) if t % (t1 if t < t2 else t2) == 0)
+    if isinstance(optimizer, keras_tnt.KFAC):  # per layer: two factors, no contractions
+        layers = len(optimizer.blocks)
+        return {
+            "factorizations": 2 * layers * refreshes,
+            "contractions": 0,
+            "preconditionings": layers * steps,
+        }
+    # Per tensor with modes (not the ones on plain momentum); every statistics update, warm
+    # start included, contracts each.
+    modes = [m for m in optimizer._modes if m]
+    return {
+        "factorizations": sum(len(m) for m in modes) * refreshes,
+        "contractions": len(modes) * optimizer.curvature_updates,
+        "preconditionings": len(modes) * steps,
+    }
 
 
 @pytest.mark.parametrize(
@@ -107,13 +123,21 @@ def test_split_is_the_unsplit_run_bit_for_bit(optimizer_cls, kwargs):
     split = _run(optimizer_cls, True, epochs=epochs, **kwargs)
     unsplit = _run(optimizer_cls, False, epochs=epochs, **kwargs)
     assert split.optimizer.curvature_updates >= 4 * epochs
-    for a, b, v in zip(_state(split), _state(unsplit), split.optimizer.variables + split.weights):
+    variables = split.optimizer.variables + split.weights
+    for a, b, v in zip(_state(split), _state(unsplit), variables, strict=True):
         np.testing.assert_array_equal(a, b, err_msg=v.path)
     # The replicas hold bit-identical copies of everything.
     for v in split.optimizer.variables + split.weights:
-        first, second = _components(v)
+        first, second = replica_values(v)
         np.testing.assert_array_equal(first, second, err_msg=v.path)
     assert unsplit.optimizer.replica_work() == [{k: 0 for k in _WORK}] * 2
+    # The split run did split (else both runs are unsplit, and trivially equal): each replica
+    # did its share of every kind of work, from the first step (FisherModel builds the
+    # optimizer before tracing) and the warm start on; together, what one replica does unsplit.
+    work = split.optimizer.replica_work()
+    expected = _unsplit_work(split.optimizer)
+    assert {k: work[0][k] + work[1][k] for k in _WORK} == expected, work
+    assert all(w[k] > 0 for w in work for k in _WORK if expected[k]), work
     if "max_factor_dim" in kwargs and optimizer_cls is keras_tnt.KFAC:
         blocks = split.optimizer.blocks
         assert [(b.layer.name, b.diagonal) for b in blocks] == [
@@ -128,17 +152,35 @@ def test_split_is_the_unsplit_run_bit_for_bit(optimizer_cls, kwargs):
         assert ("layer2/bias", []) in kinds
 
 
-_WORK = ("factorizations", "contractions", "preconditionings")
-
-
 def test_two_replicas_with_sampled_targets_are_the_one_device_run():
     """Each replica draws, for its slice of the global batch, what one device draws for the
     whole batch; the statistics and updates come from the sums over replicas. So the run on two
-    replicas (split) is the one-device run, to float64 reduction-order round-off."""
-    two = _run(keras_tnt.TNT, None, damping=0.1)
-    one = _run(keras_tnt.TNT, None, replicas=1, damping=0.1)
+    replicas (split) is the one-device run, to float64 reduction-order round-off.
+
+    300 examples: the last batch (of fit and of the warm start) has 60, split 30 + 30. An odd
+    one is not the one-device run with this loss: Keras' ``sum_over_batch_size`` divides each
+    replica's sum by its own slice (31 or 30) and the number of replicas, not by 61.
+    """
+    two = _run(keras_tnt.TNT, None, examples=300, damping=0.1)
+    one = _run(keras_tnt.TNT, None, replicas=1, examples=300, damping=0.1)
     assert one.optimizer.replica_work() == []
-    for a, b, v in zip(_state(two), _state(one), one.optimizer.variables + one.weights):
+    assert all(w["preconditionings"] > 0 for w in two.optimizer.replica_work())  # split
+    assert int(two.optimizer.iterations.numpy()) == 8  # 2 epochs of 4 batches, the last of 60
+    variables = one.optimizer.variables + one.weights
+    for a, b, v in zip(_state(two), _state(one), variables, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13, err_msg=v.path)
+
+
+def test_two_replicas_draw_on_an_odd_last_batch_what_one_device_draws():
+    """301 examples: the last batch has 61, split 31 + 30, so replica 1's slice starts at 31 in
+    it (not at 30, its own size). With a loss summed over the batch (each replica's sum is its
+    share exactly) the warm start's statistics are the one-device ones."""
+    run = dict(epochs=0, examples=301, reduction="sum", damping=0.1)  # a warm start only
+    two = _run(keras_tnt.TNT, None, **run)
+    one = _run(keras_tnt.TNT, None, replicas=1, **run)
+    assert two.optimizer.warm_start_batches == 4
+    variables = one.optimizer.variables + one.weights
+    for a, b, v in zip(_state(two), _state(one), variables, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13, err_msg=v.path)
 
 
@@ -186,9 +228,11 @@ def test_plan_balances_by_cost_within_grahams_bound():
         replicas = int(rng.integers(1, 4))
         owners = kronecker.plan_owners(costs, replicas)
         assert all(0 <= o < replicas for o in owners)
-        load = max(sum(c for c, o in zip(costs, owners) if o == r) for r in range(replicas))
+        load = max(
+            sum(c for c, o in zip(costs, owners, strict=True) if o == r) for r in range(replicas)
+        )
         best = min(
-            max(sum(c for c, o in zip(costs, plan) if o == r) for r in range(replicas))
+            max(sum(c for c, o in zip(costs, plan, strict=True) if o == r) for r in range(replicas))
             for plan in itertools.product(range(replicas), repeat=len(costs))
         )
         assert load <= 4 / 3 * best
