@@ -10,22 +10,98 @@ row per epoch: training loss, the smoothed minibatch training loss the paper tun
 validation loss/accuracy, learning rate, training/wall/process seconds), TensorBoard logs under
 ``tensorboard/``, a checkpoint after every epoch (``checkpoint-EPOCH.keras`` + ``state.json``) and
 ``summary.json`` at the end. Started again with the same ``--output_dir`` it resumes from the last
-checkpoint, with the optimizer's statistics, step counter and the data order intact.
+checkpoint, with the optimizer's statistics, step counter and the data order intact, and says so
+("Resuming from DIR/checkpoint-00003.keras after step 45 (end of epoch 3)"). A state.json whose
+checkpoint is missing is refused; ``--overwrite`` starts a fresh run there instead.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
 import os
+import re
+import shutil
 import sys
+import tempfile
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import keras  # noqa: E402
-import tensorflow as tf  # noqa: E402
+# TensorFlow's C++ log lines: "I0000 00:00:17.5  4326 port.cc:153] ..." (absl) or
+# "2025-01-01 12:00:00.1: I tensorflow/...cc:32] ..." (older releases); the letter is the severity.
+_NATIVE_LOG_LINE = re.compile(
+    r"^(?:([IWEF])\d{4} \d\d:\d\d:[\d.]+\s+\d+ [^\]\s]+\] "
+    r"|\d{4}-\d\d-\d\d [\d:.]+: ([IWEF]) [^\]\s]+\] )"
+)
+_ABSL_PREAMBLE = "WARNING: All log messages before absl::InitializeLog() is called"
+
+
+def filter_native_log(text: str, min_level: int) -> str:
+    """``text`` (C++ stderr) without the log records below ``min_level`` (TF_CPP_MIN_LOG_LEVEL:
+    0 INFO, 1 WARNING, 2 ERROR, 3 FATAL) and, from level 1 up, without absl's preamble line
+    ("All log messages before absl::InitializeLog() ..."). A record's continuation lines go
+    with it; every other line stays."""
+    kept, keep = [], True
+    for line in text.splitlines(keepends=True):
+        match = _NATIVE_LOG_LINE.match(line)
+        if match:
+            keep = "IWEF".index(match.group(1) or match.group(2)) >= min_level
+        elif line.startswith(_ABSL_PREAMBLE):
+            keep = min_level < 1
+        if keep:
+            kept.append(line)
+    return "".join(kept)
+
+
+@contextlib.contextmanager
+def _native_start_up_lines_filtered():
+    """TensorFlow's import at the level TF_CPP_MIN_LOG_LEVEL asks for.
+
+    TensorFlow 2.21 logs "oneDNN custom operations are on ..." (INFO), headed by absl's "All log
+    messages before absl::InitializeLog() ..." line, from two of its shared libraries (loaded by
+    ``tensorflow.python`` and by ``tensorflow.python.profiler``), each with its own absl log
+    state, and neither follows TF_CPP_MIN_LOG_LEVEL: every command printed both twice before
+    its first line. This captures the C++ stderr (file descriptor 2) of the import and writes
+    back what :func:`filter_native_log` keeps; Python's own output (warnings, tracebacks) goes to
+    the terminal directly, through a ``sys.stderr`` on a copy of descriptor 2 that stays open:
+    TensorFlow's logging handler keeps the ``sys.stderr`` it finds at import. Nothing to do when
+    TensorFlow is already imported.
+    """
+    if "tensorflow" in sys.modules or sys.stderr is None:
+        yield
+        return
+    try:
+        min_level = int(os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0"))
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):
+        yield
+        return
+    python_stderr = sys.stderr
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        sys.stderr = open(os.dup(saved), "w", buffering=1, errors="backslashreplace")
+        try:
+            yield
+        finally:
+            sys.stderr.flush()  # not closed: handlers made during the import write to it
+            sys.stderr = python_stderr
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            kept = filter_native_log(capture.read().decode(errors="replace"), min_level)
+            if kept:
+                sys.stderr.write(kept)
+                sys.stderr.flush()
+
+
+with _native_start_up_lines_filtered():
+    import keras  # noqa: E402
+    import tensorflow as tf  # noqa: E402
+
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
@@ -56,8 +132,17 @@ flags.DEFINE_boolean("warm_start", True, "TNT: warm-start the statistics before 
 flags.DEFINE_integer("warm_start_batches", 0, "Warm-start batches (0: one pass over the data).")
 flags.DEFINE_float("loss_smoothing", 0.99, "Decay of the smoothed minibatch loss, in [0, 1).")
 flags.DEFINE_integer("steps_per_epoch", 0, "Limit the steps of an epoch (0: the whole data set).")
-flags.DEFINE_integer("seed", 0, "Seed of weights, data order, augmentation and target draws.")
+flags.DEFINE_integer(
+    "seed", 0, "Seed of weights, data order, augmentation and target draws, in [0, 2**31)."
+)
 flags.DEFINE_string("output_dir", None, "Run directory (default: runs/PROBLEM-OPTIMIZER-sSEED).")
+flags.DEFINE_boolean(
+    "overwrite",
+    False,
+    "Start a fresh run even if --output_dir holds one, deleting its checkpoints, state.json, "
+    "history.csv, summary.json and TensorBoard logs. Without it, a directory with a checkpoint "
+    "resumes, and one whose state.json names a checkpoint that is missing is refused.",
+)
 flags.DEFINE_string("data_dir", None, "tensorflow-datasets data directory.")
 flags.DEFINE_string("faces_path", None, "Path of newfaces_rot_single.mat (FACES problem).")
 flags.DEFINE_boolean(
@@ -120,6 +205,10 @@ flags.register_validator(
     message="--lr_decay_factor must be in (0, 1]",
 )
 flags.register_validator("verbose", lambda v: v in (0, 1, 2), message="--verbose must be 0, 1 or 2")
+# NumPy's global seed takes [0, 2**32); the JAX step puts the seed of the Fisher draws in an int32.
+flags.register_validator(
+    "seed", lambda v: 0 <= v < 2**31, message="--seed must be in [0, 2**31) (0 to 2147483647)"
+)
 
 
 # ----------------------------------------------------------------- settings
@@ -319,6 +408,11 @@ def _new_model(config):
     return model
 
 
+class RunDirectoryError(app.UsageError):
+    """The output directory holds a run this command must not resume or write over. The
+    command line prints the message alone (not the flags' help) and exits with status 2."""
+
+
 def _check_settings(out, config):
     """A run directory holds one run: resuming with other settings is refused."""
     path = os.path.join(out, "flags.json")
@@ -340,7 +434,7 @@ def _check_settings(out, config):
         and saved.get(k) != v
     }
     if changed:
-        raise app.UsageError(
+        raise RunDirectoryError(
             f"{out} holds a run with other settings {changed}; use another --output_dir."
         )
 
@@ -376,7 +470,28 @@ def _dataset(config, split, epoch=0):
     )
 
 
-def run(config: dict) -> dict:
+def resume_line(path, step, epochs_done, step_in_epoch=0) -> str:
+    """What a resumed run prints first: the checkpoint and where in the run it continues."""
+    where = (
+        f"step {step_in_epoch} of epoch {epochs_done + 1}"
+        if step_in_epoch
+        else f"end of epoch {epochs_done}"
+    )
+    return f"Resuming from {path} after step {step} ({where})"
+
+
+def _delete_run(out):
+    """``--overwrite``: removes what a run wrote to ``out`` (nothing else there)."""
+    names = ("state.json", "history.csv", "summary.json", "flags.json", "checkpoint.tmp.keras")
+    for name in os.listdir(out):
+        if name in names or re.fullmatch(r"checkpoint-\d+\.keras", name):
+            os.remove(os.path.join(out, name))
+    shutil.rmtree(os.path.join(out, "tensorboard"), ignore_errors=True)
+
+
+def run(config: dict, overwrite: bool | None = None) -> dict:
+    """Trains (or resumes) the run of ``config``; ``overwrite`` (default: the flag) starts it
+    afresh, deleting a run in the directory."""
     out = config["output_dir"]
     os.makedirs(out, exist_ok=True)
     problem = registry.get(config["problem"])
@@ -385,11 +500,28 @@ def run(config: dict) -> dict:
     # state.json names the checkpoint it belongs to and is replaced atomically after that
     # checkpoint is complete, so a kill at any moment leaves a consistent pair.
     saved_state = _load_json(state_path) if os.path.exists(state_path) else None
-    resumed = saved_state is not None and os.path.exists(
-        os.path.join(out, saved_state.get("checkpoint", ""))
-    )
+    if overwrite is None:
+        overwrite = FLAGS.overwrite if FLAGS.is_parsed() else False
+    if overwrite:
+        _delete_run(out)
+        saved_state = None
+    elif saved_state is not None:
+        # A kill cannot lose it (state.json is replaced only after its checkpoint is complete):
+        # it was deleted, or the directory was copied without it. Starting afresh here would
+        # write a new run over the old one's history.
+        checkpoint = os.path.join(out, saved_state.get("checkpoint") or "")
+        if not os.path.isfile(checkpoint):
+            raise RunDirectoryError(
+                f"{state_path} names the checkpoint {checkpoint}, which is missing, so the run in "
+                f"{out} cannot be resumed. Restore that file to resume; or pass --overwrite to "
+                "start a fresh run there (it deletes the old run's history.csv, state.json, "
+                "summary.json, checkpoints and TensorBoard logs); or use another --output_dir."
+            )
+    resumed = saved_state is not None
     if resumed:
         _check_settings(out, config)
+    else:  # history rows of a run killed before its first checkpoint: that run starts again
+        _truncate_history(history_path, 0)
     _write_json(os.path.join(out, "flags.json"), config)
 
     # Before anything random: tf.data's seeded shuffles also depend on the global seed, and a
@@ -405,8 +537,11 @@ def run(config: dict) -> dict:
     )
     with strategy.scope():
         if resumed:
-            model = keras.models.load_model(os.path.join(out, saved_state["checkpoint"]))
+            checkpoint = os.path.join(out, saved_state["checkpoint"])
+            model = keras.models.load_model(checkpoint)
             state = saved_state
+            step = int(keras.ops.convert_to_numpy(model.optimizer.iterations))
+            print(resume_line(checkpoint, step, state["epochs_done"]), flush=True)
             _truncate_history(history_path, state["epochs_done"])
         else:
             model = _new_model(config)
@@ -544,6 +679,12 @@ def run_multi_worker(config: dict) -> dict | None:
     trainer = multi_worker.DistributedTrainer(
         model, strategy, out, checkpoint_every_steps=config["checkpoint_every_steps"] or None
     )
+    if trainer.restored_from:
+        step = int(keras.ops.convert_to_numpy(trainer.model.optimizer.iterations))
+        where = (trainer.state["epoch"], trainer.state["step_in_epoch"])
+        print(resume_line(trainer.restored_from, step, *where), flush=True)
+    elif config["warm_start"]:
+        print(f"Warm start over {config['warm_start_batches'] or 'one pass of'} training batches")
     state = trainer.state.setdefault(
         "log",
         {"steps": 0, "train_seconds": 0.0, "smoothed_raw": 0.0, "smoothed_loss": float("nan")},
@@ -623,6 +764,11 @@ def main(argv):
         raise app.UsageError("--checkpoint_every_steps must be >= 0.")
     if FLAGS.checkpoint_every_steps and FLAGS.strategy != "multi_worker":
         raise app.UsageError("--checkpoint_every_steps needs --strategy=multi_worker.")
+    if FLAGS.overwrite and FLAGS.strategy == "multi_worker":
+        raise app.UsageError(
+            "--overwrite cannot be used with --strategy=multi_worker (the other workers read the "
+            "chief's directory to resume); delete the run directory or use another --output_dir."
+        )
     if FLAGS.checkpoint_every_epochs != 1 and FLAGS.strategy == "multi_worker":
         raise app.UsageError(
             "--checkpoint_every_epochs is for one process; with --strategy=multi_worker the "
@@ -634,7 +780,7 @@ def main(argv):
             summary = run_multi_worker(config)
         else:
             summary = run(config)
-    except data.DataUnavailableError as e:
+    except (data.DataUnavailableError, RunDirectoryError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     if summary is not None:

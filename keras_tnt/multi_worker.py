@@ -219,6 +219,10 @@ class DistributedTrainer:
             (None: no checkpoints, no resume). :meth:`fit` resumes from there.
         checkpoint_every_steps: also checkpoint every this many steps inside an epoch (None:
             at the end of each epoch only). A kill loses at most that many steps.
+
+    After construction, ``restored_from`` is the path of the checkpoint it resumed from (None
+    for a fresh start) and ``state`` says where: ``steps``, ``epoch`` (epochs done) and
+    ``step_in_epoch``. A ``trainer_state.json`` that names a missing checkpoint is an error.
     """
 
     def __init__(self, model, strategy=None, checkpoint_dir=None, checkpoint_every_steps=None):
@@ -239,6 +243,8 @@ class DistributedTrainer:
         self.checkpoint_every_steps = checkpoint_every_steps
         self.chief = is_chief()
         self.state = {"epoch": 0, "step_in_epoch": 0, "steps": 0, "warm_started": False}
+        # The checkpoint this trainer resumed from (None: a fresh start).
+        self.restored_from = None
         self._step_function = None
         self._test_function = None
         self._restore()
@@ -254,10 +260,17 @@ class DistributedTrainer:
             return
         with open(self._state_path) as f:
             state = json.load(f)
-        path = os.path.join(self.checkpoint_dir, state["checkpoint"])
+        path = os.path.join(self.checkpoint_dir, state.get("checkpoint") or "")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"{self._state_path} names the checkpoint {path}, which is missing, so the run "
+                "cannot be resumed: restore that file, or remove the checkpoint directory (or "
+                "use another) to start afresh."
+            )
         with self.strategy.scope():
             self.model = keras.models.load_model(path)
         self.state = state
+        self.restored_from = path
 
     def _write_dir(self):
         if self.chief:

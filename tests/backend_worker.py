@@ -4,6 +4,7 @@ python -m tests.backend_worker digits OUT.json --seed 0 --epochs 4
 python -m tests.backend_worker save MODEL.keras OUT.npz
 python -m tests.backend_worker resume MODEL.keras OUT.npz
 python -m tests.backend_worker data_parallel OUT.npz   # JAX, two devices (XLA_FLAGS)
+python -m tests.backend_worker train_py_resume RUNS_DIR OUT.npz [TRAIN.PY FLAGS...]
 """
 
 from __future__ import annotations
@@ -161,6 +162,42 @@ def data_parallel(out):
     np.savez(out, **results)
 
 
+def train_py_resume(runs_dir, out, *flags):
+    """train.py (in this process, so one import of each framework): ``straight`` runs 2 epochs;
+    ``resumed`` runs 1, then is started again for 2. Saves, per run, what its last checkpoint
+    holds (weights, then optimizer variables, as loaded) and what each launch printed."""
+    import contextlib
+    import io
+
+    import train
+
+    def launch(name, epochs):
+        train.FLAGS.unparse_flags()
+        train.FLAGS(["train.py", f"--epochs={epochs}", f"--output_dir={runs_dir}/{name}", *flags])
+        printed = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(printed):
+                train.run(train.resolve_config())
+        finally:
+            train.FLAGS.unparse_flags()
+        return printed.getvalue()
+
+    results = {
+        "printed/straight": launch("straight", 2),
+        "printed/resumed_1": launch("resumed", 1),
+        "printed/resumed_2": launch("resumed", 2),
+    }
+    for name in ("straight", "resumed"):
+        with open(f"{runs_dir}/{name}/state.json") as f:
+            saved = json.load(f)
+        model = keras.models.load_model(f"{runs_dir}/{name}/{saved['checkpoint']}")
+        values = list(model.weights) + list(model.optimizer.variables)
+        for i, value in enumerate(values):
+            results[f"{name}/{i:03d}"] = np.asarray(value)
+        results[f"steps/{name}"] = saved["steps"]
+    np.savez(out, **results)
+
+
 def main(argv):
     task, *args = argv
     if task == "digits":
@@ -173,6 +210,8 @@ def main(argv):
         resume(*args)
     elif task == "data_parallel":
         data_parallel(*args)
+    elif task == "train_py_resume":
+        train_py_resume(*args)
     else:
         raise SystemExit(f"unknown task {task!r}")
 

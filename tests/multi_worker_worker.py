@@ -7,7 +7,9 @@ other in the same cluster: trains a float64 digits autoencoder (330 images, glob
 full batches and a partial one of 10) with keras_tnt.multi_worker.DistributedTrainer, warm start
 included, checkpointing to CHECKPOINT_DIR/NAME, and saves every optimizer variable and weight of
 its replica to OUT_NAME.npz. With KILL_AT_STEP, the worker with task index 1 SIGKILLs itself
-after that many steps (counted over the whole run).
+after that many steps (counted over the whole run). Prints, per optimizer, where it starts:
+"NAME: resuming from PATH after step N (step S of epoch E)" (the step counter of the loaded
+optimizer) or "NAME: fresh start".
 """
 
 from __future__ import annotations
@@ -95,6 +97,17 @@ def train(strategy, out, checkpoint_dir, optimizer, epochs, kill_at):
         data = tf.data.Dataset.from_tensor_slices((x, x))
         return data.shuffle(330, seed=epoch, reshuffle_each_iteration=False).batch(80)
 
+    name = os.path.basename(checkpoint_dir)
+    if trainer.restored_from:
+        steps = int(trainer.model.optimizer.iterations.numpy())
+        epoch, step_in_epoch = trainer.state["epoch"], trainer.state["step_in_epoch"]
+        print(
+            f"{name}: resuming from {trainer.restored_from} after step {steps} "
+            f"(step {step_in_epoch} of epoch {epoch + 1})",
+            flush=True,
+        )
+    else:
+        print(f"{name}: fresh start", flush=True)
     callbacks = []
     task = multi_worker.parse_tf_config()["task"] if os.environ.get("TF_CONFIG") else None
     if kill_at is not None and task and task["index"] == 1:

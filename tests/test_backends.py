@@ -243,32 +243,35 @@ test_backend_module_is_the_active_one = pytest.mark.backends("tensorflow", "jax"
 )
 
 
-def _train_py(tmp_path, name, epochs):
-    env = dict(os.environ, KERAS_BACKEND="jax", PYTHONPATH=ROOT)
-    env.pop("JAX_ENABLE_X64", None)
-    out = tmp_path / name
-    result = subprocess.run(
-        [sys.executable, "train.py", "--problem=digits_autoencoder", f"--epochs={epochs}"]
-        + [f"--output_dir={out}", "--verbose=0"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads((out / "summary.json").read_text())
-
-
 def test_train_py_on_jax_resumes_exactly(tmp_path):
-    """train.py on JAX: 2 epochs, then resumed to 3, ends where 3 uninterrupted epochs end
-    (statistics, step counter, draws and data order intact)."""
-    _train_py(tmp_path, "resumed", 2)
-    resumed = _train_py(tmp_path, "resumed", 3)
-    straight = _train_py(tmp_path, "straight", 3)
-    assert resumed["steps"] == straight["steps"] == 45
-    assert resumed["final_loss"] == straight["final_loss"]
-    assert resumed["final_val_loss"] == straight["final_val_loss"]
+    """train.py on JAX (one subprocess, the three launches in it): 1 epoch, then started again
+    for 2, resumes from the checkpoint (it says so, with the step counter it loaded, and does
+    not warm-start again: a fresh start of this seeded run would end equal too) and ends with
+    every weight and optimizer variable bit-identical to 2 uninterrupted epochs (statistics,
+    step counter, draws and data order intact). The largest seed works on JAX's int32 seeds."""
+    out = tmp_path / "states.npz"
+    _worker(
+        "jax",
+        "train_py_resume",
+        tmp_path,
+        out,
+        "--steps_per_epoch=3",
+        f"--seed={2**31 - 1}",
+        "--verbose=0",
+    )
+    r = np.load(out)
+    for launch in ("straight", "resumed_1"):
+        assert "Warm start" in str(r[f"printed/{launch}"])
+    resumed = str(r["printed/resumed_2"])
+    assert "Warm start" not in resumed
+    checkpoint = tmp_path / "resumed" / "checkpoint-00001.keras"
+    assert f"Resuming from {checkpoint} after step 3 (end of epoch 1)" in resumed
+    assert int(r["steps/straight"]) == int(r["steps/resumed"]) == 6
+    straight = sorted(k.split("/")[1] for k in r.files if k.startswith("straight/"))
+    assert straight == sorted(k.split("/")[1] for k in r.files if k.startswith("resumed/"))
+    assert len(straight) > 30  # 8 weights, the optimizer's step counter, momenta, factors...
+    for i in straight:
+        np.testing.assert_array_equal(r[f"straight/{i}"], r[f"resumed/{i}"], err_msg=i)
 
 
 def test_jax_data_parallel_on_two_devices_is_the_single_device_run(tmp_path):

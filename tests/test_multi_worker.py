@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -58,18 +59,23 @@ def _wait(processes, timeout=300):
     return results
 
 
-def _two_workers(tmp_path, name, optimizers, epochs, kill_at=None):
+def _two_workers(tmp_path, name, optimizers, epochs, **extra_env):
     ports = _free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     processes = [
         _start(
-            [tmp_path / f"{name}_{i}", tmp_path / f"{name}_ckpt", optimizers, epochs]
-            + ([kill_at] if kill_at is not None else []),
+            [tmp_path / f"{name}_{i}", tmp_path / f"{name}_ckpt", optimizers, epochs],
             {"cluster": cluster, "task": {"type": "worker", "index": i}},
+            **extra_env,
         )
         for i in range(2)
     ]
     return _wait(processes, timeout=480)
+
+
+def _worker_temporary_dirs(scratch):
+    """What DistributedTrainer's non-chief saves left in their temporary directory."""
+    return [p.name for p in scratch.iterdir() if p.name.startswith("keras_tnt_worker_")]
 
 
 ONE_PROCESS = ("tnt", "shampoo", "kfac")
@@ -95,10 +101,13 @@ def _arrays(npz):
 
 @pytest.fixture(scope="module")
 def two_workers(tmp_path_factory):
-    """TNT, Shampoo and KFAC (split), 2 epochs each, on two workers. (Split against unsplit,
-    bit for bit, is tests/test_split.py's, on two replicas of one process.)"""
+    """TNT, Shampoo and KFAC (split) and TNT unsplit, 2 epochs each, on two workers (one
+    launch; their temporary directories in ``scratch``)."""
     tmp_path = tmp_path_factory.mktemp("two")
-    for code, output in _two_workers(tmp_path, "two", ",".join(ONE_PROCESS), epochs=2):
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    optimizers = ",".join(ONE_PROCESS + ("tnt_unsplit",))
+    for code, output in _two_workers(tmp_path, "two", optimizers, epochs=2, TMPDIR=str(scratch)):
         assert code == 0, output[-3000:]
     return tmp_path
 
@@ -115,16 +124,38 @@ def test_two_workers_are_identical_and_equal_one_process(two_workers, one_proces
     one = one_process[name]
     first, second = (np.load(two_workers / f"two_{i}_{name}.npz") for i in range(2))
     assert int(first["steps"]) == int(one["steps"]) == 10  # 5 batches (4 + a partial one) x 2
-    for a, b in zip(_arrays(first), _arrays(second)):
+    for a, b in zip(_arrays(first), _arrays(second), strict=True):
         np.testing.assert_array_equal(a, b)
-    for a, b in zip(_arrays(first), _arrays(one)):
+    for a, b in zip(_arrays(first), _arrays(one), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
-    # Only the chief kept a checkpoint directory.
-    assert sorted(os.listdir(two_workers / "two_ckpt" / name))[-1] == "trainer_state.json"
+    # Only the chief kept a checkpoint directory: the last checkpoint and its state there, and
+    # nothing left of worker 1's copies in its temporary directory.
+    assert sorted(os.listdir(two_workers / "two_ckpt" / name)) == [
+        "checkpoint-00000010.keras",
+        "trainer_state.json",
+    ]
+    assert not _worker_temporary_dirs(two_workers / "scratch")
     # Together the workers preconditioned every unit once per step, each a part of them.
     work = [ast.literal_eval(str(w["work"]))[0] for w in (first, second)]
     assert work[0]["preconditionings"] + work[1]["preconditionings"] == UNITS[name] * 10
     assert all(w["preconditionings"] > 0 and w["factorizations"] > 0 for w in work)
+
+
+def test_split_equals_unsplit_on_two_workers_bit_for_bit(two_workers):
+    """TNT with the preconditioner work split between the two workers (each preconditions a
+    part of the tensors, the other's come through the all-reduce as exact zeros plus the
+    owner's value) ends bit-identical, every weight and slot, to TNT unsplit (each worker does
+    all of it), on both workers."""
+    for i in range(2):
+        split = np.load(two_workers / f"two_{i}_tnt.npz")
+        unsplit = np.load(two_workers / f"two_{i}_tnt_unsplit.npz")
+        assert int(split["steps"]) == int(unsplit["steps"]) == 10
+        for a, b in zip(_arrays(split), _arrays(unsplit), strict=True):
+            np.testing.assert_array_equal(a, b)
+        # One really was split (this worker preconditioned a part of the tensors), the other
+        # not (replica_work() counts split work only: none when every replica does all of it).
+        assert 0 < ast.literal_eval(str(split["work"]))[0]["preconditionings"] < UNITS["tnt"] * 10
+        assert not any(w["preconditionings"] for w in ast.literal_eval(str(unsplit["work"])))
 
 
 def test_tf_config_errors_name_the_problem():
@@ -153,7 +184,8 @@ def test_tf_config_errors_name_the_problem():
 def test_a_killed_worker_and_a_restart_end_where_an_uninterrupted_run_ends(tmp_path, one_process):
     """Worker 1 SIGKILLs itself after step 5 (checkpoints every 2 steps); worker 0, blocked in
     the next collective, is killed too; both started again resume from step 4 (statistics,
-    step counter, target draws, data order) and end equal to the uninterrupted run."""
+    step counter, target draws, data order: each says so, with the step counter of the
+    optimizer it loaded) and end equal to the uninterrupted run, and to each other."""
     ports = _free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
 
@@ -178,13 +210,33 @@ def test_a_killed_worker_and_a_restart_end_where_an_uninterrupted_run_ends(tmp_p
             p.communicate()
     state = json.loads((tmp_path / "ckpt" / "tnt" / "trainer_state.json").read_text())
     assert state["steps"] == 4 and state["epoch"] == 0 and state["step_in_epoch"] == 4
+    checkpoint = tmp_path / "ckpt" / "tnt" / "checkpoint-00000004.keras"
     for code, output in _wait(start()):
         assert code == 0, output[-3000:]
+        # A fresh start (e.g. a checkpoint not found) would end equal too: the restart must
+        # say it continued from step 4, mid-epoch 1, from the chief's checkpoint.
+        assert f"tnt: resuming from {checkpoint} after step 4 (step 4 of epoch 1)" in output
+        assert "fresh start" not in output
     one = one_process["tnt"]
-    resumed = np.load(tmp_path / "run_0_tnt.npz")
-    assert int(resumed["steps"]) == 10
-    for a, b in zip(_arrays(resumed), _arrays(one)):
+    chief, worker = (np.load(tmp_path / f"run_{i}_tnt.npz") for i in range(2))
+    assert int(chief["steps"]) == int(worker["steps"]) == 10
+    for a, b in zip(_arrays(chief), _arrays(worker), strict=True):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(_arrays(chief), _arrays(one), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_a_trainer_state_naming_a_missing_checkpoint_is_an_error(tmp_path):
+    """Not a fresh start over the old run, nor Keras' bare "file not found": the error names
+    the state file and the missing checkpoint, and what to do."""
+    from tests import multi_worker_worker
+
+    state = {"epoch": 1, "step_in_epoch": 0, "steps": 5, "checkpoint": "checkpoint-00000005.keras"}
+    (tmp_path / "trainer_state.json").write_text(json.dumps(state))
+    missing = tmp_path / "checkpoint-00000005.keras"
+    message = re.escape(f"trainer_state.json names the checkpoint {missing}, which is missing")
+    with pytest.raises(FileNotFoundError, match=message):
+        multi_worker.DistributedTrainer(multi_worker_worker.build("tnt"), None, str(tmp_path))
 
 
 def test_a_worker_that_cannot_reach_the_others_exits_with_a_message(tmp_path):
@@ -250,9 +302,19 @@ def test_train_py_on_two_workers_chief_writes_the_run_and_both_resume(tmp_path):
     assert len(rows) == 3
     assert {p.name for p in out.iterdir()} >= {"flags.json", "trainer_state.json", "tensorboard"}
     assert '"final_loss"' in out0 and '"final_loss"' not in out1  # the summary: chief only
-    assert not [p for p in scratch.iterdir() if p.name.startswith("keras_tnt_worker_")]
+    assert not _worker_temporary_dirs(scratch)
 
-    _train_py_workers(out, scratch, epochs=3)
+    assert "Warm start over one pass of training batches" in out0 and "Resuming" not in out0
+    for output in (out0, out1):  # train.py's start-up filter, and TensorFlow's log lines after it
+        assert "absl::InitializeLog()" not in output and "--- Logging error ---" not in output
+
+    for output in _train_py_workers(out, scratch, epochs=3):
+        # Both continue from the chief's checkpoint of step 6, with that step counter; a fresh
+        # start would warm-start again (and, being seeded, end where this ends).
+        checkpoint = out / "checkpoint-00000006.keras"
+        assert f"Resuming from {checkpoint} after step 6 (end of epoch 2)" in output
+        assert "Warm start" not in output
+    assert not _worker_temporary_dirs(scratch)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 9 and summary["epochs"] == 3
     assert len((out / "history.csv").read_text().splitlines()) == 4  # one row added

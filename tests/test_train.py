@@ -19,15 +19,21 @@ import keras_tnt  # noqa: F401  (registers FisherModel and TNT for load_model)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _train(*args, timeout=300):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=ROOT)
+def _env():
+    """A user's environment: train.py's own TF_CPP_MIN_LOG_LEVEL default, not the suite's."""
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    env.pop("TF_CPP_MIN_LOG_LEVEL", None)
+    return env
+
+
+def _train(*args, timeout=300, verbose="--verbose=0"):
     return subprocess.run(
-        [sys.executable, os.path.join(ROOT, "train.py"), "--verbose=0", *args],
+        [sys.executable, os.path.join(ROOT, "train.py"), *filter(None, [verbose]), *args],
         capture_output=True,
         text=True,
         timeout=timeout,
         cwd=ROOT,
-        env=env,
+        env=_env(),
     )
 
 
@@ -60,9 +66,12 @@ def test_default_run_writes_everything_and_resumes_exactly(tmp_path, capsys):
     # Interrupted after epoch 1, then started again with the same directory (in this process:
     # the command line was checked above, and every launch costs TensorFlow's import).
     _run_in_process("--verbose=0", "--epochs=1", f"--output_dir={resumed}", *common)
-    capsys.readouterr()
+    assert "Warm start" in capsys.readouterr().out
     _run_in_process("--verbose=0", "--epochs=2", f"--output_dir={resumed}", *common)
-    assert "Warm start" not in capsys.readouterr().out  # statistics came from the checkpoint
+    out = capsys.readouterr().out
+    assert "Warm start" not in out  # statistics came from the checkpoint
+    checkpoint = os.path.join(resumed, "checkpoint-00001.keras")
+    assert f"Resuming from {checkpoint} after step 4 (end of epoch 1)" in out
     for a, b in zip(_state(straight), _state(resumed), strict=True):
         np.testing.assert_array_equal(a, b)
 
@@ -71,15 +80,17 @@ def test_default_run_writes_everything_and_resumes_exactly(tmp_path, capsys):
         _run_in_process("--epochs=2", "--learning_rate=0.5", f"--output_dir={resumed}", *common)
 
 
-def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
+def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path, capsys):
+    """SIGKILLed after epoch 3 or later, started again: it says it continues from the last
+    checkpoint with that step counter (no warm start: a fresh start of this seeded run would end
+    equal too) and ends bit-identical to the uninterrupted run."""
     common = ["--epochs=12", "--steps_per_epoch=5", "--seed=1"]
     straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=ROOT)
     process = subprocess.Popen(
         [sys.executable, os.path.join(ROOT, "train.py"), "--verbose=0", f"--output_dir={killed}"]
         + common,
         cwd=ROOT,
-        env=env,
+        env=_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -91,8 +102,18 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
         time.sleep(0.05)
     process.kill()  # SIGKILL: no chance to clean up
     process.wait()
-    assert json.load(open(state_path))["epochs_done"] < 12  # it really was interrupted
+    saved = json.load(open(state_path))
+    done = saved["epochs_done"]
+    assert 3 <= done < 12  # it really was interrupted, after a checkpoint
+    assert saved["steps"] == 5 * done
+    capsys.readouterr()
     _run_in_process("--verbose=0", f"--output_dir={killed}", *common)
+    out = capsys.readouterr().out
+    checkpoint = os.path.join(killed, f"checkpoint-{done:05d}.keras")
+    assert f"Resuming from {checkpoint} after step {5 * done} (end of epoch {done})" in out
+    assert "Warm start" not in out
+    rows = list(csv.DictReader(open(os.path.join(killed, "history.csv"))))
+    assert [int(r["epoch"]) for r in rows] == list(range(1, 13))
     _run_in_process("--verbose=0", f"--output_dir={straight}", *common)
     for a, b in zip(_state(straight), _state(killed), strict=True):
         np.testing.assert_array_equal(a, b)
@@ -112,6 +133,9 @@ def test_a_bad_flag_exits_nonzero_with_a_message(tmp_path):
         ("--momentum=1.5", "--momentum must be in [0, 1)"),
         ("--curvature_update_period=0", "--curvature_update_period must be > 0"),
         ("--checkpoint_every_epochs=0", "--checkpoint_every_epochs must be > 0"),
+        # Not NumPy's "Seed must be between 0 and 2**32 - 1" in a traceback after start-up.
+        ("--seed=-1", "--seed must be in [0, 2**31)"),
+        ("--seed=2147483648", "--seed must be in [0, 2**31)"),
     ],
 )
 def test_bad_flags_are_refused_with_a_message(flag, message):
@@ -135,6 +159,24 @@ def _run_in_process(*args):
         return train.run(train.resolve_config())
     finally:
         train.FLAGS.unparse_flags()
+
+
+def _main_in_process(*args):
+    """train.py's main() on these flags, as the command line runs it after parsing them."""
+    import logging
+
+    import train
+
+    logger = logging.getLogger("tensorflow")
+    saved = (logger.level, logger.propagate)  # main() sets them for the command line
+    train.FLAGS.unparse_flags()
+    train.FLAGS(["train.py", *args])
+    try:
+        train.main(["train.py"])
+    finally:
+        train.FLAGS.unparse_flags()
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
 
 
 @pytest.mark.parametrize(
@@ -196,6 +238,45 @@ def test_checkpoint_every_n_epochs_resumes_from_the_last_one(tmp_path, monkeypat
     assert json.load(open(f"{every2}/state.json"))["checkpoint"] == "checkpoint-00005.keras"
     for a, b in zip(_state(straight), _state(every2), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_missing_checkpoint_is_refused_and_overwrite_starts_afresh(tmp_path, capsys):
+    """state.json names a checkpoint that is gone (deleted, or lost in a copy): train.py refuses,
+    naming the file and --overwrite, and leaves the run as it was; with --overwrite it starts a
+    fresh run there, the old history, checkpoints and TensorBoard logs gone."""
+    common = ["--optimizer=adam", "--steps_per_epoch=2", "--verbose=0", f"--output_dir={tmp_path}"]
+    first = _run_in_process("--epochs=2", *common)
+    assert first["steps"] == 4
+    checkpoint = tmp_path / "checkpoint-00002.keras"
+    events = {p.name for p in (tmp_path / "tensorboard").rglob("*") if p.is_file()}
+    assert events
+    checkpoint.unlink()
+    state = (tmp_path / "state.json").read_text()
+    history = (tmp_path / "history.csv").read_text()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as refused:  # as `python train.py ...` exits
+        _main_in_process("--epochs=3", *common)
+    assert refused.value.code == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: ")  # the message, not the flags' help first
+    assert f"names the checkpoint {checkpoint}, which is missing" in error
+    assert "--overwrite" in error
+    assert (tmp_path / "state.json").read_text() == state  # nothing written
+    assert (tmp_path / "history.csv").read_text() == history
+
+    capsys.readouterr()
+    summary = _run_in_process("--epochs=1", "--overwrite", *common)
+    assert "Resuming" not in capsys.readouterr().out
+    assert summary["epochs"] == 1 and summary["steps"] == 2  # not 4 + 2: a fresh run
+    rows = list(csv.DictReader(open(tmp_path / "history.csv")))
+    assert [int(r["epoch"]) for r in rows] == [1]  # not the old run's rows 1, 2 and then 1
+    assert sorted(p.name for p in tmp_path.glob("*.keras")) == ["checkpoint-00001.keras"]
+    assert not events & {p.name for p in (tmp_path / "tensorboard").rglob("*") if p.is_file()}
+    assert json.load(open(tmp_path / "state.json"))["steps"] == 2
+
+    # Several workers resume from the chief's directory: no --overwrite there.
+    with pytest.raises(app.UsageError, match="--overwrite cannot be used with --strategy"):
+        _main_in_process("--strategy=multi_worker", "--overwrite", f"--output_dir={tmp_path}")
 
 
 def test_progress_shows_the_runs_epoch_count(tmp_path, capsys):
@@ -273,10 +354,37 @@ def test_plot_overlays_runs_into_a_png(tmp_path):
     assert plot.main([str(tmp_path), f"--output={output}"]) == 2
 
 
-def test_tools_print_tensorflow_log_lines_once_and_from_warning_up():
+def test_tools_print_tensorflow_log_lines_once_and_from_warning_up(tmp_path):
     import logging
 
+    import train
     from models import runtime
+
+    # `python train.py` as a user runs it (no TF_CPP_MIN_LOG_LEVEL set): TensorFlow 2.21 logs
+    # its start-up lines (absl's "All log messages before absl::InitializeLog() ..." and
+    # "oneDNN custom operations are on ...") from two libraries, twice, whatever that variable
+    # says; train.py keeps them out, so its first line is its own.
+    result = _train("--epochs=1", "--steps_per_epoch=1", f"--output_dir={tmp_path}", verbose=None)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for line in ("absl::InitializeLog()", "oneDNN custom operations"):
+        assert line not in result.stderr + result.stdout
+    assert result.stdout.splitlines()[0] == "Warm start over one pass of training batches"
+    # The filter drops the records below TF_CPP_MIN_LOG_LEVEL (with their continuation lines),
+    # not warnings or errors above it, nor other output.
+    native = (
+        "libfoo: not a log record\n"
+        "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n"
+        "I0000 00:00:1796514810.536450    4326 port.cc:153] oneDNN custom operations are on.\n"
+        "I0000 00:00:1796514810.6    4326 cpu_feature_guard.cc:227] This TensorFlow binary\n"
+        "To enable the following instructions: AVX2, in other operations, rebuild\n"
+        "W0000 00:00:1796514811.1    4326 gpu_device.cc:2344] Cannot dlopen some GPU libraries.\n"
+        "2025-09-17 14:44:05.176998: E external/local_xla/cuda_fft.cc:467] Unable to register\n"
+    )
+    lines = native.splitlines(keepends=True)
+    assert train.filter_native_log(native, 0) == native
+    assert train.filter_native_log(native, 1) == "".join([lines[0], *lines[5:]])
+    assert train.filter_native_log(native, 2) == lines[0] + lines[6]
+    assert train.filter_native_log(native, 3) == lines[0]
 
     logger = logging.getLogger("tensorflow")
     saved = (logger.level, logger.propagate)
