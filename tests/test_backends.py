@@ -224,7 +224,7 @@ def test_jax_fit_matches_a_stateless_reference_step():
             grads = jax.grad(loss_at)(values, yb)
             opt.update_curvature(fisher)
             opt.apply(grads, weights)
-        for a, b in zip(model.get_weights(), ref.get_weights()):
+        for a, b in zip(model.get_weights(), ref.get_weights(), strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
         assert model.optimizer.curvature_updates == opt.curvature_updates == 2
     finally:

@@ -54,8 +54,8 @@ def test_modes_above_the_bound_get_diagonal_factors_and_the_step_matches_numpy(
     opt.apply([tensor(grad)], [w])
 
     full = [fisher @ fisher.T, fisher.T @ fisher]
-    expected_statistics = [np.diag(h) if f else h for h, f in zip(full, diagonal)]
-    for got, want in zip(opt.statistics(w), expected_statistics):
+    expected_statistics = [np.diag(h) if f else h for h, f in zip(full, diagonal, strict=True)]
+    for got, want in zip(opt.statistics(w), expected_statistics, strict=True):
         np.testing.assert_allclose(np.array(got), want, rtol=1e-12)
     want = _tnt_reference(w0, grad, expected_statistics, diagonal, lr, eps)
     np.testing.assert_allclose(np.array(w), want, rtol=1e-10, atol=1e-12)

@@ -89,7 +89,7 @@ def test_every_direction_equals_a_dense_numpy_computation(float64, warm, decayed
     weights = _fold_weights(warm, decayed)
 
     def average(statistic):  # statistic(inputs, s_drawn, g) of each batch, weighted
-        return sum(w * statistic(*batch) for w, batch in zip(weights, batches))
+        return sum(w * statistic(*batch) for w, batch in zip(weights, batches, strict=True))
 
     for layer in range(len(comparison.momentum)):
         comparison.momentum[layer] = rng.normal(size=comparison.momentum[layer].shape)

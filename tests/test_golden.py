@@ -80,7 +80,7 @@ def test_replays_reference_trajectory(float64, record_property):
 
     inputs = keras.Input((widths[0],), dtype="float64")
     h = inputs
-    for i, (w, a) in enumerate(zip(widths[1:], acts)):
+    for i, (w, a) in enumerate(zip(widths[1:], acts, strict=True)):
         h = keras.layers.Dense(w, activation=_activation(a), name=f"dense_{i}")(h)
     model = RecordedTargets(inputs, h)
     for i in range(len(widths) - 1):

@@ -27,9 +27,9 @@ def _reference_step(w, g, fisher, modes, lr, eps):
     ]
     if k > 1:
         c = (np.trace(stats[0]) / size) ** (1 / k)
-        stats = [h / (c ** (k - 1) * (size // d)) for h, d in zip(stats, modes)]
+        stats = [h / (c ** (k - 1) * (size // d)) for h, d in zip(stats, modes, strict=True)]
     dense = np.ones((1, 1))
-    for h, d in zip(stats, modes):
+    for h, d in zip(stats, modes, strict=True):
         dense = np.kron(dense, np.linalg.inv(h + eps * np.eye(d)))
     return w - lr * (dense @ g.reshape(-1)).reshape(w.shape)
 
@@ -136,7 +136,9 @@ def test_layer_modes_and_one_step_match_numpy(float64, name):
     before = [np.array(v) for v in model.trainable_variables]
     opt.update_curvature(fisher_grads)
     opt.apply(grads, model.trainable_variables)
-    for v, path, w0, g, f in zip(model.trainable_variables, paths, before, grads, fisher_grads):
+    for v, path, w0, g, f in zip(
+        model.trainable_variables, paths, before, grads, fisher_grads, strict=True
+    ):
         g, f = (np.array(tf.convert_to_tensor(t)) for t in (g, f))
         assert np.abs(g - f).max() > 0.1 * np.abs(g).max(), path  # really two gradients
         want = _reference_step(w0, g, f, expected_modes[path], lr, eps)

@@ -131,7 +131,7 @@ def _weight_fisher(kind, xs, weights):
     """E[Ĝ Ĝ^T] of the batch-mean loss: (1/B^2) Σ_i w_i^2 A_i F_z(x_i) A_i^T."""
     kernel, bias = _kernel_and_bias()
     total = 0.0
-    for x, w in zip(xs, weights):
+    for x, w in zip(xs, weights, strict=True):
         a = _jacobian(x)
         total = total + w**2 * a @ _output_fisher(kind, x @ kernel + bias) @ a.T
     return total / len(xs) ** 2

@@ -225,7 +225,7 @@ def _write_run(run_dir, optimizer, seed, columns, classifier):
     with open(os.path.join(run_dir, "history.csv"), "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(names)
-        writer.writerows(zip(*(columns[n] for n in names)))
+        writer.writerows(zip(*(columns[n] for n in names), strict=True))
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
         json.dump({}, f)
 
@@ -369,7 +369,9 @@ def test_mean_curves_against_numpy():
         seconds.append(r.history["train_seconds"] - tracing)
     assert t[0] == max(s[0] for s in seconds)
     assert t[-1] == min(s[-1] for s in seconds)
-    interpolated = np.stack([np.interp(t, s, r.history["loss"]) for s, r in zip(seconds, runs)])
+    interpolated = np.stack(
+        [np.interp(t, s, r.history["loss"]) for s, r in zip(seconds, runs, strict=True)]
+    )
     np.testing.assert_allclose(mean, interpolated.mean(0))
     np.testing.assert_allclose(std, interpolated.std(0, ddof=1))
     assert results.mean_std([2.0]) == (2.0, pytest.approx(float("nan"), nan_ok=True))
