@@ -125,13 +125,17 @@ def resume(path, out):
 
 
 def data_parallel(out):
-    """The same TNT run on one device and under keras.distribution.DataParallel on two."""
+    """The same TNT run on one device and under keras.distribution.DataParallel on two, in
+    float64 (in float32 the two runs' reduction orders differ and 24 second-order steps amplify
+    that past 1e-5 of some tensors' scale, depending on the XLA version)."""
     import jax
 
+    jax.config.update("jax_enable_x64", True)
+    keras.config.set_floatx("float64")
     devices = jax.devices()
     if len(devices) != 2:
         raise SystemExit(f"expected 2 devices (XLA_FLAGS), got {devices}")
-    x = digits()[:800]
+    x = digits()[:800].astype("float64")
     results = {}
     for name, distribution in [
         ("single", None),

@@ -277,7 +277,7 @@ def test_train_py_on_jax_resumes_exactly(tmp_path):
 def test_jax_data_parallel_on_two_devices_is_the_single_device_run(tmp_path):
     """keras.distribution.DataParallel on two CPU devices: the global batch is sharded, the
     optimizer state replicated on both devices, and (the draws depend on the example's position
-    in the global batch, not on the device) the run is the single-device run, to float32
+    in the global batch, not on the device) the run is the single-device run, to float64
     reduction-order round-off. Fails, not skips, when the two devices cannot be set up."""
     out = tmp_path / "dp.npz"
     _worker(
@@ -294,4 +294,5 @@ def test_jax_data_parallel_on_two_devices_is_the_single_device_run(tmp_path):
     for key in single:
         a, b = r[key].astype(float), r["parallel/" + key.split("/", 1)[1]].astype(float)
         scale = max(np.max(np.abs(a)), 1e-30)
-        assert np.max(np.abs(a - b)) <= 1e-5 * scale, key
+        assert r[key].dtype == np.float64 or "int" in str(r[key].dtype), key
+        assert np.max(np.abs(a - b)) <= 1e-10 * scale, key
