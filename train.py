@@ -118,7 +118,9 @@ flags.DEFINE_float("learning_rate", None, "Learning rate (default: the problem's
 flags.DEFINE_float(
     "damping", None, "Damping > 0: TNT/Shampoo ε; KFAC λ, √λ per factor (default: problem's best)."
 )
-flags.DEFINE_float("momentum", 0.9, "Momentum β in [0, 1) (TNT and SGD).")
+flags.DEFINE_float(
+    "momentum", 0.9, "Momentum β in [0, 1) (TNT, TNT-EF, Shampoo, KFAC and SGD; Muon keeps 0.95)."
+)
 flags.DEFINE_float("epsilon", None, "Adam's ε (default: the problem's best).")
 flags.DEFINE_float("weight_decay", None, "Decoupled weight decay λ >= 0: W *= 1 - lr*λ.")
 flags.DEFINE_integer("batch_size", None, "Minibatch size (default: the paper's).")
@@ -271,7 +273,9 @@ def resolve_config() -> dict:
     return config
 
 
-def make_optimizer(config: dict) -> keras.optimizers.Optimizer:
+def make_optimizer(config: dict, model=None) -> keras.optimizers.Optimizer:
+    """The run's optimizer. ``model``: the model it trains (Muon keeps its output layer on
+    AdamW, as Keras' documentation advises)."""
     wd = config["weight_decay"] or None
     lr = config["learning_rate"]
     if config["optimizer"] in registry.SECOND_ORDER:
@@ -298,8 +302,28 @@ def make_optimizer(config: dict) -> keras.optimizers.Optimizer:
         return keras.optimizers.AdamW(
             learning_rate=lr, weight_decay=wd or 0.0, epsilon=config["epsilon"]
         )
+    if config["optimizer"] == "muon":
+        return make_muon(lr, wd, model)
     # Keras' SGD: v <- βv - αg, W <- W + v, the paper's m <- βm + g, W <- W - αm at constant α.
     return keras.optimizers.SGD(learning_rate=lr, momentum=config["momentum"], weight_decay=wd)
+
+
+def make_muon(learning_rate, weight_decay, model=None) -> keras.optimizers.Muon:
+    """Keras' own Muon as a Keras user would set it up: its recommended momentum 0.95
+    (Nesterov), 5 Newton-Schulz steps and Moonlight's ``rms_rate=0.2`` (so AdamW's learning
+    rate); AdamW on every tensor that is not 2-D (biases, convolution kernels: Keras' rule) and
+    on the output layer (Keras' advice). Weight decay, Muon's and its AdamW part's alike, is
+    the problem's (none on the autoencoders, as for every other optimizer there) instead of
+    Keras' default 0.004."""
+    exclude = []
+    if model is not None and model.layers:
+        exclude = [f"^{re.escape(v.path)}$" for v in model.layers[-1].trainable_variables]
+    return keras.optimizers.Muon(
+        learning_rate=learning_rate,
+        weight_decay=weight_decay,
+        adam_weight_decay=weight_decay,
+        exclude_layers=exclude,
+    )
 
 
 def learning_rate_at(config: dict, epoch: int) -> float:
@@ -400,7 +424,7 @@ def _new_model(config):
     model = problem.build()
     model.fisher_seed = config["seed"]
     model.compile(
-        optimizer=make_optimizer(config),
+        optimizer=make_optimizer(config, model),
         loss=problem.loss(),
         metrics=["accuracy"] if problem.classifier else None,
         jit_compile=config["jit_compile"],

@@ -17,7 +17,7 @@ import keras
 
 import keras_tnt
 
-OPTIMIZERS = ("tnt", "tnt_ef", "shampoo", "kfac", "adam", "sgd")
+OPTIMIZERS = ("tnt", "tnt_ef", "shampoo", "kfac", "adam", "sgd", "muon")
 # Optimizers that keep Kronecker statistics (warm start, T1/T2, the second-order schedule).
 SECOND_ORDER = ("tnt", "tnt_ef", "shampoo", "kfac")
 
@@ -265,3 +265,16 @@ def get(name: str) -> Problem:
         raise ValueError(
             f"Unknown problem {name!r}; choose one of: {', '.join(sorted(PROBLEMS))}."
         ) from None
+
+
+def _muon_defaults(problem: Problem) -> dict[str, float]:
+    """Keras' Muon starts from the problem's Adam learning rate and weight decay: with
+    ``rms_rate=0.2`` (Moonlight's scaling, Keras' default) its update has AdamW's RMS, so it
+    takes AdamW's settings (Liu et al., 2025); the sweeps search the 1-3 ladder around them."""
+    adam = problem.defaults.get("adam", {})
+    return {k: v for k, v in adam.items() if k in ("learning_rate", "weight_decay")}
+
+
+for _problem in PROBLEMS.values():
+    if "muon" not in _problem.defaults:
+        _problem.defaults["muon"] = _muon_defaults(_problem)

@@ -99,3 +99,11 @@ def test_mnist5k_autoencoder_is_the_papers_mnist_problem_on_mlxtends_digits():
     p = 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
     expected = -np.mean(np.sum(y[:50] * np.log(p) + (1 - y[:50]) * np.log1p(-p), axis=1))
     np.testing.assert_allclose(float(loss(y[:50], logits)), expected, rtol=1e-4)
+
+
+def test_muon_starts_from_adams_learning_rate_and_weight_decay_on_every_problem():
+    for problem in registry.PROBLEMS.values():
+        adam, muon = problem.defaults["adam"], problem.defaults["muon"]
+        assert muon["learning_rate"] == adam["learning_rate"], problem.name
+        assert muon.get("weight_decay") == adam.get("weight_decay"), problem.name
+        assert set(muon) <= {"learning_rate", "weight_decay"}

@@ -185,6 +185,7 @@ def _main_in_process(*args):
         ("shampoo", []),
         ("kfac", []),
         ("adam", []),
+        ("muon", []),
         # The staircase halves the learning rate after epoch 1: the resumed epoch is past it.
         ("tnt_ef", ["--lr_decay_epochs=1", "--lr_decay_factor=0.5"]),
     ],
@@ -194,8 +195,8 @@ def test_every_optimizer_resumes_bit_exactly(tmp_path, optimizer, extra):
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
     summary = _run_in_process("--epochs=2", f"--output_dir={straight}", *common)
     assert summary["steps"] == 6 and summary.get("skipped_updates", 0) == 0
-    if optimizer != "adam":
-        assert json.load(open(os.path.join(straight, "flags.json")))["warm_start"] is True
+    warm = json.load(open(os.path.join(straight, "flags.json")))["warm_start"]
+    assert warm is (optimizer not in ("adam", "muon"))  # first-order: nothing to warm-start
     _run_in_process("--epochs=1", f"--output_dir={resumed}", *common)
     _run_in_process("--epochs=2", f"--output_dir={resumed}", *common)
     for a, b in zip(_state(straight), _state(resumed), strict=True):
@@ -399,3 +400,30 @@ def test_tools_print_tensorflow_log_lines_once_and_from_warning_up(tmp_path):
     finally:
         logger.setLevel(saved[0])
         logger.propagate = saved[1]
+
+
+def test_muon_is_keras_muon_with_the_output_layer_and_non_matrices_on_adamw():
+    """--optimizer=muon: Keras' own Muon; its AdamW part (a velocity slot) on exactly the tensors
+    that are not 2-D and the output layer's, the Muon step on every other kernel; the
+    problem's weight decay (none on the autoencoders) instead of Keras' default 0.004."""
+    import train
+    from models import registry
+
+    model = registry.get("digits_autoencoder").build()
+    config = {"optimizer": "muon", "learning_rate": 3e-4, "weight_decay": 0.0}
+    optimizer = train.make_optimizer(config, model)
+    assert type(optimizer) is keras.optimizers.Muon
+    assert optimizer.weight_decay is None and optimizer.adam_weight_decay is None
+    assert (optimizer.momentum, optimizer.nesterov, optimizer.rms_rate) == (0.95, True, 0.2)
+    optimizer.build(model.trainable_variables)
+    output = {id(v) for v in model.layers[-1].trainable_variables}
+    kinds = {
+        v.path: optimizer.adam_velocities[i] is not None
+        for i, v in enumerate(model.trainable_variables)
+    }
+    expected = {v.path: len(v.shape) != 2 or id(v) in output for v in model.trainable_variables}
+    assert kinds == expected
+    assert sum(kinds.values()) < len(kinds)  # some kernels do take the Muon step
+    # A weight decay given to the run reaches both parts.
+    decayed = train.make_optimizer(dict(config, weight_decay=1e-4), model)
+    assert decayed.weight_decay == decayed.adam_weight_decay == 1e-4

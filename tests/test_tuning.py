@@ -60,6 +60,14 @@ def test_default_grids_are_centred_on_the_registry_values(parsed_flags):
     }
     parsed_flags("--problem=mnist_autoencoder", "--optimizer=sgd")
     assert sweep.grid_from_flags() == {"learning_rate": [1e-3, 3e-3, 1e-2]}
+    # Keras' Muon: its learning rate only (AdamW's, the Moonlight scaling), around Adam's.
+    parsed_flags("--problem=mnist5k_autoencoder", "--optimizer=muon")
+    assert sweep.grid_from_flags() == {"learning_rate": [3e-5, 1e-4, 3e-4]}
+    parsed_flags("--problem=cifar10_resnet32", "--optimizer=muon")
+    assert sweep.grid_from_flags() == {
+        "learning_rate": [3e-4, 1e-3, 3e-3],
+        "weight_decay": [3e-5, 1e-4, 3e-4],
+    }
     parsed_flags("--problem=cifar10_resnet32", "--optimizer=tnt", "--grid_points_each_side=2")
     assert sweep.grid_from_flags() == {
         "learning_rate": [1e-5, 3e-5, 1e-4, 3e-4, 1e-3],

@@ -35,6 +35,7 @@ OPTIMIZER_LABELS = {
     "kfac": "KFAC",
     "adam": "Adam",
     "sgd": "SGD-m",
+    "muon": "Muon",
 }
 
 
@@ -44,8 +45,8 @@ def label(optimizer: str) -> str:
 
 
 def damping_flag(optimizer: str) -> str | None:
-    """The train.py flag that is this optimizer's damping: ε for Adam, none for SGD."""
-    return {"adam": "epsilon", "sgd": None}.get(optimizer, "damping")
+    """The train.py flag that is this optimizer's damping: ε for Adam, none for SGD and Muon."""
+    return {"adam": "epsilon", "sgd": None, "muon": None}.get(optimizer, "damping")
 
 
 # ---------------------------------------------------------------- criteria
