@@ -1064,8 +1064,9 @@ class TNT(keras.optimizers.Optimizer):
         Keys ``factorizations`` (factor inversions or roots computed), ``contractions``
         (tensors whose mode contractions were computed) and ``preconditionings`` (tensors
         whose update was computed; for KFAC, layers), counted since the optimizer was built.
-        Empty when the work is not split (one replica, ``split_preconditioner=False``, the
-        JAX backend): then every replica does all of it.
+        When the work is not split every replica does all of it and nothing is counted: zeros
+        under a strategy with ``split_preconditioner=False`` (or gradient accumulation), an
+        empty list with one replica and on the JAX backend.
         """
         return backend.replica_work(self)
 
