@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The committed transformer comparison (docs/reproduction/digits_transformer.md): TNT, Adam and
-# Shampoo on the digits_transformer problem (scikit-learn's digits as 64 intensity tokens, a
-# 2-block transformer encoder), each swept by the same procedure, then 3 seeds of each at its
-# best configuration, 50 epochs (the registry's budget).
+# The committed transformer comparison (docs/reproduction/digits_transformer.md): TNT, Adam,
+# Shampoo and Keras' Muon on the digits_transformer problem (scikit-learn's digits as 64
+# intensity tokens, a 2-block transformer encoder), each swept by the same procedure, then 3
+# seeds of each at its best configuration, 50 epochs (the registry's budget).
 #
 #   learning rate: 3 points of the 1-3 ladder centred on the registry's value, no weight decay,
 #   damping (Adam: ε) the registry's; highest validation accuracy; a best learning rate on an
@@ -16,7 +16,7 @@ PY=${PY:-.venv/bin/python}
 SWEEPS=${SWEEPS:-runs/sweeps_transformer}
 BEST=${BEST:-runs/sweeps_transformer_best}
 RUNS=${RUNS:-runs/reproduce_transformer}
-OPTIMIZERS=${OPTIMIZERS:-tnt adam shampoo}
+OPTIMIZERS=${OPTIMIZERS:-tnt adam shampoo muon}
 
 source tuning/ladder.sh
 
