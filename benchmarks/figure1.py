@@ -9,7 +9,22 @@ Along the trajectory of an exact block-Fisher method (BF), at every iteration an
 direction and BF's. All methods see the same points, the same forward pass and the same sampled
 labels, keep their statistics with decay 0.9 (warm-started by one pass over the data at the
 initial weights; Adam's second moment excepted), refresh every iteration (T1 = T2 = 1), and
-precondition the same momentum ``m <- 0.9 m + g`` (``g``: the mini-batch gradient).
+precondition the same momentum, the moving average ``m <- 0.9 m + 0.1 g`` (``g``: the
+mini-batch gradient; ``m`` starts at 0).
+
+The momentum is an average, not the sum ``m <- 0.9 m + g``: §3.4 says that BF's gradient, like
+its Fisher blocks, is "estimated with a moving-average scheme, with the decay factors being 0.9",
+and that the compared methods use moving averages with decay 0.9 too. Every direction is linear
+in ``m`` (and every damping is relative to a trace, not to ``m``), so at a given point the form
+changes no cosine; it changes BF's trajectory: the sum is exactly 10 times the average (both
+start at 0), so every BF step would be 10 times longer (the sum form at lr 0.002 is the average
+form at lr 0.02), a trajectory that barely trains at gamma = 1e-3 (digits: 50% training accuracy
+after 300 steps) and spikes late at gamma = 0.1.
+
+Adam keeps its own form with the same 0.9: ``m`` as above (Adam's first moment is this average)
+and ``v <- 0.9 v + 0.1 g^2`` from ``v = 0``; its bias corrections ``1 / (1 - 0.9^t)`` scale a
+layer's whole direction by one number (up to the ``1e-8`` beside ``sqrt(v)``), which no cosine
+sees, so they are left out.
 
 * BF: ``F_l = (1/N) sum_n vec(abar_n s_n^T) vec(abar_n s_n^T)^T`` from per-example gradients at a
   label sampled from the model (``abar = [a; 1]``, ``s`` the pre-activation gradient), direction
@@ -28,9 +43,14 @@ precondition the same momentum ``m <- 0.9 m + g`` (``g``: the mini-batch gradien
 * SGD-m: ``m``. Adam: ``m / (sqrt(v) + 1e-8)``, ``v <- 0.9 v + 0.1 g^2``.
 
 TNT and Shampoo treat the kernel and the bias as two tensors; their directions are put side by
-side as ``[W | b]`` for the cosine. Writes ``OUTPUT_DIR/figure1.csv`` (every cosine),
-``figure1_table.md`` (mean cosine over the last half of the run, mean ± std over seeds) and
-``figure1_gamma*.png`` (one panel per layer of ``--layers``).
+side as ``[W | b]`` for the cosine. BF's own progress is measured too: the loss (mean
+cross-entropy) and accuracy on the whole training set at every point of the trajectory, so that a
+trajectory that does not train shows. Writes, with ``PREFIX`` from ``--output_prefix``
+(``figure1`` for --data=digits, ``figure1_<data>`` otherwise), ``OUTPUT_DIR/PREFIX.csv`` (every
+cosine), ``PREFIX_trajectory.csv`` (BF's full-set loss and accuracy after every step),
+``PREFIX_table.md`` (mean cosine over the last half of the run and BF's loss and accuracy at the
+start, the midpoint and the end, mean ± std over seeds) and ``PREFIX_gamma*.png`` (one panel per
+layer of ``--layers`` and one of BF's loss and accuracy).
 """
 
 from __future__ import annotations
@@ -39,6 +59,7 @@ import csv
 import math
 import os
 import time
+from typing import NamedTuple
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -81,6 +102,12 @@ def define_flags():
     flags.DEFINE_integer("batch_size", 256, "Mini-batch size.")
     flags.DEFINE_list("layers", ["2", "3", "4", "5"], "Layers (1-based) drawn in the figure.")
     flags.DEFINE_string("output_dir", "docs/figure1", "Where the CSV, table and figures go.")
+    flags.DEFINE_string(
+        "output_prefix",
+        None,
+        "File-name prefix of the outputs; default: figure1 for --data=digits, figure1_<data> "
+        "otherwise (figure1_mnist5k16.csv, ...).",
+    )
 
 
 # ------------------------------------------------------------------------- the network in NumPy
@@ -121,6 +148,15 @@ def preactivation_gradients(params, inputs, logits, labels):
         s = (s @ params[i][0].T) * (1.0 - inputs[i] ** 2)
         out.append(s)
     return out[::-1]
+
+
+def full_set_loss_and_accuracy(params, x, y):
+    """The mean cross-entropy and the accuracy of the network on ``(x, y)``."""
+    logits = forward(params, x)[1]
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_p = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    loss = -log_p[np.arange(len(y)), y].mean()
+    return float(loss), float((logits.argmax(axis=1) == y).mean())
 
 
 def sample_labels(logits, rng):
@@ -278,7 +314,10 @@ class Comparison:
             elif warm is not None:
                 self.fisher[layer] = old + (f - old) / warm
             else:
-                self.fisher[layer] = DECAY * old + (1 - DECAY) * f
+                # DECAY * old + (1 - DECAY) * f, in place (layer 1 of 16x16 MNIST: 5140^2).
+                old *= DECAY
+                f *= 1 - DECAY
+                old += f
         # KFAC takes the gradient of the batch-mean loss: s / N.
         pairs = [(_t(a), _t(s / n)) for a, s in zip(inputs, s_drawn)]
         fold = self._warm_fold if warm else self._fold
@@ -303,9 +342,10 @@ class Comparison:
     def bf_direction(self, layer):
         f = self.fisher[layer]
         m = self.momentum[layer]
-        damped = f + self.damping(layer) * np.eye(len(f))
-        step = scipy.linalg.cho_solve(scipy.linalg.cho_factor(damped), m.ravel())
-        return step.reshape(m.shape)
+        damped = f.copy()  # f + lambda I
+        damped.flat[:: len(f) + 1] += self.damping(layer)
+        factor = scipy.linalg.cho_factor(damped, overwrite_a=True, check_finite=False)
+        return scipy.linalg.cho_solve(factor, m.ravel(), check_finite=False).reshape(m.shape)
 
     def tnt_direction(self, layer, n):
         eps = _t(math.sqrt(self.damping(layer) / n))
@@ -356,7 +396,7 @@ class Comparison:
         self.fold(inputs, g, s_drawn)
         for layer in range(self.layers):
             gl = stack(g[2 * layer], g[2 * layer + 1])
-            self.momentum[layer] = DECAY * self.momentum[layer] + gl
+            self.momentum[layer] = DECAY * self.momentum[layer] + (1 - DECAY) * gl
             self.second_moment[layer] = DECAY * self.second_moment[layer] + (1 - DECAY) * gl**2
         cosines = {method: [] for method in self.methods}
         for layer in range(self.layers):
@@ -368,14 +408,26 @@ class Comparison:
         return cosines
 
 
+class Run(NamedTuple):
+    """One run. ``cosines[method]``: (iterations, layers); ``loss`` and ``accuracy``: BF's on the
+    whole ``(x, y)`` after ``t = 0 .. iterations`` steps (``t`` is the point of iteration ``t``'s
+    cosines; the last, the end); ``params``: BF's weights at the end."""
+
+    cosines: dict
+    loss: np.ndarray
+    accuracy: np.ndarray
+    params: list
+
+
 def run(x, y, widths, methods, gamma, seed, iterations, learning_rate, batch_size):
-    """The cosines of one run: an array (iterations, layers) per method."""
+    """One run along BF's trajectory (a :class:`Run`)."""
     if not 1 <= batch_size <= len(x):
         raise ValueError(f"--batch_size must be in [1, {len(x)}]; received {batch_size}.")
     comparison = Comparison(widths, methods, gamma, seed)
     comparison.warm_start(x, y, batch_size)
     order_rng = np.random.default_rng(seed + 10_000)
     out = {method: [] for method in methods}
+    progress = [full_set_loss_and_accuracy(comparison.params, x, y)]
     order, position = order_rng.permutation(len(x)), 0
     for _ in range(iterations):
         if position + batch_size > len(x):
@@ -384,7 +436,14 @@ def run(x, y, widths, methods, gamma, seed, iterations, learning_rate, batch_siz
         position += batch_size
         for method, values in comparison.iteration(x[batch], y[batch], learning_rate).items():
             out[method].append(values)
-    return {method: np.array(values) for method, values in out.items()}
+        progress.append(full_set_loss_and_accuracy(comparison.params, x, y))
+    loss, accuracy = np.array(progress).T
+    return Run(
+        {method: np.array(values) for method, values in out.items()},
+        loss,
+        accuracy,
+        [[w.copy(), b.copy()] for w, b in comparison.params],
+    )
 
 
 # ---------------------------------------------------------------------------------- output
@@ -417,47 +476,88 @@ def check_layers(layers, count):
         raise ValueError(f"--layers: {bad} out of range; the network has layers 1 to {count}.")
 
 
-def write_outputs(results, methods, layers, out_dir, iterations):
-    """results[(gamma, seed)] = {method: (iterations, layers) cosines}."""
+def output_prefix(data, prefix=None):
+    """``prefix`` if given, else ``figure1`` for digits and ``figure1_<data>`` otherwise."""
+    if prefix:
+        return prefix
+    return "figure1" if data == "digits" else f"figure1_{data}"
+
+
+def _mean_sd(values):
+    values = np.asarray(values)
+    return f"{values.mean():.3f} ± {values.std():.3f}"
+
+
+def write_outputs(results, methods, layers, out_dir, iterations, prefix="figure1"):
+    """results[(gamma, seed)] = a :class:`Run`. Writes ``prefix.csv`` (every cosine),
+    ``prefix_trajectory.csv`` (BF's full-set loss and accuracy after every step),
+    ``prefix_table.md`` and ``prefix_gamma*.png``; returns the table."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "figure1.csv"), "w", newline="") as f:
+    with open(os.path.join(out_dir, f"{prefix}.csv"), "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["gamma", "seed", "iteration", "layer", "method", "cosine"])
         for (gamma, seed), run_result in sorted(results.items()):
             for method in methods:
-                for t, row in enumerate(run_result[method]):
+                for t, row in enumerate(run_result.cosines[method]):
                     for layer, value in enumerate(row):
                         writer.writerow([gamma, seed, t, layer + 1, method, f"{value:.6f}"])
+    with open(os.path.join(out_dir, f"{prefix}_trajectory.csv"), "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["gamma", "seed", "steps", "loss", "accuracy"])
+        for (gamma, seed), run_result in sorted(results.items()):
+            for t, (loss, accuracy) in enumerate(
+                zip(run_result.loss, run_result.accuracy, strict=True)
+            ):
+                writer.writerow([gamma, seed, t, f"{loss:.6f}", f"{accuracy:.6f}"])
     gammas = sorted({gamma for gamma, _ in results})
-    count = next(iter(results.values()))[methods[0]].shape[1]
+    count = next(iter(results.values())).cosines[methods[0]].shape[1]
+    half = iterations // 2
     lines = []
     for gamma in gammas:
         seeds = sorted(seed for g, seed in results if g == gamma)
+        runs = [results[(gamma, s)] for s in seeds]
+        points = {"start": 0, "midpoint": half, "end": iterations}
         lines += [
             f"### gamma = {gamma:g}",
             "",
+            "BF's own trajectory: loss (mean cross-entropy) and accuracy on the whole training "
+            f"set after 0, {half} and {iterations} steps, mean ± std over {len(seeds)} seeds.",
+            "",
+            "| BF trajectory | "
+            + " | ".join(f"{name} ({t} steps)" for name, t in points.items())
+            + " |",
+            "| --- | --- | --- | --- |",
+            "| full-set loss | "
+            + " | ".join(_mean_sd([r.loss[t] for r in runs]) for t in points.values())
+            + " |",
+            "| full-set accuracy | "
+            + " | ".join(_mean_sd([r.accuracy[t] for r in runs]) for t in points.values())
+            + " |",
+            "",
             "Mean cosine with BF's direction over the last half of the run (iterations "
-            f"{iterations // 2}-{iterations - 1}), mean ± std over {len(seeds)} seeds.",
+            f"{half}-{iterations - 1}), mean ± std over {len(seeds)} seeds.",
             "",
             "| method | " + " | ".join(f"layer {i + 1}" for i in range(count)) + " |",
             "| --- |" + " --- |" * count,
         ]
         for method in methods:
-            per_seed = np.array(
-                [results[(gamma, s)][method][iterations // 2 :].mean(axis=0) for s in seeds]
-            )
-            cells = [f"{m:.3f} ± {sd:.3f}" for m, sd in zip(per_seed.mean(0), per_seed.std(0))]
+            per_seed = np.array([r.cosines[method][half:].mean(axis=0) for r in runs])
+            cells = [
+                f"{m:.3f} ± {sd:.3f}"
+                for m, sd in zip(per_seed.mean(0), per_seed.std(0), strict=True)
+            ]
             lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
         lines.append("")
-        fig, axes = plt.subplots(1, len(layers), figsize=(4 * len(layers), 3.2), squeeze=False)
+        panels = len(layers) + 1
+        fig, axes = plt.subplots(1, panels, figsize=(4 * panels, 3.2), squeeze=False)
         for ax, layer in zip(axes[0], layers):
             for method in methods:
-                curves = np.array([results[(gamma, s)][method][:, layer - 1] for s in seeds])
+                curves = np.array([r.cosines[method][:, layer - 1] for r in runs])
                 mean, sd = curves.mean(0), curves.std(0)
                 steps = np.arange(len(mean))
                 ax.plot(steps, mean, label=LABELS[method])
@@ -466,12 +566,25 @@ def write_outputs(results, methods, layers, out_dir, iterations):
             ax.set_xlabel("iteration")
             ax.set_ylim(-0.1, 1.0)
         axes[0][0].set_ylabel("cosine with BF direction")
-        axes[0][-1].legend(fontsize=8)
+        axes[0][-2].legend(fontsize=8)
+        ax = axes[0][-1]
+        steps = np.arange(iterations + 1)
+        for values, name, color, target in (
+            ([r.loss for r in runs], "loss", "C0", ax),
+            ([r.accuracy for r in runs], "accuracy", "C3", ax.twinx()),
+        ):
+            mean, sd = np.mean(values, axis=0), np.std(values, axis=0)
+            target.plot(steps, mean, color=color, label=name)
+            target.fill_between(steps, mean - sd, mean + sd, color=color, alpha=0.2)
+            target.set_ylabel(f"full-set {name}", color=color)
+            target.set_ylim(0, 1.02 if name == "accuracy" else None)
+        ax.set_title("BF trajectory")
+        ax.set_xlabel("steps")
         fig.suptitle(f"gamma = {gamma:g} (mean ± std over {len(seeds)} seeds)")
         fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, f"figure1_gamma{gamma:g}.png"), dpi=90)
+        fig.savefig(os.path.join(out_dir, f"{prefix}_gamma{gamma:g}.png"), dpi=90)
         plt.close(fig)
-    with open(os.path.join(out_dir, "figure1_table.md"), "w") as f:
+    with open(os.path.join(out_dir, f"{prefix}_table.md"), "w") as f:
         f.write("\n".join(lines))
     return "\n".join(lines)
 
@@ -493,6 +606,7 @@ def main(argv):
         layers = [int(layer) for layer in FLAGS.layers]
         check_layers(layers, len(widths) - 1)
         results = {}
+        total_start = time.time()
         for gamma in gammas:
             for seed in range(FLAGS.seeds):
                 start = time.time()
@@ -507,10 +621,17 @@ def main(argv):
                     FLAGS.learning_rate,
                     FLAGS.batch_size,
                 )
-                print(f"gamma={gamma:g} seed={seed}: {time.time() - start:.1f} s", flush=True)
+                result = results[(gamma, seed)]
+                print(
+                    f"gamma={gamma:g} seed={seed}: {time.time() - start:.1f} s; BF's full-set "
+                    f"loss {result.loss[-1]:.4f}, accuracy {result.accuracy[-1]:.4f}",
+                    flush=True,
+                )
     except ValueError as e:
         raise app.UsageError(str(e)) from None
-    print(write_outputs(results, FLAGS.methods, layers, FLAGS.output_dir, FLAGS.iterations))
+    prefix = output_prefix(FLAGS.data, FLAGS.output_prefix)
+    print(write_outputs(results, FLAGS.methods, layers, FLAGS.output_dir, FLAGS.iterations, prefix))
+    print(f"total: {time.time() - total_start:.1f} s", flush=True)
 
 
 if __name__ == "__main__":

@@ -15,13 +15,8 @@ def _batch(n=12, seed=0):
     return rng.normal(size=(n, WIDTHS[0])), rng.integers(0, WIDTHS[-1], size=n)
 
 
-def test_block_fisher_equals_the_fisher_of_per_example_autodiff_gradients(float64):
-    """F_l = mean of vec(dL_n/d[W|b]) vec(...)^T, the per-example gradients taken by
-    tf.GradientTape through a Keras model with the same weights."""
-    x, labels = _batch()
-    params = figure1.init_params(WIDTHS, np.random.default_rng(1))
-    inputs, logits = figure1.forward(params, x)
-    s = figure1.preactivation_gradients(params, inputs, logits, labels)
+def _keras_model(params):
+    """The network as a float64 Keras model with ``params``' weights."""
     model_in = keras.Input((WIDTHS[0],), dtype="float64")
     h = model_in
     for i, width in enumerate(WIDTHS[1:]):
@@ -30,7 +25,23 @@ def test_block_fisher_equals_the_fisher_of_per_example_autodiff_gradients(float6
         )(h)
     model = keras.Model(model_in, h)
     model.set_weights([p for layer in params for p in layer])
-    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    return model
+
+
+def _loss_fn():
+    """Created under the float64 fixture (a Keras loss computes in the floatx of its creation)."""
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def test_block_fisher_equals_the_fisher_of_per_example_autodiff_gradients(float64):
+    """F_l = mean of vec(dL_n/d[W|b]) vec(...)^T, the per-example gradients taken by
+    tf.GradientTape through a Keras model with the same weights."""
+    x, labels = _batch()
+    params = figure1.init_params(WIDTHS, np.random.default_rng(1))
+    inputs, logits = figure1.forward(params, x)
+    s = figure1.preactivation_gradients(params, inputs, logits, labels)
+    model = _keras_model(params)
+    loss_fn = _loss_fn()
     per_example = []
     for n in range(len(x)):
         with tf.GradientTape() as tape:
@@ -162,6 +173,44 @@ def test_cosine_of_a_direction_with_itself_and_its_negative():
     assert figure1.cosine(d, 3.0 * d) == pytest.approx(1.0, abs=1e-15)
 
 
+def _autodiff_mean_gradient(params, x, y):
+    """``[dL/d[W_1|b_1], ...]`` of the batch-mean cross-entropy, by tf.GradientTape."""
+    model = _keras_model(params)
+    with tf.GradientTape() as tape:
+        loss = _loss_fn()(y, model(x))
+    g = [v.numpy() for v in tape.gradient(loss, model.trainable_variables)]
+    return [figure1.stack(g[2 * k], g[2 * k + 1]) for k in range(len(params))]
+
+
+def test_momentum_is_the_0_9_moving_average_and_bf_steps_along_it(float64):
+    """§3.4: BF's gradient is a moving average with decay 0.9, ``m <- 0.9 m + 0.1 g`` (not the
+    sum ``0.9 m + g``, whose steps are 10 times longer), Adam's ``v <- 0.9 v + 0.1 g^2``, and
+    BF's step is ``-lr (F + lambda I)^-1 m`` with that ``m``; ``g`` by autodiff, two
+    iterations from ``m = v = 0``."""
+    gamma, lr = 0.05, 0.3
+    comparison = figure1.Comparison(WIDTHS, ["sgd", "adam"], gamma, seed=0)
+    m = [np.zeros_like(v) for v in comparison.momentum]
+    v = [np.zeros_like(x) for x in comparison.momentum]
+    for j in range(2):
+        x, y = _batch(n=12, seed=20 + j)
+        before = [[w.copy(), b.copy()] for w, b in comparison.params]
+        g = _autodiff_mean_gradient(before, x, y)
+        cosines = comparison.iteration(x, y, lr)
+        for layer in range(len(m)):
+            m[layer] = 0.9 * m[layer] + 0.1 * g[layer]
+            v[layer] = 0.9 * v[layer] + 0.1 * g[layer] ** 2
+            np.testing.assert_allclose(comparison.momentum[layer], m[layer], rtol=1e-10)
+            np.testing.assert_allclose(comparison.second_moment[layer], v[layer], rtol=1e-10)
+            fisher = comparison.fisher[layer]
+            lam = gamma * np.trace(fisher) / len(fisher)
+            step = np.linalg.solve(fisher + lam * np.eye(len(fisher)), m[layer].ravel())
+            expected = figure1.stack(*before[layer]) - lr * step.reshape(m[layer].shape)
+            actual = figure1.stack(*comparison.params[layer])
+            np.testing.assert_allclose(actual, expected, rtol=1e-9, atol=1e-12)
+            # SGD-m's direction is m itself, so its cosine is cos(m, D_BF).
+            assert cosines["sgd"][layer] == pytest.approx(figure1.cosine(m[layer], step), abs=1e-10)
+
+
 def test_a_short_run_is_deterministic_per_seed(float64):
     x, y = _batch(n=40, seed=4)
     kwargs = dict(iterations=3, learning_rate=0.01, batch_size=16, methods=("tnt", "kfac"))
@@ -169,10 +218,69 @@ def test_a_short_run_is_deterministic_per_seed(float64):
     again = figure1.run(x, y, WIDTHS, gamma=1e-3, seed=5, **kwargs)
     other = figure1.run(x, y, WIDTHS, gamma=1e-3, seed=6, **kwargs)
     for method in ("tnt", "kfac"):
-        assert first[method].shape == (3, 3)
-        np.testing.assert_array_equal(first[method], again[method])
-        assert not np.array_equal(first[method], other[method])
-        assert np.all(np.abs(first[method]) <= 1.0 + 1e-12)
+        assert first.cosines[method].shape == (3, 3)
+        np.testing.assert_array_equal(first.cosines[method], again.cosines[method])
+        assert not np.array_equal(first.cosines[method], other.cosines[method])
+        assert np.all(np.abs(first.cosines[method]) <= 1.0 + 1e-12)
+    np.testing.assert_array_equal(first.loss, again.loss)
+    assert first.loss.shape == first.accuracy.shape == (4,)
+
+
+def _keras_loss_and_accuracy(params, x, y):
+    logits = _keras_model(params)(x).numpy()
+    return float(_loss_fn()(y, logits).numpy()), float(np.mean(logits.argmax(axis=1) == y))
+
+
+def test_bf_loss_and_accuracy_are_the_full_set_ones_at_every_point(float64):
+    """Run.loss/accuracy[t]: BF's full-set loss and accuracy after t steps, equal to a Keras
+    model's at the initial weights, at the end of a 2-step run (a prefix of a 4-step one with
+    the same seed) and at the end of the 4-step run."""
+    x, y = _batch(n=40, seed=4)
+    kwargs = dict(learning_rate=0.05, batch_size=16, methods=("sgd",), gamma=0.1, seed=5)
+    short = figure1.run(x, y, WIDTHS, iterations=2, **kwargs)
+    long = figure1.run(x, y, WIDTHS, iterations=4, **kwargs)
+    np.testing.assert_array_equal(short.loss, long.loss[:3])
+    np.testing.assert_array_equal(short.accuracy, long.accuracy[:3])
+    initial = figure1.init_params(WIDTHS, np.random.default_rng(5))
+    for params, t in ((initial, 0), (short.params, 2), (long.params, 4)):
+        loss, accuracy = _keras_loss_and_accuracy(params, x, y)
+        assert long.loss[t] == pytest.approx(loss, rel=1e-12)
+        assert long.accuracy[t] == accuracy
+    assert long.loss[4] < long.loss[0]  # BF trains on these 40 points
+
+
+def test_outputs_report_the_bf_trajectory(float64, tmp_path):
+    """The table's BF rows are the mean ± std over seeds of Run.loss/accuracy at 0, half and
+    all of the steps; the trajectory CSV holds every point; the files carry the prefix."""
+    x, y = _batch(n=40, seed=4)
+    kwargs = dict(iterations=4, learning_rate=0.05, batch_size=16, methods=["sgd", "adam"])
+    results = {(0.1, s): figure1.run(x, y, WIDTHS, gamma=0.1, seed=s, **kwargs) for s in (0, 1)}
+    table = figure1.write_outputs(results, ["sgd", "adam"], [2], str(tmp_path), 4, "fig_x")
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == [
+        "fig_x.csv",
+        "fig_x_gamma0.1.png",
+        "fig_x_table.md",
+        "fig_x_trajectory.csv",
+    ]
+    assert (tmp_path / "fig_x_table.md").read_text() == table
+    for name, key in (("loss", "loss"), ("accuracy", "accuracy")):
+        cells = []
+        for t in (0, 2, 4):
+            values = np.array([getattr(results[(0.1, s)], key)[t] for s in (0, 1)])
+            cells.append(f"{values.mean():.3f} ± {values.std():.3f}")
+        assert f"| full-set {name} | " + " | ".join(cells) + " |" in table.splitlines()
+    rows = (tmp_path / "fig_x_trajectory.csv").read_text().splitlines()
+    assert rows[0] == "gamma,seed,steps,loss,accuracy"
+    assert len(rows) == 1 + 2 * 5
+    for row in rows[1:]:
+        gamma, seed, t, loss, accuracy = row.split(",")
+        run_result = results[(float(gamma), int(seed))]
+        assert float(loss) == pytest.approx(run_result.loss[int(t)], abs=1e-6)
+        assert float(accuracy) == pytest.approx(run_result.accuracy[int(t)], abs=1e-6)
+    assert figure1.output_prefix("digits") == "figure1"
+    assert figure1.output_prefix("mnist5k16") == "figure1_mnist5k16"
+    assert figure1.output_prefix("mnist5k16", "mine") == "mine"
 
 
 def test_bad_input_names_the_flag():
