@@ -158,7 +158,7 @@ flags.DEFINE_enum(
     "default",
     ["default", "mirrored", "multi_worker"],
     "tf.distribute strategy (TensorFlow backend only). multi_worker: run this command on every "
-    "worker, each with its TF_CONFIG (see the README).",
+    "worker, each with its TF_CONFIG (see docs/guide/distributed.md).",
 )
 flags.DEFINE_integer(
     "checkpoint_every_steps",
@@ -273,9 +273,10 @@ def resolve_config() -> dict:
     return config
 
 
-def make_optimizer(config: dict, model=None) -> keras.optimizers.Optimizer:
+def make_optimizer(config: dict, model=None, problem=None) -> keras.optimizers.Optimizer:
     """The run's optimizer. ``model``: the model it trains (Muon keeps its output layer on
-    AdamW, as Keras' documentation advises)."""
+    AdamW, as Keras' documentation advises); ``problem``: the run's registry entry (default:
+    looked up from ``config``)."""
     wd = config["weight_decay"] or None
     lr = config["learning_rate"]
     if config["optimizer"] in registry.SECOND_ORDER:
@@ -290,7 +291,7 @@ def make_optimizer(config: dict, model=None) -> keras.optimizers.Optimizer:
         if config["optimizer"] == "kfac":
             return keras_tnt.KFAC(**kronecker_settings)
         if config["optimizer"] == "shampoo":
-            problem = registry.get(config["problem"])
+            problem = problem or registry.get(config["problem"])
             return keras_tnt.Shampoo(
                 **kronecker_settings,
                 refresh_at_inverse_period_only=problem.shampoo_refresh_at_inverse_period_only,
@@ -298,7 +299,7 @@ def make_optimizer(config: dict, model=None) -> keras.optimizers.Optimizer:
         return keras_tnt.TNT(**kronecker_settings, empirical_fisher=config["optimizer"] == "tnt_ef")
     if config["optimizer"] == "adam":
         # Standard Adam with decoupled weight decay (the paper's release squares the
-        # bias-corrected momentum instead of the gradient; see the README).
+        # bias-corrected momentum instead of the gradient; see docs/guide/reproduction.md).
         return keras.optimizers.AdamW(
             learning_rate=lr, weight_decay=wd or 0.0, epsilon=config["epsilon"]
         )
@@ -419,12 +420,11 @@ def _truncate_history(path, epochs_done):
     os.replace(path + ".tmp", path)
 
 
-def _new_model(config):
-    problem = registry.get(config["problem"])
+def _new_model(config, problem):
     model = problem.build()
     model.fisher_seed = config["seed"]
     model.compile(
-        optimizer=make_optimizer(config, model),
+        optimizer=make_optimizer(config, model, problem),
         loss=problem.loss(),
         metrics=["accuracy"] if problem.classifier else None,
         jit_compile=config["jit_compile"],
@@ -476,8 +476,7 @@ def _budget_spent(config, state) -> bool:
     return bool(config["time_budget_s"]) and state["train_seconds"] >= config["time_budget_s"]
 
 
-def _dataset(config, split, epoch=0):
-    problem = registry.get(config["problem"])
+def _dataset(config, problem, split, epoch=0):
     return data.load(
         problem.dataset,
         split,
@@ -552,7 +551,7 @@ def run(config: dict, overwrite: bool | None = None) -> dict:
     # resumed run must see the data order an uninterrupted one would.
     keras.utils.set_random_seed(config["seed"])
     # Fail fast (within seconds) if the data set is not there.
-    test_data = _dataset(config, "test")
+    test_data = _dataset(config, problem, "test")
 
     strategy = (
         tf.distribute.MirroredStrategy()
@@ -568,7 +567,7 @@ def run(config: dict, overwrite: bool | None = None) -> dict:
             print(resume_line(checkpoint, step, state["epochs_done"]), flush=True)
             _truncate_history(history_path, state["epochs_done"])
         else:
-            model = _new_model(config)
+            model = _new_model(config, problem)
             state = {
                 "epochs_done": 0,
                 "steps": 0,
@@ -585,7 +584,9 @@ def run(config: dict, overwrite: bool | None = None) -> dict:
         print(f"Warm start over {steps or 'one pass of'} training batches")
         warm_start_begin = time.perf_counter()
         verbose = FLAGS.verbose if FLAGS.is_parsed() else 0
-        model.warm_start(_dataset(config, "train", epoch=-1), steps=steps, verbose=verbose == 1)
+        model.warm_start(
+            _dataset(config, problem, "train", epoch=-1), steps=steps, verbose=verbose == 1
+        )
         # Its own tracing included; not part of train_seconds (see docs/reproduction).
         state["warm_start_seconds"] = time.perf_counter() - warm_start_begin
 
@@ -605,7 +606,7 @@ def run(config: dict, overwrite: bool | None = None) -> dict:
             "epochs"
         ]
         history = model.fit(
-            _dataset(config, "train", epoch),
+            _dataset(config, problem, "train", epoch),
             initial_epoch=epoch,
             epochs=epoch + 1,
             steps_per_epoch=config["steps_per_epoch"] or None,
@@ -697,9 +698,9 @@ def run_multi_worker(config: dict) -> dict | None:
         _write_json(os.path.join(out, "flags.json"), config)
     keras.utils.set_random_seed(config["seed"])
     problem = registry.get(config["problem"])
-    test_data = _dataset(config, "test")
+    test_data = _dataset(config, problem, "test")
     with strategy.scope():
-        model = _new_model(config)
+        model = _new_model(config, problem)
     trainer = multi_worker.DistributedTrainer(
         model, strategy, out, checkpoint_every_steps=config["checkpoint_every_steps"] or None
     )
@@ -739,9 +740,9 @@ def run_multi_worker(config: dict) -> dict | None:
         callbacks.append(keras.callbacks.TensorBoard(os.path.join(out, "tensorboard")))
     warm_start = None
     if config["warm_start"]:
-        warm_start = lambda: _dataset(config, "train", epoch=-1)  # noqa: E731
+        warm_start = lambda: _dataset(config, problem, "train", epoch=-1)  # noqa: E731
     trainer.fit(
-        lambda epoch: _dataset(config, "train", epoch),
+        lambda epoch: _dataset(config, problem, "train", epoch),
         epochs=config["epochs"],
         steps_per_epoch=config["steps_per_epoch"] or None,
         callbacks=callbacks,
@@ -777,7 +778,7 @@ def main(argv):
         raise app.UsageError(
             f"--strategy={FLAGS.strategy} is a tf.distribute strategy and needs "
             f"KERAS_BACKEND=tensorflow (the backend is {keras.backend.backend()!r}). On JAX, one "
-            "process trains on one device; see the README's JAX section."
+            "process trains on one device; see docs/guide/jax.md."
         )
     if FLAGS.strategy == "multi_worker" and FLAGS.time_budget_s:
         raise app.UsageError(

@@ -30,7 +30,7 @@ from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
 import keras_tnt  # noqa: E402
-from keras_tnt.tnt import format_bytes  # noqa: E402
+from keras_tnt._variables import format_bytes  # noqa: E402
 from models import runtime  # noqa: E402
 from models import transformer_classifier  # noqa: E402
 

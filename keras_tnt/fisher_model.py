@@ -24,10 +24,6 @@ from keras_tnt.sampling import TargetSampler
 from keras_tnt.sampling import resolve_sampler
 
 
-def _unpack(data):
-    return keras.utils.unpack_x_y_sample_weight(data)
-
-
 @keras.saving.register_keras_serializable(package="keras_tnt")
 class FisherModel(backend.FisherTrainer, keras.Model):
     """A Keras model trained with the Fisher (sampled-label) pass that TNT needs.
@@ -109,7 +105,7 @@ class FisherModel(backend.FisherTrainer, keras.Model):
         self._sampler = resolve_sampler(self.loss)
         if hasattr(optimizer, "register_layers"):
             optimizer.register_layers(self)
-        optimizer._curvature_source = True
+        optimizer.mark_curvature_source()
 
     def get_compile_config(self):
         return super().get_compile_config()

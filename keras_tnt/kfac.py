@@ -3,9 +3,9 @@ r"""KFAC (Martens & Grosse, 2015; Grosse & Martens, 2016) as the TNT paper ran i
 KFAC approximates the Fisher block of a whole layer, kernel and bias together, by ``A ⊗ G``:
 ``A`` from the layer's input activations (with a column of ones for the bias) and ``G`` from the
 gradients of the sampled-label loss with respect to its pre-activation outputs
-(algorithm.md §3). For a batch of ``N`` inputs ``a_n`` and pre-activation gradients ``s_n`` of the
-batch-mean loss, summed over the ``P`` spatial positions of a convolution (im2col patches replace
-``a``):
+(docs/algorithm.md §4). For a batch of ``N`` inputs ``a_n`` and pre-activation gradients ``s_n``
+of the batch-mean loss, summed over the ``P`` spatial positions of a convolution (im2col patches
+replace ``a``):
 
 .. math::
 
@@ -24,11 +24,13 @@ says which layers those are when it is built.
 
 Wide layers (``max_factor_dim``, as for TNT): a side of a layer wider than the bound (its kernel's
 input rows ``d_in`` without the bias's ones row, or its ``d_out`` outputs) gets a diagonal factor,
-``diag(A)`` = the mean of ``a²`` per input (the bias's entry is 1) or ``diag(G)``, damped by the
-same ``√λ``; ``(diag(A) + √λ)^{-1}`` then scales the rows of ``[M_W; m_b]`` and
-``(diag(G) + √λ)^{-1}`` its columns. A 10,000-class output layer keeps a full ``A`` and a diagonal
-``G``. ``factor_overrides`` picks per layer (the pattern is searched in the paths of the layer's
-kernel and bias): ``"full"``, ``"diagonal"`` (both factors) or ``"none"`` (plain momentum).
+``diag(A)`` = ``(1/N) Σ_{n,p} a²`` per input (a Dense layer on 2-D inputs: the mean of ``a²``,
+the bias's entry 1; summed over the ``P`` positions otherwise, the bias's entry ``P``) or
+``diag(G)``, damped by the same ``√λ``; ``(diag(A) + √λ)^{-1}`` then scales the rows of
+``[M_W; m_b]`` and ``(diag(G) + √λ)^{-1}`` its columns. A 10,000-class output layer keeps a full
+``A`` and a diagonal ``G``. ``factor_overrides`` picks per layer (the pattern is searched in the
+paths of the layer's kernel and bias): ``"full"``, ``"diagonal"`` (both factors) or ``"none"``
+(plain momentum).
 
 Example::
 
@@ -44,7 +46,6 @@ gathers them itself and calls :meth:`KFAC.update_curvature`.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 import warnings
@@ -52,61 +53,20 @@ import warnings
 import keras
 from keras import ops
 
+from keras_tnt import _layers
+from keras_tnt import _plan
+from keras_tnt import _replicas
 from keras_tnt import backend
 from keras_tnt import kronecker
+from keras_tnt._base import CurvatureWords
+from keras_tnt._base import KroneckerOptimizer
 from keras_tnt._capture import capture_layers  # noqa: F401 (part of the KFAC API)
-from keras_tnt.tnt import TNT
-from keras_tnt.tnt import _itemsize
-from keras_tnt.tnt import slot_prefix
-from keras_tnt.tnt import statistics_dtype
-
-
-@dataclasses.dataclass
-class LayerBlock:
-    """One Kronecker-factored layer: which optimizer variables it owns and its factor sizes."""
-
-    layer: keras.layers.Layer
-    kind: str  # "dense" or "conv2d"
-    kernel_index: int
-    bias_index: int | None
-    input_size: int  # rows of the factor A (with the bias's ones column)
-    output_size: int  # rows of the factor G
-    diagonal: tuple[bool, bool] = (False, False)  # A, G kept as their diagonals
-    override: str | None = None  # the kind a factor_overrides pattern set
-
-    @property
-    def indices(self) -> tuple[int, ...]:
-        if self.bias_index is None:
-            return (self.kernel_index,)
-        return (self.kernel_index, self.bias_index)
-
-
-def _kernel_variable(layer):
-    kernel = getattr(layer, "_kernel", None)
-    return kernel if kernel is not None else getattr(layer, "kernel", None)
-
-
-def _path(variable) -> str:
-    return variable.path if hasattr(variable, "path") else str(variable.name)
-
-
-def _why_not_factored(layer) -> str | None:
-    """None if KFAC can factor ``layer``, else the reason it takes the plain momentum step."""
-    if type(layer) not in (keras.layers.Dense, keras.layers.Conv2D):
-        return "not a Dense or Conv2D layer"
-    if getattr(layer, "lora_enabled", False):
-        return "LoRA is enabled"
-    if getattr(layer, "quantization_mode", None):
-        return "the layer is quantized"
-    if isinstance(layer, keras.layers.Conv2D) and getattr(layer, "groups", 1) != 1:
-        return "grouped convolution"
-    kernel = _kernel_variable(layer)
-    if kernel is None or not getattr(kernel, "trainable", False):
-        return "its kernel is not trainable"
-    bias = getattr(layer, "bias", None)
-    if bias is not None and not bias.trainable:
-        return "its bias is not trainable"
-    return None
+from keras_tnt._layers import LayerBlock
+from keras_tnt._variables import first_override
+from keras_tnt._variables import itemsize
+from keras_tnt._variables import slot_prefix
+from keras_tnt._variables import statistics_dtype
+from keras_tnt._variables import variable_path
 
 
 def _layer_sums(block: LayerBlock, inputs, preactivation_gradients, dtype, replicas: int):
@@ -140,7 +100,7 @@ def _layer_sums(block: LayerBlock, inputs, preactivation_gradients, dtype, repli
 
 
 def layer_factors(block: LayerBlock, inputs, preactivation_gradients, dtype):
-    """``(A, G)`` of one layer for one batch (algorithm.md §3).
+    """``(A, G)`` of one layer for one batch (docs/algorithm.md §4).
 
     ``inputs`` is the layer's input and ``preactivation_gradients`` the gradient of the
     batch-mean loss with respect to the layer's pre-activation output:
@@ -157,7 +117,7 @@ def layer_factors(block: LayerBlock, inputs, preactivation_gradients, dtype):
 
 
 @keras.saving.register_keras_serializable(package="keras_tnt")
-class KFAC(TNT):
+class KFAC(KroneckerOptimizer):
     """KFAC for Dense and Conv2D layers, with TNT's momentum, statistics and API.
 
     Args:
@@ -189,8 +149,13 @@ class KFAC(TNT):
     """
 
     curvature_inputs = "layers"
-    # TNT's three optimizer-wide counters and KFAC's one `failed_inversions` counter.
+    _curvature_words = CurvatureWords(
+        "layer_statistics", "(inputs, preactivation_gradients) pair", "layers", "factored layer"
+    )
+    # The three optimizer-wide counters and KFAC's one `failed_inversions` counter.
     _optimizer_counters = 4
+    # The factors are folded at every t % T1 == 0, t = 0 after a warm start included.
+    _warm_start_serves_first_step = False
 
     def __init__(
         self,
@@ -201,10 +166,18 @@ class KFAC(TNT):
         curvature_update_period: int = 1,
         inverse_update_period: int = 20,
         weight_decay: float | None = None,
+        split_preconditioner: bool | None = None,
+        max_factor_dim: int | None = _plan.DEFAULT_MAX_FACTOR_DIM,
+        factor_overrides: dict | None = None,
+        memory_limit_bytes: int | None = None,
         name=None,
         **kwargs,
     ):
-        kwargs.pop("empirical_fisher", None)
+        if "empirical_fisher" in kwargs:
+            raise TypeError(
+                "KFAC takes its factors from the layers' inputs and the pre-activation "
+                "gradients of sampled labels; `empirical_fisher` is not one of its arguments."
+            )
         super().__init__(
             learning_rate=learning_rate,
             damping=damping,
@@ -213,6 +186,10 @@ class KFAC(TNT):
             curvature_update_period=curvature_update_period,
             inverse_update_period=inverse_update_period,
             weight_decay=weight_decay,
+            split_preconditioner=split_preconditioner,
+            max_factor_dim=max_factor_dim,
+            factor_overrides=factor_overrides,
+            memory_limit_bytes=memory_limit_bytes,
             name=name,
             **kwargs,
         )
@@ -224,11 +201,7 @@ class KFAC(TNT):
         """Tells the optimizer which model it trains (FisherModel.compile calls this)."""
         if self.built:
             return
-        self._layers = [
-            layer
-            for layer in model._flatten_layers(include_self=False, recursive=True)
-            if layer.trainable_weights
-        ]
+        self._layers = _layers.trainable_layers(model)
 
     @property
     def blocks(self) -> list[LayerBlock]:
@@ -243,9 +216,6 @@ class KFAC(TNT):
         return dict(self._unfactored)
 
     def _find_blocks(self, var_list):
-        """``(blocks, reasons)``: the layers of ``var_list`` KFAC factors (with the kind of each
-        factor) and, by layer id, why each other layer takes the plain momentum step. Allocates
-        nothing."""
         if self._layers is None:
             raise ValueError(
                 "KFAC factors each layer's Fisher block from its input activations and "
@@ -254,76 +224,25 @@ class KFAC(TNT):
                 "compile() registers them, or call `optimizer.register_layers(model)` before "
                 "building it."
             )
-        index = {id(v): i for i, v in enumerate(var_list)}
-        blocks, reasons = [], {}
-        for layer in self._layers:
-            reason = _why_not_factored(layer)
-            kernel = _kernel_variable(layer)
-            if reason is None and id(kernel) not in index:
-                reason = "its kernel is not among the optimized variables"
-            bias = getattr(layer, "bias", None)
-            if reason is None and bias is not None and id(bias) not in index:
-                reason = "its bias is not among the optimized variables"
-            override = None
-            if reason is None:
-                paths = [_path(v) for v in (kernel, bias) if v is not None]
-                override = next(
-                    (
-                        kind
-                        for pattern, kind in self.factor_overrides.items()
-                        if any(re.search(pattern, p) for p in paths)
-                    ),
-                    None,
-                )
-                if override == "none":
-                    reason = "factor_overrides chose 'none'"
-            if reason is not None:
-                reasons[id(layer)] = reason
-                continue
-            shape = tuple(kernel.shape)
-            rows, outputs = math.prod(shape[:-1]), shape[-1]
-            if override is not None:
-                diagonal = (override == "diagonal",) * 2
-            else:
-                bound = self.max_factor_dim
-                diagonal = tuple(bound is not None and d > bound for d in (rows, outputs))
-            blocks.append(
-                LayerBlock(
-                    layer=layer,
-                    kind="dense" if isinstance(layer, keras.layers.Dense) else "conv2d",
-                    kernel_index=index[id(kernel)],
-                    bias_index=None if bias is None else index[id(bias)],
-                    input_size=rows + (0 if bias is None else 1),
-                    output_size=outputs,
-                    diagonal=diagonal,
-                    override=override,
-                )
-            )
-        return blocks, reasons
+        return _layers.find_blocks(
+            self._layers, var_list, self.factor_overrides, self.max_factor_dim
+        )
 
-    def plan(self, var_list=None) -> list[dict]:
-        """The preconditioner of every variable, before anything is allocated.
+    # ------------------------------------------------------------------ plan
 
-        As :meth:`TNT.plan`, per variable in build order, with KFAC's layer view: a factored
-        layer's kernel entry has ``modes`` ``(d_in + 1, d_out)`` (the sizes of ``A`` with the
-        bias row, and ``G``; ``d_in`` without a bias), ``factors`` ``"full"`` or ``"diagonal"``
-        for ``A`` and ``G``, ``layer`` and ``state_bytes`` with the layer's factors and
-        inverses; its bias entry has no modes and a ``note`` naming the kernel whose factors it
-        shares. Other variables: no modes, the plain momentum step. Needs the model's layers
-        (:meth:`register_layers`) to plan before the build.
-        """
-        if var_list is None:
-            self._require_built("plan")
-            var_list, blocks = self._trainable_variables, self._blocks
-        else:
-            blocks, _ = self._find_blocks(var_list)
-        counter = _itemsize(backend.count_dtype())
+    def _plan_entries(self, var_list) -> list[dict]:
+        """Per variable in build order, with KFAC's layer view: a factored layer's kernel entry
+        has ``modes`` ``(d_in + 1, d_out)`` (the sizes of ``A`` with the bias row, and ``G``;
+        ``d_in`` without a bias), ``factors`` ``"full"`` or ``"diagonal"`` for ``A`` and ``G``,
+        ``layer`` and ``state_bytes`` with the layer's factors and inverses; its bias entry has
+        no modes and a ``note`` naming the kernel whose factors it shares. Other variables: no
+        modes, the plain momentum step. Needs the model's layers (:meth:`register_layers`)."""
+        blocks, _ = self._find_blocks(var_list)
+        counter = itemsize(backend.count_dtype())
         entries = []
         for var in var_list:
-            path = _path(var)
-            override = next(
-                (k for p, k in self.factor_overrides.items() if re.search(p, path)), None
-            )
+            path = variable_path(var)
+            override = first_override(self.factor_overrides, [path])
             shape = tuple(int(d) for d in var.shape)
             entries.append(
                 {
@@ -333,14 +252,14 @@ class KFAC(TNT):
                     "factors": [],
                     "override": override if override == "none" else None,
                     # momentum and the skipped-step counter
-                    "state_bytes": math.prod(shape) * _itemsize(var.dtype) + counter,
+                    "state_bytes": math.prod(shape) * itemsize(var.dtype) + counter,
                 }
             )
         for block in blocks:
             kernel = entries[block.kernel_index]
             sizes = (block.input_size, block.output_size)
             numbers = sum(d if diag else d * d for d, diag in zip(sizes, block.diagonal))
-            itemsize = _itemsize(statistics_dtype(var_list[block.kernel_index].dtype))
+            size = itemsize(statistics_dtype(var_list[block.kernel_index].dtype))
             kernel.update(
                 modes=sizes,
                 factors=["diagonal" if diag else "full" for diag in block.diagonal],
@@ -348,8 +267,8 @@ class KFAC(TNT):
                 layer=block.layer.name,
                 note=f"A x G of layer {block.layer.name}",
             )
-            # factors and inverses, and the layer's two counters (batches folded, step flag)
-            kernel["state_bytes"] += 2 * numbers * itemsize + 2 * counter
+            # factors and inverses, and the layer's two counters (batches folded, flag)
+            kernel["state_bytes"] += 2 * numbers * size + 2 * counter
             if block.bias_index is not None:
                 entries[block.bias_index].update(
                     override=block.override,
@@ -360,9 +279,9 @@ class KFAC(TNT):
 
     def _check_plan(self, var_list) -> list[dict]:
         blocks, _ = self._find_blocks(var_list)
-        factored = {_path(var_list[i]) for b in blocks for i in b.indices}
+        factored = {variable_path(var_list[i]) for b in blocks for i in b.indices}
         for pattern, kind in self.factor_overrides.items():
-            matched = [_path(v) for v in var_list if re.search(pattern, _path(v))]
+            matched = [variable_path(v) for v in var_list if re.search(pattern, variable_path(v))]
             if kind != "none" and matched and not any(p in factored for p in matched):
                 raise ValueError(
                     f"`factor_overrides[{pattern!r}] = {kind!r}`: KFAC factors Dense and "
@@ -372,43 +291,28 @@ class KFAC(TNT):
                 )
         return super()._check_plan(var_list)
 
+    # ------------------------------------------------------------------ slots
+
     def build(self, var_list):
         if self.built:
             return
-        entries = self._check_plan(var_list)  # raises before any allocation
-        del entries
-        # TNT's per-variable state (momentum, counters) without its per-mode slots: KFAC keeps
-        # per-layer factors instead.
-        keras.optimizers.Optimizer.build(self, var_list)
-        self._modes = [() for _ in var_list]
-        self._diagonal = [() for _ in var_list]
-        self._momenta = [self.add_variable_from_reference(v, "momentum") for v in var_list]
-        self._statistics = [[] for _ in var_list]
-        self._inverses = [[] for _ in var_list]
-        self._skipped = []
-        for var in var_list:
-            prefix = slot_prefix(var)
-            self._skipped.append(self._add_counter(f"{prefix}_skipped"))
-        self._failed = [self._add_counter("failed_inversions")]
-        self._build_counters()
+        super().build(var_list)
+        if self._unfactored:
+            listed = ", ".join(f"{k} ({v})" for k, v in self._unfactored.items())
+            warnings.warn(
+                f"KFAC: {len(self._unfactored)} layer(s) are not Kronecker-factored and take the "
+                f"plain momentum step: {listed}.",
+                stacklevel=2,
+            )
 
-        index = {id(v): i for i, v in enumerate(var_list)}
+    def _create_slots(self, var_list, entries):
+        del entries
+        self._momenta = [self.add_variable_from_reference(v, "momentum") for v in var_list]
+        self._skipped = [self._add_counter(f"{slot_prefix(v)}_skipped") for v in var_list]
+        self._failed_inversions = self._add_counter("failed_inversions")
+        self._build_counters()
         self._blocks, reasons = self._find_blocks(var_list)
-        self._block_of = {}
-        for b, block in enumerate(self._blocks):
-            for i in block.indices:
-                self._block_of[i] = b
-        # Report each variable no block owns under the innermost layer holding it (a container
-        # whose sublayers are all factored is not reported).
-        unowned = {i for i in range(len(var_list)) if i not in self._block_of}
-        self._unfactored = {}
-        for layer in reversed(self._layers):  # sublayers come after their parents
-            mine = {index[id(w)] for w in layer.trainable_weights if id(w) in index} & unowned
-            if mine:
-                reason = reasons.get(id(layer), "not a Dense or Conv2D layer")
-                self._unfactored[layer.name] = f"{type(layer).__name__}: {reason}"
-                unowned -= mine
-        self._unfactored = dict(reversed(list(self._unfactored.items())))
+        self._unfactored = _layers.unfactored_layers(self._layers, var_list, self._blocks, reasons)
         self._factors = []
         self._factor_inverses = []
         self._block_counts = []
@@ -434,28 +338,35 @@ class KFAC(TNT):
             )
             # Batches folded into the layer's factors (the first one sets them).
             self._block_counts.append(self._add_counter(f"{name}_factor_count"))
-            # Set by a member whose gradient was not finite this step; read by the last member.
+            # In 0.2, a flag between the updates of a layer's kernel and bias; a layer now
+            # moves as one unit. Kept (always 0) so that saved states keep their layout.
             self._block_flags.append(self._add_counter(f"{name}_flag"))
-        self._restore_pending()
-        if self._unfactored:
-            listed = ", ".join(f"{k} ({v})" for k, v in self._unfactored.items())
-            warnings.warn(
-                f"KFAC: {len(self._unfactored)} layer(s) are not Kronecker-factored and take the "
-                f"plain momentum step: {listed}.",
-                stacklevel=2,
-            )
+
+    def _failure_counters(self):
+        return [self._failed_inversions]
+
+    # ------------------------------------------------------------- read-outs
+
+    def factor_count(self, layer) -> int:
+        """How many batches have been folded into the factors of one factored layer."""
+        return int(self._block_counts[self._block_index(layer)].numpy())
+
+    def factors(self, layer) -> list:
+        """The factors ``[A, G]`` of a factored layer."""
+        return list(self._factors[self._block_index(layer)])
+
+    def factor_inverses(self, layer) -> list:
+        """The damped inverses ``[(A + √λ I)^-1, (G + √λ I)^-1]`` of a factored layer."""
+        return list(self._factor_inverses[self._block_index(layer)])
+
+    def _block_index(self, layer):
+        self._require_built("factors")
+        for b, block in enumerate(self._blocks):
+            if block.layer is layer:
+                return b
+        raise ValueError(f"Layer {layer.name!r} is not Kronecker-factored by this optimizer.")
 
     # ------------------------------------------------------------- curvature
-
-    def curvature_due(self):
-        """``t % T1 == 0``, also at ``t = 0`` after a warm start (algorithm.md §3)."""
-        self._require_built("curvature_due")
-        t = self.iterations
-        due = ops.equal(t % self.curvature_update_period, 0)
-        if self.gradient_accumulation_steps:
-            first_micro = ops.equal(self._iterations % self.gradient_accumulation_steps, 0)
-            due = ops.logical_and(due, first_micro)
-        return due
 
     def update_curvature(self, layer_statistics, layers=None, condition=None) -> None:
         """Folds one batch into the factors.
@@ -467,13 +378,13 @@ class KFAC(TNT):
         A ``None`` pair, or a layer left out, keeps its factors. A layer's first batch sets its
         factors; later ones take the moving average.
         """
-        self._fold_layers(layer_statistics, layers, warm_start=False, condition=condition)
+        self._fold(layer_statistics, layers, warm_start=False, condition=condition)
 
     def accumulate_curvature(self, layer_statistics, layers=None) -> None:
         """Warm start: the running mean of the factors of every batch so far."""
-        self._fold_layers(layer_statistics, layers, warm_start=True)
+        self._fold(layer_statistics, layers, warm_start=True)
 
-    def _fold_layers(self, layer_statistics, layers, warm_start, condition=None):
+    def _fold(self, layer_statistics, layers, warm_start, condition=None):
         self._require_built("update_curvature")
         present = self._align(layer_statistics, layers)
         self._curvature_source = True
@@ -518,126 +429,31 @@ class KFAC(TNT):
 
         backend.fold_across_replicas(local, self._curvature_updates, fold, condition=condition)
 
-    _curvature_words = (
-        "layer_statistics",
-        "(inputs, preactivation_gradients) pair",
-        "layers",
-        "factored layer",
-    )
-
     def _curvature_slots(self):
         return len(self._blocks)
 
     def _curvature_index(self, layer):
         return self._block_index(layer)
 
-    def factor_count(self, layer) -> int:
-        """How many batches have been folded into the factors of one factored layer."""
-        return int(self._block_counts[self._block_index(layer)].numpy())
-
-    def factors(self, layer) -> list:
-        """The factors ``[A, G]`` of a factored layer."""
-        return list(self._factors[self._block_index(layer)])
-
-    def factor_inverses(self, layer) -> list:
-        """The damped inverses ``[(A + √λ I)^-1, (G + √λ I)^-1]`` of a factored layer."""
-        return list(self._factor_inverses[self._block_index(layer)])
-
-    def _block_index(self, layer):
-        self._require_built("factors")
-        for b, block in enumerate(self._blocks):
-            if block.layer is layer:
-                return b
-        raise ValueError(f"Layer {layer.name!r} is not Kronecker-factored by this optimizer.")
-
-    def statistics(self, variable) -> list:
-        raise NotImplementedError("KFAC keeps per-layer factors: use `factors(layer)`.")
-
-    def inverses(self, variable) -> list:
-        raise NotImplementedError("KFAC keeps per-layer factors: use `factor_inverses(layer)`.")
-
-    def statistics_count(self, variable) -> int:
-        raise NotImplementedError("KFAC keeps per-layer factors: use `factor_count(layer)`.")
-
     # ------------------------------------------------------------------ step
 
-    def apply(self, grads, trainable_variables=None):
-        self._build_for_apply(trainable_variables)
-        if self.built:
-            variables = (
-                self._trainable_variables
-                if trainable_variables is None
-                else list(trainable_variables)
-            )
-            if len(variables) == len(grads):
-                self._check_variables_are_known(variables)
-                # A layer moves when the update of its last variable with a gradient runs: keep
-                # the build order, and note which of each layer's variables take part.
-                pairs = sorted(zip(grads, variables), key=lambda p: self._get_variable_index(p[1]))
-                grads = [g for g, _ in pairs]
-                trainable_variables = [v for _, v in pairs]
-                present = [self._get_variable_index(v) for g, v in pairs if g is not None]
-                members = {}
-                for i in present:
-                    if i in self._block_of:
-                        members.setdefault(self._block_of[i], []).append(i)
-                # Plain Python state of this trace, not optimizer state to track or save.
-                object.__setattr__(self, "_moving", {b: tuple(m) for b, m in members.items()})
-        return super().apply(grads, trainable_variables)
+    def _units(self):
+        """Each factored layer's variables, then each other variable (plain momentum)."""
+        blocked = {i for block in self._blocks for i in block.indices}
+        singles = [(i,) for i in range(len(self._trainable_variables)) if i not in blocked]
+        return [block.indices for block in self._blocks] + singles
 
-    # A layer's refresh runs in its last variable's update_step (see :meth:`update_step`).
-    _groups_refreshes = False
+    def _unit_costs(self):
+        costs = [
+            _replicas.layer_cost(b.input_size, b.output_size, b.diagonal) for b in self._blocks
+        ]
+        return costs + [0] * (len(self._units()) - len(self._blocks))
 
-    def _moving_members(self, b):
-        """The variables of block ``b`` that have a gradient in the current ``apply``."""
-        moving = self.__dict__.get("_moving")
-        if moving is None:  # update_step called without `apply`: all of them
-            return self._blocks[b].indices
-        return moving.get(b, ())
+    def _unit_preconditioners(self, u):
+        return self._factor_inverses[u] if u < len(self._blocks) else []
 
-    def update_step(self, gradient, variable, learning_rate):
-        idx = self._get_variable_index(variable)
-        if idx not in self._block_of:
-            super().update_step(gradient, variable, learning_rate)  # plain momentum (no modes)
-            return
-        b = self._block_of[idx]
-        dtype = variable.dtype
-        gradient = ops.cast(gradient, dtype)
-        finite = ops.all(ops.isfinite(gradient))
-        m = self._momenta[idx]
-        momentum = ops.convert_to_tensor(self.momentum, dtype=dtype)
-        current = ops.convert_to_tensor(m)
-        self.assign(m, ops.where(finite, momentum * current + gradient, current))
-        not_finite = ops.cast(ops.logical_not(finite), backend.count_dtype())
-        self.assign_add(self._skipped[idx], not_finite)
-        flag = ops.maximum(ops.convert_to_tensor(self._block_flags[b]), not_finite)
-        members = self._moving_members(b)
-        if not (members and idx == max(members)):
-            self.assign(self._block_flags[b], flag)
-            return
-        ok = ops.equal(flag, 0)
-        learning_rate = ops.cast(learning_rate, dtype)
-        # Branches return values; the assignments follow (JAX's stateless mode needs this).
-        weights, inverses, failed = self._block_step_or_keep(ok, b, learning_rate, members)
-        for i, value in zip(members, weights):
-            self.assign(self._trainable_variables[i], value)
-        for inverse_var, value in zip(self._factor_inverses[b], inverses):
-            self.assign(inverse_var, value)
-        self.assign_add(self._failed[0], failed)
-        self.assign(self._block_flags[b], ops.zeros((), backend.count_dtype()))
-
-    def _block_step_or_keep(self, ok, b, learning_rate, members, momenta=None):
-        """:meth:`_block_step` when ``ok``, else the members' weights and the inverses as they
-        are (and no failure): ``(weights, inverses, failed)`` as values."""
-
-        def keep():
-            return (
-                [ops.convert_to_tensor(self._trainable_variables[i]) for i in members],
-                [ops.convert_to_tensor(v) for v in self._factor_inverses[b]],
-                ops.zeros((), backend.count_dtype()),
-            )
-
-        return ops.cond(ok, lambda: self._block_step(b, learning_rate, members, momenta), keep)
+    def _unit_failures(self, u):
+        return self._failed_inversions
 
     def _refresh_due(self):
         """``(t <= T2 and t % T1 == 0) or t % T2 == 0`` (bool tensor)."""
@@ -647,42 +463,33 @@ class KFAC(TNT):
         )
         return ops.logical_or(early, ops.equal(t % self.inverse_update_period, 0))
 
-    def _new_block_inverses(self, b):
-        """``(inverses, failed)``: ``(A + √λ I)^-1, (G + √λ I)^-1`` of block ``b``."""
+    def _refresh(self, u):
+        """``(inverses, failed)``: ``(A + √λ I)^-1, (G + √λ I)^-1`` of layer ``u``."""
         damping = math.sqrt(self.damping)
         failed = ops.zeros((), backend.count_dtype())
         out = []
-        for factor, inverse_var in zip(self._factors[b], self._factor_inverses[b]):
+        for factor, slot in zip(self._factors[u], self._factor_inverses[u]):
             value = ops.convert_to_tensor(factor)
             root = ops.convert_to_tensor(damping, dtype=value.dtype)  # not ops.cast: float32
             inverse, ok = kronecker.damped_inverse(value, root)
-            out.append(ops.where(ok, inverse, ops.convert_to_tensor(inverse_var)))
+            out.append(ops.where(ok, inverse, ops.convert_to_tensor(slot)))
             failed = failed + ops.cast(ops.logical_not(ok), backend.count_dtype())
         return out, failed
 
-    def _block_step(self, b, learning_rate, members, momenta=None):
-        """``(new weights of members, inverses, failed)``: the layer's step.
-
-        The direction comes from all the layer's momenta (``momenta``: values by variable index
-        that replace the slots'); only ``members`` move.
-        """
-        momenta = momenta or {}
+    def _directions(self, u, momenta, preconditioners):
+        """``A⁻¹ [M_W; m_b] G⁻¹`` of layer ``u``, from the members' new momenta and the slots
+        of the others (a variable without a gradient still shapes the layer's direction)."""
+        block = self._blocks[u]
+        inverse_a, inverse_g = preconditioners
 
         def momentum_of(i):
             return momenta[i] if i in momenta else ops.convert_to_tensor(self._momenta[i])
 
-        block = self._blocks[b]
-        current = [ops.convert_to_tensor(v) for v in self._factor_inverses[b]]
-        failed = ops.zeros((), backend.count_dtype())
-        (inverse_a, inverse_g), failed = ops.cond(
-            self._refresh_due(),
-            lambda: self._new_block_inverses(b),
-            lambda: (current, failed),
-        )
         kernel = self._trainable_variables[block.kernel_index]
         sdtype = statistics_dtype(kernel.dtype)
-        m_kernel = momentum_of(block.kernel_index)
-        rows = [ops.reshape(ops.cast(m_kernel, sdtype), (-1, block.output_size))]
+        rows = [
+            ops.reshape(ops.cast(momentum_of(block.kernel_index), sdtype), (-1, block.output_size))
+        ]
         if block.bias_index is not None:
             m_bias = momentum_of(block.bias_index)
             rows.append(ops.reshape(ops.cast(m_bias, sdtype), (1, block.output_size)))
@@ -700,121 +507,4 @@ class KFAC(TNT):
         directions = {block.kernel_index: ops.reshape(direction[:kernel_rows], kernel.shape)}
         if block.bias_index is not None:
             directions[block.bias_index] = direction[kernel_rows]
-        weights = []
-        for i in members:
-            var = self._trainable_variables[i]
-            w = ops.convert_to_tensor(var)
-            if self.weight_decay is not None and self._use_weight_decay(var):
-                wd = ops.convert_to_tensor(self.weight_decay, dtype=var.dtype)
-                w = w - w * wd * learning_rate
-            weights.append(w - learning_rate * ops.cast(directions[i], var.dtype))
-        return weights, [inverse_a, inverse_g], failed
-
-    # ------------------------------------------------------ split across replicas
-
-    def _units(self):
-        """Units of split work: each factored layer's variables, then each other variable."""
-        blocked = {i for block in self._blocks for i in block.indices}
-        singles = [(i,) for i in range(len(self._trainable_variables)) if i not in blocked]
-        return [block.indices for block in self._blocks] + singles
-
-    def _unit_costs(self):
-        # A layer: the refresh (din³ + dout³) and the direction A⁻¹ M G⁻¹ (din·dout·(din + dout));
-        # a diagonal side costs d and din·dout instead. Its factors are sums over this replica's
-        # own examples, not redundant work. Others: 0.
-        costs = []
-        for block in self._blocks:
-            cost = 0
-            for d, diag in zip((block.input_size, block.output_size), block.diagonal):
-                other = block.input_size * block.output_size
-                cost += d + other if diag else d**3 + other * d
-            costs.append(cost)
-        return costs + [0] * (len(self._units()) - len(self._blocks))
-
-    def _backend_update_step(self, grads, trainable_variables, learning_rate):
-        owners = self._owners()
-        if owners is None:
-            return super()._backend_update_step(grads, trainable_variables, learning_rate)
-        position = {self._get_variable_index(v): k for k, v in enumerate(trainable_variables)}
-        # This apply's units: the members that have a gradient, as update_step moves them.
-        units, unit_owners = [], []
-        for u, members in enumerate(self._units()):
-            present = tuple(i for i in members if i in position)
-            if present:
-                units.append((u, present))
-                unit_owners.append(owners[u])
-
-        def compute(k, reduced):
-            u, present = units[k]
-            if u >= len(self._blocks):
-                (i,) = present
-                return self._update_values(
-                    i, reduced[position[i]], self._trainable_variables[i], learning_rate
-                )
-            return self._block_values(
-                u, present, [reduced[position[i]] for i in present], learning_rate
-            )
-
-        def zeros(k):
-            u, present = units[k]
-            if u >= len(self._blocks):
-                (i,) = present
-                return self._zero_update_values(i, self._trainable_variables[i])
-            zero = ops.zeros((), backend.count_dtype())
-            variables = [self._trainable_variables[i] for i in present]
-            return (
-                [ops.zeros(v.shape, v.dtype) for v in variables],
-                [ops.zeros(v.shape, self._momenta[i].dtype) for i, v in zip(present, variables)],
-                [ops.zeros(a.shape, a.dtype) for a in self._factor_inverses[u]],
-                zero,
-                [zero for _ in present],
-            )
-
-        def assign(values):
-            for (u, present), value in zip(units, values):
-                if u >= len(self._blocks):
-                    self._assign_update(present[0], self._trainable_variables[present[0]], value)
-                    continue
-                weights, momenta, inverses, failed, skipped = value
-                for i, w, m, nf in zip(present, weights, momenta, skipped):
-                    self.assign(self._momenta[i], m)
-                    self.assign_add(self._skipped[i], nf)
-                    self.assign(self._trainable_variables[i], w)
-                for inverse_var, inverse in zip(self._factor_inverses[u], inverses):
-                    self.assign(inverse_var, inverse)
-                self.assign_add(self._failed[0], failed)
-
-        backend.update_from_owners(
-            grads, unit_owners, compute, zeros, assign, self._curvature_updates
-        )
-
-    def _block_values(self, b, members, gradients, learning_rate):
-        """What :meth:`update_step` computes for layer ``b`` over its ``members``, as values:
-        ``(weights, momenta, inverses, failed, skipped per member)``."""
-        momenta, skipped = {}, []
-        flag = ops.convert_to_tensor(self._block_flags[b])
-        for i, gradient in zip(members, gradients):
-            dtype = self._trainable_variables[i].dtype
-            gradient = ops.cast(gradient, dtype)
-            finite = ops.all(ops.isfinite(gradient))
-            current = ops.convert_to_tensor(self._momenta[i])
-            momentum = ops.convert_to_tensor(self.momentum, dtype=dtype)
-            momenta[i] = ops.where(finite, momentum * current + gradient, current)
-            skipped.append(ops.cast(ops.logical_not(finite), backend.count_dtype()))
-            flag = ops.maximum(flag, skipped[-1])
-        ok = ops.equal(flag, 0)
-        learning_rate = ops.cast(learning_rate, self._trainable_variables[max(members)].dtype)
-        weights, inverses, failed = self._block_step_or_keep(ok, b, learning_rate, members, momenta)
-        n = backend.count_dtype()
-        refresh = ops.logical_and(ok, self._refresh_due())
-        backend.count_replica_work(
-            self, [ops.cast(refresh, n) * 2, ops.zeros((), n), ops.cast(ok, n)]
-        )
-        return weights, [momenta[i] for i in members], inverses, failed, skipped
-
-    # ---------------------------------------------------------------- config
-
-    def get_config(self):
-        config = super().get_config()
-        config.pop("empirical_fisher", None)
-        return config
+        return directions

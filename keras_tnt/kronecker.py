@@ -310,23 +310,6 @@ def inverse_pth_root_eigh(matrix, p: int, damping):
     return root, ok
 
 
-# ------------------------------------------------------------ ownership across replicas
-
-
-def preconditioner_cost(modes: Sequence[int], diagonal: Sequence[bool] | None = None) -> int:
-    """Multiply-adds of one tensor's preconditioner work, to balance it across replicas.
-
-    ``Σ d_i³`` for the factorisations of a refresh plus ``2 Π d_i · Σ d_i`` for the mode
-    contractions and the preconditioned direction (one product per mode each). A diagonal mode
-    costs ``d_i + 2 Π d_i`` instead. A tensor with no modes costs nothing.
-    """
-    if not modes:
-        return 0
-    size = math.prod(modes)
-    flags = _diagonal_flags(modes, diagonal)
-    return int(sum(d + 2 * size if diag else d**3 + 2 * size * d for d, diag in zip(modes, flags)))
-
-
 def diagonal_inverse_pth_root(h, p: int, damping):
     """``(h + damping)^{-1/p}`` elementwise for a diagonal statistic ``h`` (a vector), and
     whether it is finite (Shampoo's root of a diagonal factor)."""
@@ -335,22 +318,3 @@ def diagonal_inverse_pth_root(h, p: int, damping):
     root = ops.power(damped, ops.convert_to_tensor(-1.0 / p, dtype=h.dtype))
     ok = ops.logical_and(ops.all(ops.isfinite(root)), ops.all(damped > 0))
     return root, ok
-
-
-def plan_owners(costs: Sequence[int], replicas: int) -> list[int]:
-    """The replica that owns each tensor: longest processing time first.
-
-    Tensors are taken by decreasing cost (ties: lower index first) and each goes to the replica
-    with the least work so far (ties: lower replica id), so the plan is deterministic and the
-    same on every replica and worker. The heaviest replica carries at most ``4/3`` of the
-    optimum (Graham's bound).
-    """
-    if replicas < 1:
-        raise ValueError(f"`replicas` must be >= 1; received {replicas}.")
-    load = [0] * replicas
-    owners = [0] * len(costs)
-    for index in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
-        replica = min(range(replicas), key=lambda r: (load[r], r))
-        owners[index] = replica
-        load[replica] += costs[index]
-    return owners

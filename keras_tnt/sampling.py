@@ -27,6 +27,7 @@ import keras
 from keras import ops
 
 from keras_tnt import losses as tnt_losses
+from keras_tnt._variables import statistics_dtype
 
 _CATEGORICAL = "categorical"
 _SPARSE = "sparse_categorical"
@@ -68,9 +69,7 @@ class TargetSampler:
         with the example's position: ``y_pred`` holds the examples ``first_example, ...`` of
         a global batch (a replica's slice), and draws what one device would draw for them.
         """
-        dtype = (
-            "float64" if keras.backend.standardize_dtype(y_pred.dtype) == "float64" else "float32"
-        )
+        dtype = statistics_dtype(y_pred.dtype)
         y_pred = ops.stop_gradient(ops.cast(y_pred, dtype))
         first = 0
         if not (isinstance(first_example, int) and first_example == 0):

@@ -8,7 +8,7 @@ minibatch gradient ``g``) and a different preconditioner: for a tensor with ``k`
     P_i = (H_i + \varepsilon I)^{-1/(2k)},\qquad
     W \leftarrow W (1 - \alpha\lambda) - \alpha\, m \times_1 P_1 \times_2 \cdots \times_k P_k
 
-with no trace normalisation (algorithm.md §3). The momentum, the moving average and warm start
+with no trace normalisation (docs/algorithm.md §3). The momentum, the moving average and warm start
 of the statistics and the refresh schedule are TNT's. The roots (``p = 2k``; 1-D tensors:
 ``p = 2``) come from an eigendecomposition on a CPU
 (:func:`keras_tnt.kronecker.inverse_pth_root_eigh`) and from the coupled Newton iteration of the
@@ -27,6 +27,7 @@ from __future__ import annotations
 import keras
 from keras import ops
 
+from keras_tnt import _checks
 from keras_tnt import backend
 from keras_tnt import kronecker
 from keras_tnt.tnt import TNT
@@ -81,16 +82,8 @@ class Shampoo(TNT):
                 "Shampoo always takes its statistics from the gradients given to `apply`; "
                 "`empirical_fisher` is not one of its arguments."
             )
-        if not isinstance(refresh_at_inverse_period_only, bool):
-            raise TypeError(
-                "`refresh_at_inverse_period_only` must be True or False; received "
-                f"{refresh_at_inverse_period_only!r}."
-            )
-        if root_method not in ROOT_METHODS:
-            raise ValueError(
-                f"`root_method` must be one of {', '.join(map(repr, ROOT_METHODS))}; received "
-                f"{root_method!r}."
-            )
+        _checks.flag("refresh_at_inverse_period_only", refresh_at_inverse_period_only)
+        _checks.one_of("root_method", root_method, ROOT_METHODS)
         super().__init__(
             learning_rate=learning_rate,
             damping=damping,
@@ -119,23 +112,22 @@ class Shampoo(TNT):
             return ops.equal(t % ops.cast(self.inverse_update_period, t.dtype), 0)
         return super()._refresh_due()
 
-    def _new_inverses(self, idx):
-        """``(roots, failed)``: the refreshed ``P_i = (H_i + εI)^(-1/(2k))`` of variable ``idx``."""
-        modes = self._modes[idx]
-        p = 2 * len(modes)
-        stats = [ops.convert_to_tensor(h) for h in self._statistics[idx]]
+    def _refresh(self, u):
+        """``(roots, failed)``: the refreshed ``P_i = (H_i + εI)^(-1/(2k))`` of tensor ``u``."""
+        p = 2 * len(self._modes[u])
+        stats = [ops.convert_to_tensor(h) for h in self._statistics[u]]
         damping = ops.convert_to_tensor(self.damping, dtype=stats[0].dtype)
         failed = ops.zeros((), backend.count_dtype())
         out = []
         method = self.resolved_root_method
-        for h, root_var in zip(stats, self._inverses[idx]):
+        for h, slot in zip(stats, self._preconditioners[u]):
             if len(h.shape) == 1:  # a diagonal factor
                 root, ok = kronecker.diagonal_inverse_pth_root(h, p, damping)
             elif method == "eigh":
                 root, ok = kronecker.inverse_pth_root_eigh(h, p, damping)
             else:
                 root, ok = kronecker.inverse_pth_root(h, p, damping)
-            out.append(ops.where(ok, root, ops.convert_to_tensor(root_var)))
+            out.append(ops.where(ok, root, ops.convert_to_tensor(slot)))
             failed = failed + ops.cast(ops.logical_not(ok), backend.count_dtype())
         return out, failed
 

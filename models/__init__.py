@@ -1,4 +1,4 @@
-"""The paper's model zoo (see docs/algorithm.md §5 of the project's reference notes)."""
+"""The paper's model zoo (see docs/algorithm.md §8)."""
 
 from models.autoencoder import autoencoder
 from models.autoencoder import digits_autoencoder

@@ -1,4 +1,4 @@
-"""Input pipelines of the paper's experiments, as ``tf.data`` (docs/algorithm.md §5).
+"""Input pipelines of the paper's experiments, as ``tf.data`` (docs/algorithm.md §8).
 
 ``load(name, split, batch_size)`` returns a batched, prefetched ``tf.data.Dataset`` of
 ``(x, y)`` pairs: ``y`` is the integer label (``target="label"``, int32) or ``x`` itself

@@ -1,6 +1,6 @@
 """One registry of named problems: model + loss + data + the paper's settings.
 
-Every experiment of the paper (``docs/algorithm.md`` §5 of the project notes) is a
+Every experiment of the paper (``docs/algorithm.md`` §8) is a
 :class:`Problem`; ``train.py --problem=NAME`` runs it. The three ``digits_*`` problems use
 scikit-learn's 8x8 digits, which ship inside the wheel, and are the offline defaults
 (``digits_transformer`` reads each image as 64 tokens, for TNT on embeddings and attention).

@@ -1,4 +1,5 @@
-"""TNT through a real convolutional network against the NumPy transcription of algorithm.md.
+"""TNT through a real convolutional network against the NumPy transcription of
+docs/algorithm.md §2 and §5.
 
 A bias-free 3x3 Conv2D (stride 1) + BatchNormalization + tanh, a second one with stride 2, and a
 Dense head, in float64: a warm start and three training steps of `FisherModel.fit` with TNT,

@@ -102,7 +102,7 @@ def test_mocked_pipeline_matches_the_raw_examples(name):
 
 
 def test_constants_are_the_published_numbers():
-    """Pinned to docs/algorithm.md (the authors' code; CIFAR-10's are the widely used ones)."""
+    """Pinned to docs/algorithm.md §8 (the authors' code; CIFAR-10's are the widely used ones)."""
     assert data.CIFAR_MEAN == {
         "cifar10": (0.4914, 0.4822, 0.4465),
         "cifar100": (0.507, 0.487, 0.441),

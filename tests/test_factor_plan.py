@@ -145,8 +145,8 @@ def test_plan_bytes_are_the_allocated_bytes_and_the_default_keeps_vgg_widths_ful
     ]
     opt.build(variables)
     for i, entry in enumerate(entries):
-        slots = [opt._momenta[i], *opt._statistics[i], *opt._inverses[i]]
-        slots += [opt._counts[i], opt._skipped[i], opt._failed[i]]
+        slots = [opt._momenta[i], *opt._statistics[i], *opt._preconditioners[i]]
+        slots += [opt._counts[i], opt._skipped[i], opt._variable_failures[i]]
         allocated = sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in slots)
         assert entry["state_bytes"] == allocated, entry["variable"]
     # The bound's diagonal factors: 4097 + 5000 numbers instead of 4097² + 5000².

@@ -1,4 +1,4 @@
-"""keras_tnt.KFAC against dense Fisher blocks and a NumPy transcription of algorithm.md §3."""
+"""keras_tnt.KFAC against dense Fisher blocks and a NumPy transcription of docs/algorithm.md §4."""
 
 import math
 
@@ -138,7 +138,8 @@ def test_conv2d_patches_match_the_kernel_layout_and_factor_scale(float64, conv_k
 
 
 class RefKFAC:
-    """algorithm.md §3 for a Dense-tanh-Dense softmax classifier, labels = argmax (as above)."""
+    """docs/algorithm.md §4 for a Dense-tanh-Dense softmax classifier, labels = argmax (as
+    above)."""
 
     def __init__(self, weights, lr, lam, beta, rho, T1, T2, wd, diagonal=((0, 0), (0, 0))):
         self.w = [np.array(w, np.float64) for w in weights]  # W1, b1, W2, b2
@@ -359,6 +360,14 @@ def test_bad_hyper_parameters_raise(kwargs, name):
         keras_tnt.KFAC(**kwargs)
 
 
+@pytest.mark.parametrize("value", [True, False])
+def test_empirical_fisher_is_refused_not_dropped(value):
+    # KFAC's factors always come from the layers' sampled pre-activation gradients.
+    with pytest.raises(TypeError, match="`empirical_fisher` is not one of its arguments"):
+        keras_tnt.KFAC(empirical_fisher=value)
+    assert "empirical_fisher" not in keras_tnt.KFAC().get_config()
+
+
 def test_non_finite_gradient_never_reaches_the_layer():
     model = _build(_mlp(keras_tnt.FisherModel), learning_rate=0.1)
     opt = model.optimizer
@@ -529,7 +538,7 @@ def test_failed_inversion_keeps_the_previous_inverse_and_is_counted(float64):
     factor_g = np.array(opt.factors(layer)[1])
     opt.factors(layer)[0].assign(np.full(previous[0].shape, np.nan))
     opt.factors(layer)[1].assign(2.0 * factor_g)
-    inverses, failed = opt._new_block_inverses(0)
+    inverses, failed = opt._refresh(0)
     assert int(failed) == 1
     np.testing.assert_array_equal(np.array(inverses[0]), previous[0])
     expected_g = np.linalg.inv(2.0 * factor_g + math.sqrt(0.3) * np.eye(len(factor_g)))
@@ -561,7 +570,7 @@ def _im2col_3x3(x):
 
 
 class RefConvKFAC:
-    """algorithm.md §3 for Conv2D(2, 3x3, valid, bias) - tanh - Flatten - Dense(3), softmax
+    """docs/algorithm.md §4 for Conv2D(2, 3x3, valid, bias) - tanh - Flatten - Dense(3), softmax
     cross-entropy, written out in NumPy (forward, backward, im2col, factors, step)."""
 
     def __init__(self, weights, lr, lam, beta, rho, T1, T2, wd):

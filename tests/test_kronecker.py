@@ -1,4 +1,4 @@
-"""keras_tnt.kronecker against dense NumPy references (float64, algorithm.md §2 and §4)."""
+"""keras_tnt.kronecker against dense NumPy references (float64, docs/algorithm.md §2 and §5)."""
 
 import math
 from functools import reduce

@@ -1,8 +1,8 @@
-"""TNT on the Keras layers people use beyond the paper's: each layer's tensors get the modes the
-README's table lists (written out here, not asked of the code), and one step equals a dense NumPy
-computation on a tiny instance: the statistics of the sampled-label (Fisher) gradient given to
-``update_curvature``, np.kron of the inverses of every mode's factor applied to vec(m) of the
-(different) gradient given to ``apply``."""
+"""TNT on the Keras layers people use beyond the paper's: each layer's tensors get the modes
+docs/guide/training.md's table lists (written out here, not asked of the code), and one step
+equals a dense NumPy computation on a tiny instance: the statistics of the sampled-label
+(Fisher) gradient given to ``update_curvature``, np.kron of the inverses of every mode's factor
+applied to vec(m) of the (different) gradient given to ``apply``."""
 
 import math
 
@@ -40,9 +40,10 @@ def _inputs(shape, rng, integers=None):
     return rng.standard_normal(shape)
 
 
-# The README's table of modes (section "Large modes, per-variable choices and memory"), one
-# instance per row: Keras layer -> (builder of the output from the input (float64), input shape
-# and vocabulary (None: float inputs), {variable path after "layer/": modes}).
+# The table of modes in docs/guide/training.md ("Large modes, per-variable choices and
+# memory"), one instance per row: Keras layer -> (builder of the output from the input
+# (float64), input shape and vocabulary (None: float inputs), {variable path after "layer/":
+# modes}).
 LAYERS = {
     "dense": (
         lambda x: keras.layers.Dense(3, name="layer")(x),

@@ -1,4 +1,4 @@
-"""keras_tnt.Shampoo and kronecker.inverse_pth_root against NumPy (algorithm.md §3)."""
+"""keras_tnt.Shampoo and kronecker.inverse_pth_root against NumPy (docs/algorithm.md §3)."""
 
 import keras
 import numpy as np
@@ -38,13 +38,13 @@ def _rel(actual, expected):
 
 
 def _modes(shape):
-    """algorithm.md §4: 1-3 dims unchanged, 4+ dims: the leading (spatial) axes merged."""
+    """docs/algorithm.md §5: 1-3 dims unchanged, 4+ dims: the leading (spatial) axes merged."""
     shape = tuple(shape)
     return shape if len(shape) <= 3 else (int(np.prod(shape[:-2])),) + shape[-2:]
 
 
 class RefShampoo:
-    """algorithm.md §3: TNT's schedule with statistics from g and P_i = (H_i + εI)^(-1/(2k)),
+    """docs/algorithm.md §3: TNT's schedule with statistics from g and P_i = (H_i + εI)^(-1/(2k)),
     for tensors of any number of modes, with TNT's warm start and decoupled weight decay."""
 
     def __init__(self, shapes, lr, eps, beta, rho, T1, T2, period_only, weight_decay=0.0):
@@ -324,7 +324,7 @@ def test_failed_root_keeps_previous_and_is_counted(float64):
     previous = [np.array(p) for p in opt.inverses(kernel)]
     # A finite gradient but an infinite statistic: the roots are not finite, the old ones stay.
     opt._statistics[0][0].assign(np.full((2, 2), np.inf))
-    roots, failed = opt._new_inverses(0)
+    roots, failed = opt._refresh(0)
     assert int(failed) == 1
     np.testing.assert_array_equal(np.array(roots[0]), previous[0])
     assert np.all(np.isfinite(np.array(kernel)))
@@ -379,7 +379,7 @@ def test_trains_a_plain_keras_model():
 
 
 def _coupled_newton(a, p, tol, max_iterations):
-    """NumPy transcription of the iteration in algorithm.md §3, with its 1.2x growth guard."""
+    """NumPy transcription of the iteration in docs/algorithm.md §3, with its 1.2x growth guard."""
     eye = np.eye(len(a))
     z = (1 + p) / (2 * np.linalg.norm(a))
     m, x = z * a, z ** (1 / p) * eye

@@ -15,6 +15,7 @@ import pytest
 import tensorflow as tf
 
 import keras_tnt
+from keras_tnt import _replicas
 from keras_tnt import kronecker
 from tests.conftest import mirrored
 from tests.conftest import replica_values
@@ -226,7 +227,7 @@ def test_plan_balances_by_cost_within_grahams_bound():
     for _ in range(30):
         costs = [int(c) for c in rng.integers(1, 1000, size=rng.integers(1, 8))]
         replicas = int(rng.integers(1, 4))
-        owners = kronecker.plan_owners(costs, replicas)
+        owners = _replicas.plan_owners(costs, replicas)
         assert all(0 <= o < replicas for o in owners)
         load = max(
             sum(c for c, o in zip(costs, owners, strict=True) if o == r) for r in range(replicas)
@@ -236,13 +237,13 @@ def test_plan_balances_by_cost_within_grahams_bound():
             for plan in itertools.product(range(replicas), repeat=len(costs))
         )
         assert load <= 4 / 3 * best
-        assert owners == kronecker.plan_owners(costs, replicas)  # deterministic
+        assert owners == _replicas.plan_owners(costs, replicas)  # deterministic
 
 
 def test_cost_model_counts_refresh_contraction_and_preconditioning():
     # A 30x20 kernel: 30^3 + 20^3 for the inverses, 2 * 600 * (30 + 20) for the products.
-    assert kronecker.preconditioner_cost((30, 20)) == 27000 + 8000 + 2 * 600 * 50
-    assert kronecker.preconditioner_cost(()) == 0
+    assert _replicas.preconditioner_cost((30, 20)) == 27000 + 8000 + 2 * 600 * 50
+    assert _replicas.preconditioner_cost(()) == 0
 
 
 def test_split_argument_is_checked():

@@ -1,4 +1,4 @@
-"""keras_tnt.TNT used directly, against a NumPy implementation of algorithm.md §2."""
+"""keras_tnt.TNT used directly, against a NumPy implementation of docs/algorithm.md §2."""
 
 import math
 from functools import reduce
@@ -21,7 +21,7 @@ RTOL = 1e-12
 
 
 def _modes(shape):
-    """algorithm.md §4: scalar -> (), 1-3 dims unchanged, 4+ dims: leading axes merged."""
+    """docs/algorithm.md §5: scalar -> (), 1-3 dims unchanged, 4+ dims: leading axes merged."""
     shape = tuple(shape)
     if len(shape) <= 3:
         return shape
@@ -47,7 +47,7 @@ def _normalize(stats, modes):
 
 
 class RefTNT:
-    """Step-by-step NumPy transcription of algorithm.md §2 (one entry per trainable tensor)."""
+    """Step-by-step NumPy transcription of docs/algorithm.md §2 (one entry per trainable tensor)."""
 
     def __init__(
         self,
@@ -297,7 +297,7 @@ def test_refresh_and_curvature_schedule(float64, T1, T2, warm, refresh_steps, cu
     """Statistics are folded at EVERY step here, so an inverse changes iff it was refreshed."""
     kw = dict(HYPER, curvature_update_period=T1, inverse_update_period=T2, weight_decay=0.25)
     shapes = [(4, 3), (3,)]
-    # The schedule of algorithm.md §2, written out by hand for 10 steps.
+    # The schedule of docs/algorithm.md §2, written out by hand for 10 steps.
     assert [t for t in range(10) if t % (T1 if t < T2 else T2) == 0] == refresh_steps
     assert [t for t in range(10) if t % T1 == 0 and not (t == 0 and warm)] == curvature_steps
 

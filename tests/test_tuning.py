@@ -235,7 +235,7 @@ def _write_run(run_dir, optimizer, seed, columns, classifier):
         writer.writerow(names)
         writer.writerows(zip(*(columns[n] for n in names), strict=True))
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
-        json.dump({}, f)
+        json.dump({"steps": 3 * int(columns["epoch"][-1]) + seed}, f)  # train.py's step count
 
 
 def _synthetic_history(rng, epochs, classifier):
@@ -312,6 +312,7 @@ def test_reproduce_table_is_the_mean_and_std_over_seeds(tmp_path, monkeypatch, p
             f"best_{metric}": best,
             f"final_{extra}": [h[extra][-1] for h in runs],
             "epochs": [h["epoch"][-1] for h in runs],
+            "steps": [3 * h["epoch"][-1] + s for s, h in enumerate(runs)],
             "train_seconds": [h["train_seconds"][-1] for h in runs],
             "wall_seconds": [h["wall_seconds"][-1] for h in runs],
         }

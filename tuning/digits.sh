@@ -33,8 +33,8 @@ done
 
 # The per-second race (docs/reproduction/digits_autoencoder_race.md): the autoencoder's best
 # configurations again, 3 seeds each, for 30 s of training per run instead of 30 epochs (every
-# optimizer is then in its slow phase: see the README), validated every 50 epochs and
-# checkpointed every 100 (epochs take ~70 ms here); the table adds the time to reach Adam's
+# optimizer is then in its slow phase: see docs/guide/reproduction.md), validated every 50
+# epochs and checkpointed every 100 (epochs take ~70 ms here); the table adds the time to reach Adam's
 # final loss and a harder target. About 30 minutes.
 $PY -m tuning.reproduce --problem=digits_autoencoder --seeds=3 --best_dir="$BEST" \
   --runs_dir="$RUNS-race" --output=docs/reproduction/digits_autoencoder_race \

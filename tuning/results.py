@@ -2,16 +2,16 @@
 
 The table has, per optimizer, the mean and sample standard deviation (``ddof=1``; empty for one
 seed) over seeds of: the final and the best value of the problem's selection metric (smoothed
-minibatch training loss for autoencoders, validation accuracy for classifiers), the final value of
-one more metric (test loss for autoencoders, training loss for classifiers), the epochs done and
-the training / wall-clock seconds used. "Final" is the last row of ``history.csv``; "best" is the
-best row, i.e. the best value at an epoch end. Training seconds count the training steps only
-(not validation, checkpoints or the warm start, which has its own column); the one-off tracing
-part of them is estimated per run (:func:`tracing_seconds`) and reported on its own. The figure
-follows the paper's Figures 2 and 3 and ``plot.py``'s style: the mean curve over seeds with a ±1
-standard-deviation band, against epochs and against training time without tracing. The target
-table (:func:`target_rows`) has the paper's practical metric: the seconds (without tracing) and
-epochs each optimizer took to first reach a target value.
+minibatch training loss for autoencoders, validation accuracy for classifiers), the final value
+of one more metric (test loss for autoencoders, training loss for classifiers), the epochs and
+the steps done and the training / wall-clock seconds used. "Final" is the last row of
+``history.csv``; "best" is the best row, i.e. the best value at an epoch end. Training seconds
+count the training steps only (not validation, checkpoints or the warm start, which has its own
+column); the one-off tracing part of them is estimated per run (:func:`tracing_seconds`) and
+reported on its own. The figure follows the paper's Figures 2 and 3 and ``plot.py``'s style: the
+mean curve over seeds with a ±1 standard-deviation band, against epochs and against training time
+without tracing. The target table (:func:`target_rows`) has the paper's practical metric: the
+seconds (without tracing) and epochs each optimizer took to first reach a target value.
 """
 
 from __future__ import annotations
@@ -196,6 +196,7 @@ def run_metrics(run: Run, criterion: common.Criterion, extra: str) -> dict[str, 
         f"best_{criterion.metric}": criterion.best(values),
         f"final_{extra}": float(h[extra][-1]),
         "epochs": float(h["epoch"][-1]),
+        "steps": float(run.summary.get("steps", math.nan)),
         "train_seconds": float(h["train_seconds"][-1]),
         "tracing_seconds": tracing_seconds(run),
         "warm_start_seconds": float(run.summary.get("warm_start_seconds", math.nan)),
@@ -297,6 +298,7 @@ def markdown_table(rows: list[dict], problem: str) -> str:
         f"best {label(m, m)}",
         f"final {label(extra, extra)}",
         "epochs",
+        "steps",
         "training s",
         "of which tracing s",
         "warm start s",
@@ -314,6 +316,7 @@ def markdown_table(rows: list[dict], problem: str) -> str:
             _pm(row, f"best_{m}"),
             _pm(row, f"final_{extra}"),
             _pm(row, "epochs", 3),
+            _pm(row, "steps", 3),
             _pm(row, "train_seconds", 3),
             _pm(row, "tracing_seconds", 2),
             _pm(row, "warm_start_seconds", 2),

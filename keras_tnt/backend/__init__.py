@@ -11,8 +11,9 @@ backend module provides the same names:
   curvature data reaches the statistics of every replica.
 * ``outside_graph()``, ``value_now(variable)``: reading a variable's stored value while a step
   is being traced (to restore, or to check, state at build time).
-* ``single_program()``, ``split_replicas()``, ``update_from_owners(...)``: whether the update
-  runs as one program (no ``tf.distribute``), and how its work is split across replicas.
+* ``split_replicas()``, ``update_everywhere(...)``, ``update_from_owners(...)``: whether the
+  update's units of work are split across replicas, and the two ways of running it (every
+  replica computes every unit; each unit's owner computes it and shares it by an all-reduce).
 * ``has_accelerator()``: whether a GPU or TPU is visible (Shampoo picks its root method).
 * ``cholesky(x)``, ``extract_patches(layer, inputs)``: the few kernels ``keras.ops`` does not
   give as the math needs them.

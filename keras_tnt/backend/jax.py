@@ -41,7 +41,7 @@ __all__ = [
     "num_replicas",
     "outside_graph",
     "replica_work",
-    "single_program",
+    "update_everywhere",
     "split_replicas",
     "update_from_owners",
     "value_now",
@@ -108,16 +108,18 @@ def fold_across_replicas(
 # Splitting the preconditioner work across devices (TensorFlow: ``update_from_owners``) is not
 # done on JAX: under ``keras.distribution.DataParallel`` the step is one global program that XLA
 # partitions (GSPMD), with no replica id to branch on. It would need the optimizer update under
-# ``jax.shard_map`` with a per-device ``lax.axis_index`` and a ``psum``; see the README.
-
-
-def single_program() -> bool:
-    return True  # under keras.distribution the step is one global program, too
+# ``jax.shard_map`` with a per-device ``lax.axis_index`` and a ``psum``; see docs/guide/jax.md.
 
 
 def split_replicas(optimizer=None):
     del optimizer
     return None
+
+
+def update_everywhere(grads, compute, assign, anchor) -> None:
+    """``assign(compute(grads))``: under keras.distribution the step is one global program."""
+    del anchor
+    assign(compute(list(grads)))
 
 
 def update_from_owners(grads, owners, compute, zeros, assign, anchor) -> None:

@@ -35,7 +35,7 @@ __all__ = [
     "num_replicas",
     "outside_graph",
     "replica_work",
-    "single_program",
+    "update_everywhere",
     "split_replicas",
     "update_from_owners",
     "value_now",
@@ -158,12 +158,6 @@ def _tf_variable(variable):
 # ------------------------------------------------------- split work across replicas
 
 
-def single_program() -> bool:
-    """Whether no ``tf.distribute`` strategy is in use: the optimizer's update may assign its
-    variables directly, in one grouped program (else Keras' per-variable ``update`` path)."""
-    return not tf.distribute.has_strategy()
-
-
 def split_replicas(optimizer=None):
     """The number of replicas to split work across, or None (one replica, no replica context).
 
@@ -218,6 +212,43 @@ def update_from_owners(grads, owners, compute, zeros, assign, anchor) -> None:
     reduced = ctx.all_reduce(tf.distribute.ReduceOp.SUM, list(grads))
     values = _from_owners(ctx, owners, lambda k: compute(k, reduced), zeros)
     flat = tf.nest.flatten(values)
+
+    def merge_fn(strategy, flat):
+        strategy.extended.update(
+            _tf_variable(anchor),
+            lambda _, *v: assign(tf.nest.pack_sequence_as(values, list(v))),
+            args=tuple(flat),
+            group=False,
+        )
+
+    ctx.merge_call(merge_fn, args=(flat,))
+
+
+def update_everywhere(grads, compute, assign, anchor) -> None:
+    """The optimizer step with every replica computing every unit (no split).
+
+    Without a strategy: ``assign(compute(grads))``. In a replica context: the gradients are
+    summed over replicas (as Keras' ``apply`` does), each replica computes ``compute(reduced)``
+    (the same numbers on every replica) and ``assign`` writes them on its devices.
+    """
+    if not tf.distribute.has_strategy():
+        assign(compute(list(grads)))
+        return
+    ctx = tf.distribute.get_replica_context()
+    if ctx is None:  # cross-replica context: the values are the same on every device
+        values = compute(list(grads))
+        flat = [tf.convert_to_tensor(v) for v in tf.nest.flatten(values)]
+        tf.distribute.get_strategy().extended.update(
+            _tf_variable(anchor),
+            lambda _, *v: assign(tf.nest.pack_sequence_as(values, list(v))),
+            args=tuple(flat),
+            group=False,
+        )
+        return
+    reduced = ctx.all_reduce(tf.distribute.ReduceOp.SUM, list(grads))
+    values = compute(reduced)
+    # Tensors, not variables: a unit may hand back a slot variable itself.
+    flat = [tf.convert_to_tensor(v) for v in tf.nest.flatten(values)]
 
     def merge_fn(strategy, flat):
         strategy.extended.update(

@@ -1,0 +1,413 @@
+"""What TNT, Shampoo and KFAC share: :class:`KroneckerOptimizer`.
+
+Each optimizer keeps, per *unit* of work (TNT and Shampoo: one tensor; KFAC: one layer's kernel
+and bias, or one tensor it does not factor), statistics folded from curvature inputs, and
+preconditioners refreshed from them on a schedule; every step moves the unit's momenta
+``m ← β m + g`` along a direction computed from its momenta and preconditioners. This base holds
+everything but the statistic, the refresh rule, the direction and the unit's cost: the arguments
+and config, the counters, saving and restoring (also before the build), matching inputs to
+variables, the moving averages, the apply guard, the step of a unit with its non-finite check and
+decoupled weight decay, and who computes which unit when there are several replicas
+(``docs/algorithm.md`` §2 and §6).
+"""
+
+from __future__ import annotations
+
+import collections
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_tnt import _checks
+from keras_tnt import _plan
+from keras_tnt import backend
+from keras_tnt._saved_state import SavedStateMixin
+from keras_tnt._units import UnitStepMixin
+
+# How `update_curvature`'s arguments are named in its errors.
+CurvatureWords = collections.namedtuple("CurvatureWords", ["values", "value", "keys", "key"])
+
+
+class KroneckerOptimizer(UnitStepMixin, SavedStateMixin, keras.optimizers.Optimizer):
+    """The shared machinery of the Kronecker-factored optimizers (not used directly).
+
+    A subclass creates its slots in :meth:`_create_slots` (calling :meth:`_build_counters` at
+    its place in the saved order) and defines its plan (:meth:`_plan_entries`), its statistics
+    fold (:meth:`_fold`), its failure counters and its units (:class:`~keras_tnt._units.
+    UnitStepMixin`: :meth:`_units`, :meth:`_unit_costs`, :meth:`_unit_preconditioners`,
+    :meth:`_unit_failures`, :meth:`_refresh`, :meth:`_refresh_due`, :meth:`_directions`).
+    Saving and restoring: :class:`~keras_tnt._saved_state.SavedStateMixin`.
+    """
+
+    # What `update_curvature` takes: one sampled-label gradient per variable ("gradients"), or
+    # per-layer inputs and pre-activation gradients ("layers", KFAC).
+    curvature_inputs = "gradients"
+    _curvature_words = CurvatureWords(
+        "fisher_gradients", "gradient", "trainable_variables", "trainable variable"
+    )
+    # The optimizer-wide counters of `_build_counters`, in no variable's plan entry.
+    _optimizer_counters = 3
+    # Whether a warm start's statistics serve the first step (no fold at t = 0 after one).
+    _warm_start_serves_first_step = True
+
+    def __init__(
+        self,
+        learning_rate,
+        damping,
+        momentum=0.9,
+        statistics_decay=0.9,
+        curvature_update_period=1,
+        inverse_update_period=20,
+        weight_decay=None,
+        split_preconditioner=None,
+        max_factor_dim=_plan.DEFAULT_MAX_FACTOR_DIM,
+        factor_overrides=None,
+        memory_limit_bytes=None,
+        **kwargs,
+    ):
+        if isinstance(learning_rate, (int, float)) and not isinstance(learning_rate, bool):
+            learning_rate = _checks.number("learning_rate", learning_rate, 0.0, low_open=True)
+        if weight_decay is not None:
+            weight_decay = _checks.number("weight_decay", weight_decay, 0.0)
+        super().__init__(learning_rate=learning_rate, weight_decay=weight_decay, **kwargs)
+        self.damping = _checks.number("damping", damping, 0.0, low_open=True)
+        self.momentum = _checks.number("momentum", momentum, 0.0, 1.0)
+        self.statistics_decay = _checks.number("statistics_decay", statistics_decay, 0.0, 1.0)
+        self.curvature_update_period = _checks.period(
+            "curvature_update_period", curvature_update_period
+        )
+        self.inverse_update_period = _checks.period("inverse_update_period", inverse_update_period)
+        self.split_preconditioner = _checks.flag(
+            "split_preconditioner", split_preconditioner, allow_none=True
+        )
+        self.max_factor_dim = _checks.max_factor_dim(max_factor_dim)
+        self.factor_overrides = _checks.factor_overrides(factor_overrides)
+        self.memory_limit_bytes = _checks.memory_limit(memory_limit_bytes)
+        # Set once something feeds statistics (update_curvature, a FisherModel, a restored
+        # state); `apply` refuses to precondition with statistics nobody will ever fill.
+        self._curvature_source = False
+        # What an optimizer saved before it was built holds (iterations, learning rate).
+        self._unbuilt_variable_count = len(self.variables)
+
+    @property
+    def needs_sampled_gradients(self) -> bool:
+        """Whether statistics come from a sampled-label (Fisher) pass, i.e. need a FisherModel."""
+        return True
+
+    def mark_curvature_source(self) -> None:
+        """Declares that something will feed the statistics (``FisherModel.compile`` calls it):
+        ``apply`` then preconditions even before the first :meth:`update_curvature`."""
+        self._curvature_source = True
+
+    # ------------------------------------------------------------------ plan
+
+    def _plan_entries(self, var_list) -> list[dict]:
+        raise NotImplementedError
+
+    def plan(self, var_list=None) -> list[dict]:
+        """The preconditioner of every variable, before anything is allocated.
+
+        One dict per variable (build order): ``variable`` (its path), ``shape``, ``modes``
+        (the factor sizes; empty for the plain momentum step), ``factors`` (``"full"`` or
+        ``"diagonal"`` per mode), ``override`` (the kind a ``factor_overrides`` pattern set, or
+        None) and ``state_bytes`` (its momentum, statistics, inverses and counters).
+        ``var_list`` defaults to the variables the optimizer was built with.
+        :meth:`describe_plan` prints it as a table.
+        """
+        if var_list is None:
+            self._require_built("plan")
+            var_list = self._trainable_variables
+        return self._plan_entries(var_list)
+
+    def _shared_state_bytes(self, var_list) -> int:
+        return _plan.shared_bytes(
+            var_list, self._optimizer_counters, self.use_ema, self.gradient_accumulation_steps
+        )
+
+    def plan_bytes(self, var_list=None) -> int:
+        """The bytes of optimizer state :meth:`build` allocates for ``var_list`` (default: the
+        variables the optimizer was built with), before anything is allocated: the
+        ``state_bytes`` of :meth:`plan`, the optimizer-wide counters and, when set, Keras'
+        ``use_ema`` and ``gradient_accumulation_steps`` copies of the variables. What
+        ``memory_limit_bytes`` bounds and :meth:`describe_plan` totals. Keras' ``iterations``
+        and learning rate, which exist before the build, are not counted."""
+        if var_list is None:
+            self._require_built("plan_bytes")
+            var_list = self._trainable_variables
+        entries = self.plan(var_list)
+        return sum(e["state_bytes"] for e in entries) + self._shared_state_bytes(var_list)
+
+    def describe_plan(self, var_list=None) -> str:
+        """:meth:`plan` as a table, with the total optimizer-state memory (:meth:`plan_bytes`)."""
+        if var_list is None:
+            self._require_built("describe_plan")
+            var_list = self._trainable_variables
+        return _plan.describe(
+            self.plan(var_list),
+            self._shared_state_bytes(var_list),
+            self.use_ema,
+            self.gradient_accumulation_steps,
+        )
+
+    def _check_plan(self, var_list) -> list[dict]:
+        """The plan of ``var_list``; raises before any allocation if it breaks a setting."""
+        entries = self.plan(var_list)
+        _plan.check(
+            self.name,
+            entries,
+            self._shared_state_bytes(var_list),
+            self.factor_overrides,
+            self.memory_limit_bytes,
+            self.max_factor_dim,
+        )
+        return entries
+
+    # ------------------------------------------------------------------ state
+
+    def build(self, var_list):
+        if self.built:
+            return
+        entries = self._check_plan(var_list)  # raises before any allocation
+        super().build(var_list)
+        # The order of creation is the order of saving: it must never depend on anything but
+        # var_list (optimizer state is restored by index).
+        self._create_slots(var_list, entries)
+        self._restore_pending()
+
+    def _create_slots(self, var_list, entries) -> None:
+        raise NotImplementedError
+
+    def _add_counter(self, name):
+        """A scalar integer slot (int64; int32 on JAX without x64, as Keras' `iterations`)."""
+        return self.add_variable((), dtype=backend.count_dtype(), name=name)
+
+    def _build_counters(self):
+        """The optimizer-wide counters."""
+        self._curvature_updates = self._add_counter("curvature_updates")
+        self._warm_start_batches = self._add_counter("warm_start_batches")
+        self._skipped_curvature = self._add_counter("skipped_curvature_updates")
+        backend.make_work_counter(self)  # not optimizer state
+
+    # ------------------------------------------------------------- read-outs
+
+    @property
+    def curvature_updates(self) -> int:
+        """How many batches of curvature inputs have been folded into the statistics."""
+        return int(self._curvature_updates.numpy())
+
+    @property
+    def warm_start_batches(self) -> int:
+        return int(self._warm_start_batches.numpy())
+
+    @property
+    def skipped_updates(self) -> int:
+        """Tensor updates skipped because their gradient was not finite."""
+        return int(sum(int(v.numpy()) for v in self._skipped))
+
+    @property
+    def failed_inversions(self) -> int:
+        """Refreshes of a factor's inverse (Shampoo: root) that failed (the previous one was
+        kept)."""
+        return int(sum(int(v.numpy()) for v in self._failure_counters()))
+
+    @property
+    def skipped_curvature_updates(self) -> int:
+        return int(self._skipped_curvature.numpy())
+
+    def _failure_counters(self) -> list:
+        raise NotImplementedError
+
+    def replica_work(self):
+        """What each local replica did in split runs: a list with one dict per replica.
+
+        Keys ``factorizations`` (factor inversions or roots computed), ``contractions``
+        (tensors whose mode contractions were computed) and ``preconditionings`` (units whose
+        update was computed: tensors, for KFAC layers), counted since the optimizer was built.
+        When the work is not split every replica does all of it and nothing is counted: zeros
+        under a strategy with ``split_preconditioner=False`` (or gradient accumulation), an
+        empty list with one replica and on the JAX backend.
+        """
+        return backend.replica_work(self)
+
+    # ------------------------------------------------------------- curvature
+
+    def curvature_due(self):
+        """Whether this step folds curvature inputs into the statistics (bool tensor).
+
+        True when ``t % T1 == 0`` (TNT and Shampoo: except at ``t = 0`` after a warm start,
+        whose statistics serve the first step). With gradient accumulation, only on the first
+        micro-batch of an accumulation window.
+        """
+        self._require_built("curvature_due")
+        t = self.iterations
+        due = ops.equal(t % self.curvature_update_period, 0)
+        if self._warm_start_serves_first_step:
+            warm_first = ops.logical_and(ops.equal(t, 0), self._warm_start_batches > 0)
+            due = ops.logical_and(due, ops.logical_not(warm_first))
+        if self.gradient_accumulation_steps:
+            first_micro = ops.equal(self._iterations % self.gradient_accumulation_steps, 0)
+            due = ops.logical_and(due, first_micro)
+        return due
+
+    def _fold(self, values, keys, warm_start, condition=None) -> None:
+        raise NotImplementedError
+
+    def _align(self, values, keys):
+        """``[(slot index, value)]`` for ``values`` given per key (default: build order).
+
+        ``None`` values are dropped: they leave their slots untouched. Keys are looked up with
+        :meth:`_curvature_index`; there are :meth:`_curvature_slots` of them.
+        """
+        words = self._curvature_words
+        values = list(values)
+        total = self._curvature_slots()
+        if keys is None:
+            if len(values) != total:
+                raise ValueError(
+                    f"`{words.values}` must hold one {words.value} per {words.key} the optimizer "
+                    f"was built with ({total}) when `{words.keys}` is not given; received "
+                    f"{len(values)}. For a subset, pass the matching `{words.keys}`."
+                )
+            indices = list(range(total))
+        else:
+            keys = list(keys)
+            if len(keys) != len(values):
+                raise ValueError(
+                    f"`{words.values}` and `{words.keys}` must have the same length; received "
+                    f"{len(values)} and {len(keys)}."
+                )
+            indices = [self._curvature_index(k) for k in keys]
+            if len(set(indices)) != len(indices):
+                raise ValueError(f"`{words.keys}` names the same {words.key} more than once.")
+        return [(i, v) for i, v in zip(indices, values) if v is not None]
+
+    def _curvature_slots(self):
+        return len(self._trainable_variables)
+
+    def _curvature_index(self, variable):
+        try:
+            return self._get_variable_index(variable)
+        except KeyError:
+            raise ValueError(
+                f"Unknown variable {getattr(variable, 'path', variable.name)!r}: this optimizer "
+                "was built with other variables (`trainable_variables` must be among them)."
+            ) from None
+
+    def _require_built(self, what):
+        if not self.built:
+            raise ValueError(
+                f"`{what}` needs the optimizer's slots: call "
+                "`optimizer.build(model.trainable_variables)` first (FisherModel does this "
+                "for you)."
+            )
+
+    def _average_into(self, slots, compute, inputs, gate, warm_start):
+        """Folds one batch into ``slots``, ``[(count variable, [statistic variables])]``.
+
+        ``compute()`` gives the batch's values, ``[[value per statistic] per slot]``; it runs
+        only when ``gate`` (a bool tensor, or None for always) holds and every tensor of
+        ``inputs`` is finite (else the batch counts as skipped). Each slot's count is the number
+        of batches its statistics hold. Warm start: the running mean over those batches.
+        Otherwise the moving average with decay ``ρ``, except that a slot's first batch sets its
+        statistics. The branches return values and every assignment happens after them, so the
+        fold also runs in JAX's stateless mode under ``jit``.
+        """
+        finite = ops.all(ops.stack([ops.all(ops.isfinite(v)) for v in inputs]))
+        run = finite if gate is None else ops.logical_and(gate, finite)
+        skipped = ops.logical_not(finite)
+        if gate is not None:
+            skipped = ops.logical_and(gate, skipped)
+
+        def fold():
+            out = []
+            for (count, stats), values in zip(slots, compute()):
+                n = ops.convert_to_tensor(count)
+                first = ops.equal(n, 0)
+                new_stats = []
+                for var, value in zip(stats, values):
+                    sdtype = var.dtype
+                    if warm_start:
+                        j = ops.cast(n + 1, sdtype)
+                        keep, new = (j - 1) / j, 1 / j
+                    else:
+                        rho = ops.convert_to_tensor(self.statistics_decay, dtype=sdtype)
+                        keep = ops.where(first, ops.zeros_like(rho), rho)
+                        new = ops.where(first, ops.ones_like(rho), 1 - rho)
+                    new_stats.append(
+                        keep * ops.convert_to_tensor(var) + new * ops.cast(value, sdtype)
+                    )
+                out.append(new_stats)
+            return out
+
+        def keep():
+            return [[ops.convert_to_tensor(var) for var in stats] for _, stats in slots]
+
+        new_values = ops.cond(run, fold, keep)
+        count_dtype = backend.count_dtype()
+        for (count, stats), values in zip(slots, new_values):
+            for var, value in zip(stats, values):
+                self.assign(var, value)
+            self.assign_add(count, ops.cast(run, count_dtype))
+        self.assign_add(self._curvature_updates, ops.cast(run, count_dtype))
+        if warm_start:
+            self.assign_add(self._warm_start_batches, ops.cast(run, count_dtype))
+        self.assign_add(self._skipped_curvature, ops.cast(skipped, count_dtype))
+
+    # ------------------------------------------------------------------ apply
+
+    def apply(self, grads, trainable_variables=None):
+        self._build_for_apply(trainable_variables)
+        self._before_apply(grads, trainable_variables)
+        if not self._has_statistics():
+            raise ValueError(
+                f"{type(self).__name__} preconditions with Fisher statistics from gradients of "
+                "labels sampled from the model's predictions, and nothing has provided them. "
+                "Train with `keras_tnt.FisherModel` (or `keras_tnt.FisherModel.from_model("
+                "model)`) instead of a plain `keras.Model`, or, in a custom training loop, call "
+                f"`optimizer.update_curvature({self._curvature_words.values})` before `apply`."
+            )
+        return super().apply(grads, trainable_variables)
+
+    def _before_apply(self, grads, trainable_variables) -> None:
+        """What runs before the statistics are looked at (TNT-EF folds ``grads`` here)."""
+
+    def _build_for_apply(self, trainable_variables):
+        """Builds as the base ``apply`` would, before the statistics are looked at: a checkpoint
+        restored before the build (``tf.train.Checkpoint.restore``) fills the slots as they are
+        created."""
+        if not self.built and trainable_variables is not None:
+            with keras.name_scope(self.name, caller=self):
+                self.build(list(trainable_variables))
+
+    def _has_statistics(self) -> bool:
+        """Whether something feeds the statistics, or a restored state already holds some."""
+        if not self._curvature_source and self.built:
+            # Restored through tf.train.Checkpoint, set_weights or a weights file.
+            count = backend.value_now(self._curvature_updates)
+            # Empty while the variable is still being created inside the traced step.
+            self._curvature_source = bool(np.size(count) == 1 and int(count) > 0)
+        return self._curvature_source
+
+    def _apply_weight_decay(self, variables):
+        # Applied per unit in `_unit_values` instead (skipped with a non-finite gradient).
+        return
+
+    # ---------------------------------------------------------------- config
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "damping": self.damping,
+                "momentum": self.momentum,
+                "statistics_decay": self.statistics_decay,
+                "curvature_update_period": self.curvature_update_period,
+                "inverse_update_period": self.inverse_update_period,
+                "split_preconditioner": self.split_preconditioner,
+                "max_factor_dim": self.max_factor_dim,
+                "factor_overrides": dict(self.factor_overrides),
+                "memory_limit_bytes": self.memory_limit_bytes,
+            }
+        )
+        return config

@@ -1,0 +1,95 @@
+"""Saving and restoring the optimizers' state, also when it is loaded before they are built."""
+
+from __future__ import annotations
+
+import warnings
+
+import keras
+import numpy as np
+
+from keras_tnt import backend
+
+
+class SavedStateMixin:
+    """Restores by index, all or nothing; keeps a state loaded before the build until then.
+
+    Needs ``self._unbuilt_variable_count`` (the variables an unbuilt optimizer has: iterations
+    and learning rate), set in ``__init__``.
+    """
+
+    def _restore_pending(self):
+        """Restores a state loaded before the optimizer was built (the end of ``build``)."""
+        pending = self.__dict__.pop("_pending_state", None)
+        if pending is None:
+            return
+        with backend.outside_graph():
+            try:
+                self._restore(pending)
+            except ValueError as error:
+                # Keras builds inside the first traced step, where an error would leave a
+                # half-built optimizer behind: `_restore` checks before it assigns anything, so
+                # say it loudly and train from the fresh state, as Keras' own optimizers do.
+                # (FisherModel builds its optimizer before loading, and raises.)
+                warnings.warn(
+                    f"{error} The loaded optimizer state was NOT restored: training starts "
+                    "from a fresh optimizer state.",
+                    stacklevel=2,
+                )
+
+    def load_own_variables(self, store):
+        """Restores the state saved by ``save_own_variables`` (``.keras`` files, weights files).
+
+        An optimizer that is not built yet (``model.load_weights`` on a freshly compiled model,
+        KerasTuner's ``get_best_models``) keeps the saved values and restores them when it is
+        built, so training continues from the saved state. A state saved for other variables is
+        an error, never a partial restore.
+        """
+        keys = list(store.keys())
+        if not self.built:
+            if keys:
+                # Not an attribute TensorFlow's checkpoint tracking should wrap or follow.
+                object.__setattr__(self, "_pending_state", {k: np.array(store[k]) for k in keys})
+            return
+        if not keys:
+            warnings.warn(
+                f"Optimizer '{self.name}': the file holds no optimizer state (it was saved "
+                "without one); the optimizer keeps its current state.",
+                stacklevel=2,
+            )
+            return
+        self._restore(store)
+
+    def save_own_variables(self, store):
+        pending = self.__dict__.get("_pending_state")
+        if not self.built and pending is not None:
+            # Loaded, not built yet: the loaded state is this optimizer's state.
+            for key, value in pending.items():
+                store[key] = value
+            return
+        super().save_own_variables(store)
+
+    def _restore(self, store):
+        if len(store.keys()) == self._unbuilt_variable_count < len(self.variables):
+            # Saved before it was ever built (compiled, not trained): its step counter and
+            # learning rate; the statistics start fresh, as they would have.
+            for i in range(self._unbuilt_variable_count):
+                self.variables[i].assign(store[str(i)])
+            return
+        if len(store.keys()) != len(self.variables):
+            raise ValueError(
+                f"Cannot restore optimizer '{self.name}': the saved state has "
+                f"{len(store.keys())} variables but this optimizer has {len(self.variables)}. "
+                "Build it on the same model (same trainable variables, same order) before "
+                "loading; restoring only part of the Kronecker statistics would silently change "
+                "the training run. To load only the model's weights, load them before "
+                "`compile()`, or pass `skip_mismatch=True`."
+            )
+        for i, variable in enumerate(self.variables):
+            value = store[str(i)]
+            if tuple(variable.shape) != tuple(np.shape(value)):
+                raise ValueError(
+                    f"Cannot restore optimizer '{self.name}': saved variable {i} has shape "
+                    f"{tuple(np.shape(value))}, but {variable.path} has shape "
+                    f"{tuple(variable.shape)}. The state was saved for another model."
+                )
+        keras.optimizers.Optimizer.load_own_variables(self, store)

@@ -1,0 +1,244 @@
+"""The step of a unit of work (TNT and Shampoo: a tensor; KFAC: a layer) and who computes it.
+
+One :meth:`UnitStepMixin._unit_values` serves every path: one program assigns every unit's
+values; with several replicas either every replica computes every unit, or each unit's owner
+computes it and an all-reduce shares it (``split_preconditioner``; docs/algorithm.md §6).
+"""
+
+from __future__ import annotations
+
+from keras import ops
+
+from keras_tnt import _replicas
+from keras_tnt import backend
+
+
+class UnitStepMixin:
+    """The update of :class:`~keras_tnt._base.KroneckerOptimizer`, by units of work.
+
+    A subclass defines its units and, per unit, its preconditioner slots, failure counter,
+    refresh and direction; and ``_momenta`` and ``_skipped`` (one slot per variable).
+    """
+
+    def _units(self) -> list[tuple[int, ...]]:
+        """The variable indices of each unit of work, in build order."""
+        raise NotImplementedError
+
+    def _unit_costs(self) -> list[int]:
+        """Multiply-adds of each unit's preconditioner work (to balance it across replicas)."""
+        raise NotImplementedError
+
+    def _unit_preconditioners(self, u) -> list:
+        """The slots the refresh of unit ``u`` writes (inverses, roots); empty: the plain
+        momentum step."""
+        raise NotImplementedError
+
+    def _unit_failures(self, u):
+        """The counter of unit ``u``'s failed refreshes."""
+        raise NotImplementedError
+
+    def _refresh(self, u):
+        """``(preconditioners, failed)``: unit ``u``'s refreshed preconditioners (a factor whose
+        refresh fails keeps its previous value and counts in ``failed``)."""
+        raise NotImplementedError
+
+    def _refresh_due(self):
+        """Whether this step refreshes the preconditioners (bool tensor)."""
+        raise NotImplementedError
+
+    def _directions(self, u, momenta: dict, preconditioners) -> dict:
+        """``{variable index: direction}`` of unit ``u``'s members from the new ``momenta``
+        (by variable index) and ``preconditioners``."""
+        raise NotImplementedError
+
+    def _unit_index(self):
+        """``{variable index: unit}`` (plain Python state, rebuilt when the units change)."""
+        units = self._units()
+        cached = self.__dict__.get("_unit_of")
+        if cached is None or cached[0] != len(units):
+            cached = (len(units), {i: u for u, members in enumerate(units) for i in members})
+            object.__setattr__(self, "_unit_of", cached)
+        return cached[1]
+
+    def update_step(self, gradient, variable, learning_rate):
+        """One variable's step (Keras' per-variable hook; ``apply`` steps whole units)."""
+        idx = self._get_variable_index(variable)
+        u = self._unit_index()[idx]
+        values = self._unit_values(u, (idx,), [gradient], learning_rate)
+        self._assign_unit(u, (idx,), values)
+
+    def _backend_update_step(self, grads, trainable_variables, learning_rate):
+        """Every unit with a gradient, computed by every replica or, split, by its owner only;
+        the same :meth:`_unit_values` either way."""
+        position = {self._get_variable_index(v): k for k, v in enumerate(trainable_variables)}
+        work = []  # (unit, its members with a gradient in this apply)
+        for u, members in enumerate(self._units()):
+            present = tuple(i for i in members if i in position)
+            if present:
+                work.append((u, present))
+
+        def assign(values):
+            for (u, present), value in zip(work, values):
+                self._assign_unit(u, present, value)
+
+        owners = self._owners()
+        if owners is None:
+
+            def compute_all(reduced):
+                refreshed = self._grouped_refresh([u for u, _ in work])
+                return [
+                    self._unit_values(
+                        u,
+                        present,
+                        [reduced[position[i]] for i in present],
+                        learning_rate,
+                        refreshed.get(u),
+                    )
+                    for u, present in work
+                ]
+
+            backend.update_everywhere(grads, compute_all, assign, self._curvature_updates)
+            return
+
+        def compute(k, reduced):
+            u, present = work[k]
+            values = self._unit_values(
+                u, present, [reduced[position[i]] for i in present], learning_rate
+            )
+            if self._unit_preconditioners(u):
+                ok = ops.logical_not(ops.any(ops.stack([ops.cast(s, "bool") for s in values[4]])))
+                refresh = ops.logical_and(ok, self._refresh_due())
+                n = backend.count_dtype()
+                count = len(self._unit_preconditioners(u))
+                backend.count_replica_work(
+                    self, [ops.cast(refresh, n) * count, ops.zeros((), n), ops.cast(ok, n)]
+                )
+            return values
+
+        def zeros(k):
+            return self._unit_zeros(*work[k])
+
+        backend.update_from_owners(
+            grads, [owners[u] for u, _ in work], compute, zeros, assign, self._curvature_updates
+        )
+
+    def _grouped_refresh(self, units) -> dict:
+        """``{unit: (preconditioners, failed)}`` for every unit of ``units`` with
+        preconditioners: refreshed when due, else as they are, under one ``cond`` (a branch per
+        unit costs TensorFlow about 0.15 s of tracing each)."""
+        factored = [u for u in units if self._unit_preconditioners(u)]
+        if not factored:
+            return {}
+        zero = ops.zeros((), backend.count_dtype())
+        current = {
+            u: [ops.convert_to_tensor(p) for p in self._unit_preconditioners(u)] for u in factored
+        }
+        values = ops.cond(
+            self._refresh_due(),
+            lambda: [self._refresh(u) for u in factored],
+            lambda: [(current[u], zero) for u in factored],
+        )
+        return dict(zip(factored, values))
+
+    def _unit_values(self, u, members, gradients, learning_rate, refreshed=None):
+        """``(weights, momenta, preconditioners, failed, skipped)`` of unit ``u``'s step, the
+        weights, momenta and skipped flags one per member of ``members`` (those with a
+        gradient). Computes, assigns nothing (:meth:`_assign_unit` does, which JAX's stateless
+        mode needs, and which lets the replica that owns a unit compute it for all of them).
+
+        ``refreshed``: this step's ``(preconditioners, failed)`` of the unit, computed already
+        (:meth:`_grouped_refresh`), or None: refreshed here when due.
+
+        A member whose gradient is not finite keeps its momentum; then no member of the unit
+        moves and its preconditioners keep their values (selected, not branched: the finite
+        path computes bit for bit what it would alone).
+        """
+        count_dtype = backend.count_dtype()
+        zero = ops.zeros((), count_dtype)
+        variables = [self._trainable_variables[i] for i in members]
+        momenta, skipped, finite_all = {}, [], None
+        for i, var, gradient in zip(members, variables, gradients):
+            dtype = var.dtype
+            gradient = ops.cast(gradient, dtype)
+            finite = ops.all(ops.isfinite(gradient))
+            current = ops.convert_to_tensor(self._momenta[i])
+            beta = ops.convert_to_tensor(self.momentum, dtype=dtype)
+            momenta[i] = ops.where(finite, beta * current + gradient, current)
+            skipped.append(ops.cast(ops.logical_not(finite), count_dtype))
+            finite_all = finite if finite_all is None else ops.logical_and(finite_all, finite)
+        ok = finite_all
+        slots = self._unit_preconditioners(u)
+        preconditioners, failed = [], zero
+        if slots:
+            current = [ops.convert_to_tensor(p) for p in slots]
+            if refreshed is None:
+                refreshed = ops.cond(
+                    self._refresh_due(), lambda: self._refresh(u), lambda: (current, zero)
+                )
+            new, failed = refreshed
+            preconditioners = [ops.where(ok, a, c) for a, c in zip(new, current)]
+            failed = ops.where(ok, failed, zero)
+            directions = self._directions(u, momenta, preconditioners)
+        else:
+            directions = momenta
+        weights = []
+        for i, var in zip(members, variables):
+            dtype = var.dtype
+            lr = ops.cast(learning_rate, dtype)
+            old = ops.convert_to_tensor(var)
+            w = old
+            if self.weight_decay is not None and self._use_weight_decay(var):
+                # Decoupled decay, as Keras applies it, but here so that a skipped update skips it.
+                wd = ops.convert_to_tensor(self.weight_decay, dtype=dtype)
+                w = w - w * wd * lr
+            weights.append(ops.where(ok, w - lr * ops.cast(directions[i], dtype), old))
+        return weights, [momenta[i] for i in members], preconditioners, failed, skipped
+
+    def _unit_zeros(self, u, members):
+        """Zeros of the structure of :meth:`_unit_values` (what a non-owner contributes)."""
+        zero = ops.zeros((), backend.count_dtype())
+        variables = [self._trainable_variables[i] for i in members]
+        return (
+            [ops.zeros(v.shape, v.dtype) for v in variables],
+            [ops.zeros(v.shape, self._momenta[i].dtype) for i, v in zip(members, variables)],
+            [ops.zeros(p.shape, p.dtype) for p in self._unit_preconditioners(u)],
+            zero,
+            [zero for _ in members],
+        )
+
+    def _assign_unit(self, u, members, values):
+        weights, momenta, preconditioners, failed, skipped = values
+        for i, m in zip(members, momenta):
+            self.assign(self._momenta[i], m)
+        slots = self._unit_preconditioners(u)
+        for slot, value in zip(slots, preconditioners):
+            self.assign(slot, value)
+        if slots:
+            self.assign_add(self._unit_failures(u), failed)
+        for i, flag in zip(members, skipped):
+            self.assign_add(self._skipped[i], flag)
+        for i, w in zip(members, weights):
+            self.assign(self._trainable_variables[i], w)
+
+    # ------------------------------------------------------ who computes what
+
+    def _owners(self):
+        """The replica owning each unit's preconditioner work, or None (no split).
+
+        Split when the optimizer is asked to (``split_preconditioner``, default on), runs in a
+        replica context of more than one replica and the backend supports it (tf.distribute).
+        The plan depends only on the units' costs and the replica count.
+        """
+        if self.split_preconditioner is False:
+            return None
+        if self.gradient_accumulation_steps:
+            # Keras runs the update inside a cond there; collectives must not be conditional.
+            return None
+        replicas = backend.split_replicas(self)
+        if replicas is None:
+            return None
+        plan = self.__dict__.get("_owner_plan")
+        if plan is None or plan[0] != replicas:
+            plan = (replicas, _replicas.plan_owners(self._unit_costs(), replicas))
+            object.__setattr__(self, "_owner_plan", plan)
+        return plan[1]
