@@ -25,7 +25,7 @@ RUNS=${RUNS:-runs/reproduce_mnist5k}
 BUDGET=${BUDGET:-90}
 OPTIMIZERS=${OPTIMIZERS:-tnt kfac shampoo adam sgd muon}
 OUTPUT=${OUTPUT:-docs/reproduction/mnist5k_autoencoder_race}
-TARGETS=${TARGETS:-adam_final}
+TARGETS=${TARGETS:-150,adam_final,60}
 RUN_FLAGS=(--epochs=1000000 --time_budget_s="$BUDGET" --validation_freq=25
   --checkpoint_every_epochs=25)
 
