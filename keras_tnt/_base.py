@@ -95,6 +95,18 @@ class KroneckerOptimizer(UnitStepMixin, SavedStateMixin, keras.optimizers.Optimi
         """Whether statistics come from a sampled-label (Fisher) pass, i.e. need a FisherModel."""
         return True
 
+    @property
+    def draw_counter(self):
+        """The counter the training step's target draws are seeded with: the micro-batch count
+        (Keras' ``iterations`` counts whole accumulation windows), so a resumed run draws what
+        an uninterrupted one would."""
+        return self._iterations
+
+    @property
+    def warm_start_counter(self):
+        """The counter the warm start's target draws are seeded with (batches folded so far)."""
+        return self._warm_start_batches
+
     def mark_curvature_source(self) -> None:
         """Declares that something will feed the statistics (``FisherModel.compile`` calls it):
         ``apply`` then preconditions even before the first :meth:`update_curvature`."""

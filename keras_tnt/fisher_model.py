@@ -20,6 +20,7 @@ import keras
 from keras import ops
 
 from keras_tnt import backend
+from keras_tnt._layers import kernel_variable
 from keras_tnt.sampling import TargetSampler
 from keras_tnt.sampling import resolve_sampler
 
@@ -201,7 +202,7 @@ class FisherModel(backend.FisherTrainer, keras.Model):
         layers = [
             block.layer
             for block in optimizer.blocks
-            if id(optimizer._trainable_variables[block.kernel_index]) in trainable
+            if id(kernel_variable(block.layer)) in trainable
         ]
         return layers, layers
 

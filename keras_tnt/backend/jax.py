@@ -262,7 +262,7 @@ class FisherTrainer:
         )
         with self._optimizer_scope(optimizer_values):
             due = optimizer.curvature_due()
-            seed = self._seed(optimizer._iterations, stream=0)
+            seed = self._seed(optimizer.draw_counter, stream=0)
 
         def fisher():
             return self._fisher_pullback(
@@ -308,7 +308,7 @@ class FisherTrainer:
             state = (trainable, non_trainable, optimizer_values, metrics_values)
             if sampled:
                 with self._optimizer_scope(optimizer_values):
-                    seed = self._seed(optimizer._warm_start_batches, stream=1)
+                    seed = self._seed(optimizer.warm_start_counter, stream=1)
                 grads = self._fisher_pullback(
                     pullback, y_pred, losses, sample_weight, seed, state, layers
                 )

@@ -173,7 +173,7 @@ def split_replicas(optimizer=None):
         return None
     if tf.get_static_value(ctx.replica_id_in_sync_group) is None:
         return None  # e.g. TPUStrategy: every replica runs one program
-    built_in = optimizer.__dict__.get("_built_in_graph") if optimizer is not None else None
+    built_in = _BUILT_IN_GRAPH.get(optimizer) if optimizer is not None else None
     if built_in is not None and built_in() is tf.compat.v1.get_default_graph():
         return None
     return num_replicas()
@@ -261,12 +261,18 @@ def update_everywhere(grads, compute, assign, anchor) -> None:
     ctx.merge_call(merge_fn, args=(flat,))
 
 
+# What this module keeps per optimizer, outside its attributes (not optimizer state: never saved
+# or tracked): the graph that built it, and its per-replica work counter.
+_BUILT_IN_GRAPH = weakref.WeakKeyDictionary()
+_WORK_COUNTERS = weakref.WeakKeyDictionary()
+
+
 def make_work_counter(optimizer) -> None:
     """Per-replica work counters (not optimizer state: never saved), under a strategy only."""
     if not tf.executing_eagerly():
         # Built inside a traced step: remember which (see `split_replicas`).
         graph = weakref.ref(tf.compat.v1.get_default_graph())
-        object.__setattr__(optimizer, "_built_in_graph", graph)
+        _BUILT_IN_GRAPH[optimizer] = graph
     strategy = tf.distribute.get_strategy()
     if strategy.num_replicas_in_sync == 1:
         return
@@ -285,17 +291,17 @@ def make_work_counter(optimizer) -> None:
             name="replica_work",
         )
     # Not an attribute Keras or tf.train.Checkpoint should track.
-    object.__setattr__(optimizer, "_work_counter", counter)
+    _WORK_COUNTERS[optimizer] = counter
 
 
 def count_replica_work(optimizer, counts) -> None:
-    counter = optimizer.__dict__.get("_work_counter")
+    counter = _WORK_COUNTERS.get(optimizer)
     if counter is not None:
         counter.assign_add(tf.cast(tf.stack(counts), tf.int64))
 
 
 def replica_work(optimizer) -> list:
-    counter = optimizer.__dict__.get("_work_counter")
+    counter = _WORK_COUNTERS.get(optimizer)
     if counter is None:
         return []
     strategy = counter.distribute_strategy
@@ -430,7 +436,7 @@ class FisherTrainer:
         grads = tape.gradient(scaled_loss, weights)
 
         due = optimizer.curvature_due()
-        seed = self._seed(optimizer._iterations, stream=0)
+        seed = self._seed(optimizer.draw_counter, stream=0)
         if keys and num_replicas() == 1:
 
             def fold():
@@ -483,7 +489,7 @@ class FisherTrainer:
                     )
                     loss = self.optimizer.scale_loss(loss)
             if sampled:
-                seed = self._seed(optimizer._warm_start_batches, stream=1)
+                seed = self._seed(optimizer.warm_start_counter, stream=1)
                 first = self._first_example(y_pred)
                 grads = self._curvature_input(
                     tape, y_pred, sample_weight, seed, layers, records, first
