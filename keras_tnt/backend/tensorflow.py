@@ -211,17 +211,28 @@ def update_from_owners(grads, owners, compute, zeros, assign, anchor) -> None:
     ctx = tf.distribute.get_replica_context()
     reduced = ctx.all_reduce(tf.distribute.ReduceOp.SUM, list(grads))
     values = _from_owners(ctx, owners, lambda k: compute(k, reduced), zeros)
-    flat = tf.nest.flatten(values)
+    _merge_assign(ctx, values, assign, anchor)
 
-    def merge_fn(strategy, flat):
-        strategy.extended.update(
-            _tf_variable(anchor),
-            lambda _, *v: assign(tf.nest.pack_sequence_as(values, list(v))),
-            args=tuple(flat),
-            group=False,
-        )
 
-    ctx.merge_call(merge_fn, args=(flat,))
+def _assign_on_devices(strategy, structure, flat, assign, anchor) -> None:
+    """``assign`` once per device of ``anchor`` (cross-replica context), with that device's
+    components of ``flat``, packed as ``structure``."""
+    strategy.extended.update(
+        _tf_variable(anchor),
+        lambda _, *v: assign(tf.nest.pack_sequence_as(structure, list(v))),
+        args=tuple(flat),
+        group=False,
+    )
+
+
+def _merge_assign(ctx, values, assign, anchor) -> None:
+    """From replica context: ``assign(values)`` on every device (see ``_assign_on_devices``)."""
+    # Tensors, not variables: a unit may hand back a slot variable itself.
+    flat = [tf.convert_to_tensor(v) for v in tf.nest.flatten(values)]
+    ctx.merge_call(
+        lambda strategy, flat: _assign_on_devices(strategy, values, flat, assign, anchor),
+        args=(flat,),
+    )
 
 
 def update_everywhere(grads, compute, assign, anchor) -> None:
@@ -238,27 +249,10 @@ def update_everywhere(grads, compute, assign, anchor) -> None:
     if ctx is None:  # cross-replica context: the values are the same on every device
         values = compute(list(grads))
         flat = [tf.convert_to_tensor(v) for v in tf.nest.flatten(values)]
-        tf.distribute.get_strategy().extended.update(
-            _tf_variable(anchor),
-            lambda _, *v: assign(tf.nest.pack_sequence_as(values, list(v))),
-            args=tuple(flat),
-            group=False,
-        )
+        _assign_on_devices(tf.distribute.get_strategy(), values, flat, assign, anchor)
         return
     reduced = ctx.all_reduce(tf.distribute.ReduceOp.SUM, list(grads))
-    values = compute(reduced)
-    # Tensors, not variables: a unit may hand back a slot variable itself.
-    flat = [tf.convert_to_tensor(v) for v in tf.nest.flatten(values)]
-
-    def merge_fn(strategy, flat):
-        strategy.extended.update(
-            _tf_variable(anchor),
-            lambda _, *v: assign(tf.nest.pack_sequence_as(values, list(v))),
-            args=tuple(flat),
-            group=False,
-        )
-
-    ctx.merge_call(merge_fn, args=(flat,))
+    _merge_assign(ctx, compute(reduced), assign, anchor)
 
 
 # What this module keeps per optimizer, outside its attributes (not optimizer state: never saved
