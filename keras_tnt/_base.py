@@ -14,6 +14,7 @@ decoupled weight decay, and who computes which unit when there are several repli
 from __future__ import annotations
 
 import collections
+import numbers
 
 import keras
 import numpy as np
@@ -66,7 +67,7 @@ class KroneckerOptimizer(UnitStepMixin, SavedStateMixin, keras.optimizers.Optimi
         memory_limit_bytes=None,
         **kwargs,
     ):
-        if isinstance(learning_rate, (int, float)) and not isinstance(learning_rate, bool):
+        if isinstance(learning_rate, numbers.Real) and not isinstance(learning_rate, bool):
             learning_rate = _checks.number("learning_rate", learning_rate, 0.0, low_open=True)
         if weight_decay is not None:
             weight_decay = _checks.number("weight_decay", weight_decay, 0.0)
