@@ -13,7 +13,7 @@
 #   both:  validated every 25 epochs (100 steps) and checkpointed every 25; validation,
 #          checkpoints, tracing and the warm start are not in the training seconds
 #
-# Usage: bash tuning/mnist5k.sh   (about 90 minutes on 2 CPU cores, alone on the machine: the
+# Usage: bash tuning/mnist5k.sh   (about 100 minutes on 2 CPU cores, alone on the machine: the
 # time axis is wall time of the training steps; finished trials and runs are skipped when it is
 # started again)
 set -euo pipefail
