@@ -5,6 +5,12 @@ Runs `model.fit` on synthetic data, side by side in one process, and prints rati
 * MNIST autoencoder 784-1000-500-250-30-250-500-1000-784, batch 1000: TNT (T1=1, T2=20),
   TNT (T1=10, T2=100), Shampoo and KFAC (T1=1, T2=20, as the paper ran them) against Keras Adam;
 * ResNet-32, batch 128: TNT (T1=10, T2=100) against Keras SGD with momentum 0.9;
+* the models people also train, where per-operation overhead and untouched rows weigh more
+  than arithmetic (TNT T1=1, T2=20 and T1=10, T2=100 against Adam): ``digits_autoencoder``
+  (16 tensors, 7,900 parameters, batch 100) and ``digits_transformer`` (38 tensors, batch 100)
+  of the registry, on scikit-learn's digits; ``embedding``: ``Embedding(50_000, 512)`` over 64
+  tokens, mean pooling, ``Dense(10)``, batch 64, synthetic tokens (its gradient touches at most
+  4,096 of the 50,000 rows: TNT's row-sparse step);
 * ``autoencoder_2replicas`` (TensorFlow only; run it on its own, it sets up two logical CPU
   devices): the autoencoder under MirroredStrategy on two replicas, global batch 1000: TNT
   (T1=1, T2=20) and KFAC (T1=1, T2=20), each with its preconditioner work split across the
@@ -19,6 +25,7 @@ plain window mean is printed too. Baselines and TNT alternate in rounds to cance
 
     python -m benchmarks.step_time                       # both problems
     python -m benchmarks.step_time --problems=autoencoder --rounds=3
+    python -m benchmarks.step_time --problems=digits_autoencoder,digits_transformer,embedding
     KERAS_BACKEND=jax python -m benchmarks.step_time --jit_compile   # Keras' JAX backend
 
 On JAX (which needs no TensorFlow here) the step is always compiled with ``--jit_compile`` and
@@ -46,6 +53,7 @@ from absl import flags  # noqa: E402
 import keras_tnt  # noqa: E402
 from keras_tnt import kronecker  # noqa: E402
 from models import mnist_autoencoder  # noqa: E402
+from models import registry  # noqa: E402
 from models import resnet32  # noqa: E402
 from models import runtime  # noqa: E402
 
@@ -136,7 +144,17 @@ def optimizer_bytes(optimizer) -> int:
 # -------------------------------------------------------------------- timing
 
 
-PROBLEMS = ("autoencoder", "resnet32", "autoencoder_2replicas")
+PROBLEMS = (
+    "autoencoder",
+    "resnet32",
+    "digits_autoencoder",
+    "digits_transformer",
+    "embedding",
+    "autoencoder_2replicas",
+)
+# Registry problems timed at their own batch size, TNT against Adam.
+SMALL = ("digits_autoencoder", "digits_transformer", "embedding")
+VOCABULARY = 50_000
 
 
 def _strategy(problem):
@@ -153,6 +171,17 @@ def _strategy(problem):
 
 def _dataset(problem, batch):
     rng = np.random.default_rng(0)
+    if problem in ("digits_autoencoder", "digits_transformer"):
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        if problem == "digits_autoencoder":
+            x = (digits.data[:batch] / 16.0).astype("float32")
+            return _repeat(x, x)
+        return _repeat(digits.data[:batch].astype("int32"), digits.target[:batch])
+    if problem == "embedding":
+        x = rng.integers(0, VOCABULARY, size=(batch, 64)).astype("int32")
+        return _repeat(x, rng.integers(0, 10, size=batch))
     if problem.startswith("autoencoder"):
         # Real images at MNIST's size: scikit-learn's 8x8 digits, upsampled to 28x28.
         from sklearn.datasets import load_digits
@@ -211,7 +240,16 @@ def _build(problem, config, dataset):
     keras.utils.set_random_seed(0)
     strategy = _strategy(problem)
     with strategy.scope() if strategy else contextlib.nullcontext():
-        if problem.startswith("autoencoder"):
+        if problem in ("digits_autoencoder", "digits_transformer"):
+            model = registry.get(problem).build()
+            loss = registry.get(problem).loss()
+        elif problem == "embedding":
+            tokens = keras.Input((64,), dtype="int32")
+            x = keras.layers.Embedding(VOCABULARY, 512)(tokens)
+            x = keras.layers.GlobalAveragePooling1D()(x)
+            model = keras_tnt.FisherModel(tokens, keras.layers.Dense(10)(x))
+            loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        elif problem.startswith("autoencoder"):
             model = mnist_autoencoder()
             loss = keras_tnt.losses.SummedBinaryCrossentropy(from_logits=True)
         else:
@@ -267,9 +305,24 @@ def _summary(config):
 
 
 def run_problem(problem):
-    batch = 128 if problem == "resnet32" else 1000
+    batch = {"resnet32": 128, "embedding": 64}.get(problem, 1000)
+    if problem in ("digits_autoencoder", "digits_transformer"):
+        batch = registry.get(problem).batch_size
     dataset = _dataset(problem, batch)
-    if problem == "autoencoder_2replicas":
+    if problem in SMALL:
+        base = Config("Adam", lambda: keras.optimizers.Adam(LR))
+        tnts = [Config("TNT T1=1 T2=20", lambda: keras_tnt.TNT(LR, 0.1, 0.9, 0.9, 1, 20), 1, 20)]
+        if problem == "embedding":  # steps of ~0.1-0.5 s: two T2 periods per round
+            steps = {c.label: 40 for c in [base] + tnts}
+        else:  # T1=10 adds the plain step (momentum and preconditioning only) to the kinds
+            tnts.append(
+                Config(
+                    "TNT T1=10 T2=100", lambda: keras_tnt.TNT(LR, 0.1, 0.9, 0.9, 10, 100), 10, 100
+                )
+            )
+            steps = {base.label: 400, tnts[0].label: 400, tnts[1].label: 800}
+        extras = []
+    elif problem == "autoencoder_2replicas":
         base = Config("Adam, 2 replicas", lambda: keras.optimizers.Adam(LR))
         tnts = [
             Config(

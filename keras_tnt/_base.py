@@ -326,7 +326,9 @@ class KroneckerOptimizer(UnitStepMixin, SavedStateMixin, keras.optimizers.Optimi
         statistics. The branches return values and every assignment happens after them, so the
         fold also runs in JAX's stateless mode under ``jit``.
         """
-        finite = ops.all(ops.stack([ops.all(ops.isfinite(v)) for v in inputs]))
+        finite = ops.all(
+            ops.stack([ops.all(ops.isfinite(backend.stored_values(v))) for v in inputs])
+        )
         run = finite if gate is None else ops.logical_and(gate, finite)
         skipped = ops.logical_not(finite)
         if gate is not None:

@@ -25,9 +25,17 @@ DEFAULT_MAX_FACTOR_DIM = 4096
 logger = logging.getLogger("keras_tnt")
 
 
-def tensor_entry(var, max_factor_dim, overrides) -> dict:
+def row_sparse(shape, diagonal) -> bool:
+    """Whether TNT takes a tensor's row-sparse step (docs/algorithm.md §2): its modes are its
+    axes (at most 3, none merged), at least two, and the first has a diagonal factor (not
+    ``factor_overrides`` "none": no factors at all)."""
+    return 2 <= len(shape) <= 3 and len(diagonal) == len(shape) and bool(diagonal[0])
+
+
+def tensor_entry(var, max_factor_dim, overrides, carries_directions=False) -> dict:
     """One tensor's entry for TNT and Shampoo: a factor per mode of
-    :func:`~keras_tnt.kronecker.tensor_modes`, diagonal above ``max_factor_dim``."""
+    :func:`~keras_tnt.kronecker.tensor_modes`, diagonal above ``max_factor_dim``; with
+    ``carries_directions`` (TNT) a row-sparse tensor also keeps its damped factors."""
     path = variable_path(var)
     shape = tuple(int(d) for d in var.shape)
     modes = kronecker.tensor_modes(shape)
@@ -42,7 +50,7 @@ def tensor_entry(var, max_factor_dim, overrides) -> dict:
     state = math.prod(shape) * itemsize(var.dtype)  # momentum
     state += 2 * numbers * itemsize(statistics_dtype(var.dtype))  # statistics and inverses
     state += 3 * itemsize(backend.count_dtype())  # statistics count, skipped, failed
-    return {
+    entry = {
         "variable": path,
         "shape": shape,
         "modes": modes,
@@ -50,6 +58,10 @@ def tensor_entry(var, max_factor_dim, overrides) -> dict:
         "override": override,
         "state_bytes": int(state),
     }
+    if carries_directions and row_sparse(shape, [f == "diagonal" for f in factors]):
+        entry["state_bytes"] += numbers * itemsize(statistics_dtype(var.dtype))
+        entry["note"] = "row-sparse step"
+    return entry
 
 
 def shared_bytes(var_list, counters: int, use_ema, gradient_accumulation_steps) -> int:

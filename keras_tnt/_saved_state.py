@@ -68,6 +68,17 @@ class SavedStateMixin:
             return
         super().save_own_variables(store)
 
+    def _layout_note(self) -> str:
+        """What a reader of a layout error should know about this optimizer's layout."""
+        count = sum(getattr(self, "_row_sparse", []))
+        if not count:
+            return ""
+        return (
+            f" This optimizer takes the row-sparse step for {count} tensor(s) (a diagonal first "
+            "factor: docs/algorithm.md §2) and keeps their damped factors since keras-tnt 0.3; "
+            "a state saved by keras-tnt 0.2 for such tensors does not load."
+        )
+
     def _restore(self, store):
         if len(store.keys()) == self._unbuilt_variable_count < len(self.variables):
             # Saved before it was ever built (compiled, not trained): its step counter and
@@ -82,7 +93,7 @@ class SavedStateMixin:
                 "Build it on the same model (same trainable variables, same order) before "
                 "loading; restoring only part of the Kronecker statistics would silently change "
                 "the training run. To load only the model's weights, load them before "
-                "`compile()`, or pass `skip_mismatch=True`."
+                f"`compile()`, or pass `skip_mismatch=True`.{self._layout_note()}"
             )
         for i, variable in enumerate(self.variables):
             value = store[str(i)]

@@ -11,6 +11,7 @@ from keras import ops
 
 from keras_tnt import _replicas
 from keras_tnt import backend
+from keras_tnt._variables import read_value
 
 
 class UnitStepMixin:
@@ -37,10 +38,57 @@ class UnitStepMixin:
         """The counter of unit ``u``'s failed refreshes."""
         raise NotImplementedError
 
+    def _refresh_inputs(self, u) -> list:
+        """``[(value, parameter)]``, one per preconditioner of unit ``u`` that its refresh
+        factorises: the matrix (a vector: a diagonal factor) it transforms, and a hashable
+        parameter of the transform (Shampoo: the root's order; None where all are alike)."""
+        raise NotImplementedError
+
+    def _transform(self, values, parameter):
+        """``(preconditioners, ok)`` of a batch ``values`` of equal-shape inputs, ``(n, d, d)``
+        (``(n, d)``: diagonal factors), all with ``parameter``; ``ok`` of shape ``(n,)``."""
+        raise NotImplementedError
+
+    def _factorizations(self, u) -> int:
+        """How many factors a refresh of unit ``u`` factorises (for :meth:`replica_work`)."""
+        return len(self._unit_preconditioners(u))
+
     def _refresh(self, u):
         """``(preconditioners, failed)``: unit ``u``'s refreshed preconditioners (a factor whose
         refresh fails keeps its previous value and counts in ``failed``)."""
-        raise NotImplementedError
+        return self._refresh_all([u])[u]
+
+    def _refresh_all(self, units) -> dict:
+        """``{unit: (preconditioners, failed)}``: :meth:`_refresh` of every unit of ``units``,
+        with the inputs of equal shape, dtype and parameter transformed as one batch (one
+        batched factorisation for all ``d x d`` factors of the step, whichever tensor or layer
+        they belong to). A member's numbers do not depend on the batch it is in, so a unit
+        refreshed alone (by its owner replica) gets them bit for bit."""
+        inputs = {u: self._refresh_inputs(u) for u in units}
+        groups = {}  # (shape, dtype, parameter) -> [(unit, input position, value)]
+        for u in units:
+            for j, (value, parameter) in enumerate(inputs[u]):
+                key = (tuple(value.shape), str(value.dtype), parameter)
+                groups.setdefault(key, []).append((u, j, value))
+        results = {}
+        for (_, _, parameter), members in groups.items():
+            new, ok = self._transform(ops.stack([v for _, _, v in members]), parameter)
+            for (u, j, _), value, flag in zip(members, ops.unstack(new), ops.unstack(ok)):
+                results[u, j] = (value, flag)
+        return {
+            u: self._refreshed(u, inputs[u], [results[u, j] for j in range(len(inputs[u]))])
+            for u in units
+        }
+
+    def _refreshed(self, u, inputs, results):
+        """``(preconditioners, failed)`` of unit ``u`` from its refresh inputs and their
+        transforms ``[(value, ok)]``: a transform that failed keeps its slot's value."""
+        count_dtype = backend.count_dtype()
+        preconditioners, failed = [], ops.zeros((), count_dtype)
+        for (value, ok), slot in zip(results, self._unit_preconditioners(u)):
+            preconditioners.append(ops.where(ok, value, ops.convert_to_tensor(slot)))
+            failed = failed + ops.cast(ops.logical_not(ok), count_dtype)
+        return preconditioners, failed
 
     def _refresh_due(self):
         """Whether this step refreshes the preconditioners (bool tensor)."""
@@ -69,58 +117,102 @@ class UnitStepMixin:
 
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
         """Every unit with a gradient, computed by every replica or, split, by its owner only;
-        the same :meth:`_unit_values` either way."""
+        units that batch together (:meth:`_batch_key`; split: with the same owner) computed as
+        one batch. The same :meth:`_batch_values` either way."""
         position = {self._get_variable_index(v): k for k, v in enumerate(trainable_variables)}
-        work = []  # (unit, its members with a gradient in this apply)
+        work = {}  # unit -> its members with a gradient in this apply
         for u, members in enumerate(self._units()):
             present = tuple(i for i in members if i in position)
             if present:
-                work.append((u, present))
+                work[u] = present
+        owners = self._owners()
+        items = self._batched(list(work), owners)
+
+        def gradients(item, reduced):
+            return [[reduced[position[i]] for i in work[u]] for u in item]
 
         def assign(values):
-            for (u, present), value in zip(work, values):
-                self._assign_unit(u, present, value)
+            for item, item_values in zip(items, values):
+                for u, value in zip(item, item_values):
+                    self._assign_unit(u, work[u], value)
 
-        owners = self._owners()
         if owners is None:
 
             def compute_all(reduced):
-                refreshed = self._grouped_refresh([u for u, _ in work])
+                refreshed = self._grouped_refresh(list(work))
                 return [
-                    self._unit_values(
-                        u,
-                        present,
-                        [reduced[position[i]] for i in present],
-                        learning_rate,
-                        refreshed.get(u),
+                    self._batch_values(
+                        item, work, gradients(item, reduced), learning_rate, refreshed
                     )
-                    for u, present in work
+                    for item in items
                 ]
 
             backend.update_everywhere(grads, compute_all, assign, self._curvature_updates)
             return
 
         def compute(k, reduced):
-            u, present = work[k]
-            values = self._unit_values(
-                u, present, [reduced[position[i]] for i in present], learning_rate
-            )
-            if self._unit_preconditioners(u):
-                ok = ops.logical_not(ops.any(ops.stack([ops.cast(s, "bool") for s in values[4]])))
+            item = items[k]
+            values = self._batch_values(item, work, gradients(item, reduced), learning_rate)
+            for u, value in zip(item, values):
+                if not self._unit_preconditioners(u):
+                    continue
+                ok = ops.logical_not(ops.any(ops.stack([ops.cast(s, "bool") for s in value[4]])))
                 refresh = ops.logical_and(ok, self._refresh_due())
                 n = backend.count_dtype()
-                count = len(self._unit_preconditioners(u))
+                count = self._factorizations(u)
                 backend.count_replica_work(
                     self, [ops.cast(refresh, n) * count, ops.zeros((), n), ops.cast(ok, n)]
                 )
             return values
 
         def zeros(k):
-            return self._unit_zeros(*work[k])
+            return [self._unit_zeros(u, work[u]) for u in items[k]]
 
         backend.update_from_owners(
-            grads, [owners[u] for u, _ in work], compute, zeros, assign, self._curvature_updates
+            grads,
+            [owners[item[0]] for item in items],
+            compute,
+            zeros,
+            assign,
+            self._curvature_updates,
         )
+
+    def _batch_key(self, u):
+        """A hashable key: units with equal keys are computed as one batch
+        (:meth:`_batch_values`); None: unit ``u`` is computed alone (the default)."""
+        return None
+
+    def _batched(self, units, owners=None) -> list[list[int]]:
+        """``units`` in batches of equal :meth:`_batch_key` (and, split, equal owner), in the
+        order of their first members. A unit computes the same numbers in every batch it can be
+        in (per-matrix kernels), and the split and unsplit runs form the same batches wherever
+        the owners allow."""
+        out, groups = [], {}
+        for u in units:
+            key = self._batch_key(u)
+            if key is None:
+                out.append([u])
+                continue
+            key = (None if owners is None else owners[u], key)
+            if key in groups:
+                groups[key].append(u)
+            else:
+                groups[key] = [u]
+                out.append(groups[key])
+        return out
+
+    def _batch_values(self, item, work, gradients, learning_rate, refreshed=None) -> list:
+        """``[_unit_values of each unit of item]``: ``work[u]`` are unit ``u``'s members with a
+        gradient, ``gradients`` theirs, per unit; ``refreshed`` as in :meth:`_unit_values`
+        (``{unit: ...}``), or None: refreshed here when due, one condition for the batch."""
+        if refreshed is None and len(item) > 1:
+            refreshed = self._grouped_refresh(item)
+        return [
+            self._unit_values(
+                u, work[u], g, learning_rate, None if refreshed is None else refreshed.get(u)
+            )
+            for u, g in zip(item, gradients)
+        ]
 
     def _grouped_refresh(self, units) -> dict:
         """``{unit: (preconditioners, failed)}`` for every unit of ``units`` with
@@ -130,13 +222,14 @@ class UnitStepMixin:
         if not factored:
             return {}
         zero = ops.zeros((), backend.count_dtype())
-        current = {
-            u: [ops.convert_to_tensor(p) for p in self._unit_preconditioners(u)] for u in factored
-        }
+        current = {u: [read_value(p) for p in self._unit_preconditioners(u)] for u in factored}
+
+        def refresh():
+            refreshed = self._refresh_all(factored)
+            return [refreshed[u] for u in factored]
+
         values = ops.cond(
-            self._refresh_due(),
-            lambda: [self._refresh(u) for u in factored],
-            lambda: [(current[u], zero) for u in factored],
+            self._refresh_due(), refresh, lambda: [(current[u], zero) for u in factored]
         )
         return dict(zip(factored, values))
 

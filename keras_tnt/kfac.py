@@ -64,6 +64,7 @@ from keras_tnt._capture import capture_layers  # noqa: F401 (part of the KFAC AP
 from keras_tnt._layers import LayerBlock
 from keras_tnt._variables import first_override
 from keras_tnt._variables import itemsize
+from keras_tnt._variables import read_value
 from keras_tnt._variables import slot_prefix
 from keras_tnt._variables import statistics_dtype
 from keras_tnt._variables import variable_path
@@ -463,18 +464,15 @@ class KFAC(KroneckerOptimizer):
         )
         return ops.logical_or(early, ops.equal(t % self.inverse_update_period, 0))
 
-    def _refresh(self, u):
-        """``(inverses, failed)``: ``(A + √λ I)^-1, (G + √λ I)^-1`` of layer ``u``."""
-        damping = math.sqrt(self.damping)
-        failed = ops.zeros((), backend.count_dtype())
-        out = []
-        for factor, slot in zip(self._factors[u], self._factor_inverses[u]):
-            value = ops.convert_to_tensor(factor)
-            root = ops.convert_to_tensor(damping, dtype=value.dtype)  # not ops.cast: float32
-            inverse, ok = kronecker.damped_inverse(value, root)
-            out.append(ops.where(ok, inverse, ops.convert_to_tensor(slot)))
-            failed = failed + ops.cast(ops.logical_not(ok), backend.count_dtype())
-        return out, failed
+    def _refresh_inputs(self, u):
+        """Layer ``u``'s factors ``A`` and ``G``."""
+        return [(read_value(f), None) for f in self._factors[u]]
+
+    def _transform(self, values, parameter):
+        """``(F + √λ I)^-1`` of a batch of factors."""
+        # convert_to_tensor, not ops.cast: a float32 detour.
+        root = ops.convert_to_tensor(math.sqrt(self.damping), dtype=values.dtype)
+        return kronecker.damped_inverses(values, root, diagonal=len(values.shape) == 2)
 
     def _directions(self, u, momenta, preconditioners):
         """``A⁻¹ [M_W; m_b] G⁻¹`` of layer ``u``, from the members' new momenta and the slots

@@ -12,6 +12,10 @@ A trainable tensor ``W`` is viewed as a ``k``-mode tensor of sizes ``d_1..d_k`` 
   says whether it succeeded.
 * :func:`precondition`: ``M x_1 A_1 x_2 ... x_k A_k``, which equals
   ``(A_1 ⊗ ... ⊗ A_k) vec(M)`` (Proposition 1 of the paper) for symmetric ``A_i``.
+* :func:`damped_inverses`, :func:`inverse_pth_roots_eigh`, :func:`batch_mode_contractions`,
+  :func:`batch_precondition`: the same for a batch of equal-size factors or tensors at once.
+* :func:`row_contractions`, :func:`precondition_rows`: the same for a tensor that is zero
+  outside a few rows of a diagonal first mode (an Embedding's gradient).
 """
 
 from __future__ import annotations
@@ -97,6 +101,95 @@ def mode_contractions(g, modes: Sequence[int], diagonal: Sequence[bool] | None =
     return out
 
 
+def batch_mode_contractions(g, modes: Sequence[int], diagonal: Sequence[bool] | None = None):
+    """:func:`mode_contractions` of a batch ``g`` of ``n`` equal-shape tensors at once: one
+    batched product per mode for all ``n`` (``[(n, d_i, d_i) or (n, d_i) per mode]``)."""
+    modes = tuple(modes)
+    diagonal = _diagonal_flags(modes, diagonal)
+    k = len(modes)
+    n = g.shape[0]
+    size = math.prod(modes)
+    g = ops.reshape(g, (n,) + modes)
+    out = []
+    for i, d in enumerate(modes):
+        if diagonal[i]:
+            out.append(ops.sum(ops.square(g), axis=tuple(j + 1 for j in range(k) if j != i)))
+            continue
+        if i == k - 1:
+            x = ops.reshape(g, (n, size // d, d))
+            out.append(ops.matmul(ops.swapaxes(x, 1, 2), x))
+            continue
+        if i == 0:
+            x = ops.reshape(g, (n, d, size // d))
+        else:
+            perm = (0, i + 1) + tuple(j + 1 for j in range(k) if j != i)
+            x = ops.reshape(ops.transpose(g, perm), (n, d, size // d))
+        out.append(ops.matmul(x, ops.swapaxes(x, 1, 2)))
+    return out
+
+
+def batch_precondition(m, factors: Sequence, modes: Sequence[int]):
+    """:func:`precondition` of a batch ``m`` of ``n`` equal-shape tensors, each with its own
+    factors (``factors[i]``: ``(n, d_i, d_i)``, or ``(n, d_i)`` for diagonal ones)."""
+    modes = tuple(modes)
+    if not modes:
+        return m
+    shape = m.shape
+    n = shape[0]
+    size = math.prod(modes)
+    x = m
+    for d, a in zip(modes, factors):
+        x = ops.swapaxes(ops.reshape(x, (n, d, size // d)), 1, 2)
+        x = x * a[:, None, :] if len(a.shape) == 2 else ops.matmul(x, a)
+    return ops.reshape(x, shape)
+
+
+def row_contractions(rows, values, modes: Sequence[int], diagonal: Sequence[bool]) -> list:
+    """:func:`mode_contractions` of a tensor that is zero outside the rows ``rows`` (distinct
+    indices of its first axis) and ``values`` there (``(n,) + modes[1:]``), whose first mode
+    has a diagonal factor: ``n`` rows' work instead of ``modes[0]`` (an Embedding's gradient
+    touches the batch's tokens only). Equal to the dense contractions up to round-off (the
+    untouched rows add exact zeros).
+    """
+    modes = tuple(modes)
+    diagonal = _diagonal_flags(modes, diagonal)
+    if len(modes) < 2 or not diagonal[0]:
+        raise ValueError(
+            f"Row contractions need a diagonal first mode and at least two modes; got modes "
+            f"{modes} with diagonal flags {diagonal}."
+        )
+    k = len(modes)
+    out = []
+    for i, d in enumerate(modes):
+        if i == 0:
+            sums = ops.sum(ops.square(values), axis=tuple(range(1, k)))
+            out.append(backend.scatter_rows(ops.zeros((d,), values.dtype), rows, sums))
+        elif diagonal[i]:
+            out.append(ops.sum(ops.square(values), axis=tuple(j for j in range(k) if j != i)))
+        elif i == k - 1:
+            out.append(_gram(ops.reshape(values, (-1, d)), transpose=True))
+        else:
+            out.append(_gram(ops.reshape(ops.moveaxis(values, i, 0), (d, -1)), transpose=False))
+    return out
+
+
+def precondition_rows(values, rows, factors: Sequence, modes: Sequence[int]):
+    """The rows ``rows`` of :func:`precondition` of a tensor that is zero outside them (values
+    ``(n,) + modes[1:]``), for a diagonal first factor (which keeps rows apart): the product
+    over ``n`` rows, not ``modes[0]``."""
+    modes = tuple(modes)
+    k = len(modes)
+    first = ops.take(factors[0], rows, axis=0)
+    x = values * ops.reshape(first, (-1,) + (1,) * (k - 1))
+    for a in factors[1:]:
+        # Contract axis 1 and append the result as the last axis, as `precondition` does.
+        if len(a.shape) == 1:
+            x = ops.moveaxis(x * ops.reshape(a, (1, -1) + (1,) * (k - 2)), 1, -1)
+        else:
+            x = ops.tensordot(x, a, axes=[[1], [0]])
+    return x
+
+
 def _trace(h):
     """The trace of a factor: a full ``d x d`` matrix, or a diagonal one kept as a vector."""
     return ops.sum(h) if len(h.shape) == 1 else ops.trace(h)
@@ -132,26 +225,46 @@ def damped_inverse(u, damping):
 
     Returns ``(inverse, ok)``. When the factorisation fails (the damped matrix is not positive
     definite in floating point, or ``u`` holds NaN/inf) ``ok`` is False and ``inverse`` must not
-    be used; callers keep their previous inverse.
+    be used; callers keep their previous inverse. A vector ``u`` is a diagonal factor. One
+    matrix is a batch of one of :func:`damped_inverses` (the same kernels, so the same numbers).
     """
+    inverses, ok = damped_inverses(ops.expand_dims(u, 0), damping, diagonal=len(u.shape) == 1)
+    return inverses[0], ok[0]
+
+
+def damped_inverses(factors, damping, diagonal: bool = False):
+    """:func:`damped_inverse` of every matrix of a batch ``(n, d, d)`` at once (``diagonal``:
+    of every diagonal factor of a batch ``(n, d)``); ``ok`` has shape ``(n,)``.
+
+    One batched Cholesky factorisation and two batched triangular solves for all ``n``, as
+    Distributed Shampoo batches its equal-size blocks: ``n`` small factors cost about one
+    operation's overhead, not ``n``. Each matrix is factorised on its own (the batch only
+    shares the call), so a member's result does not depend on the others.
+    """
+    factors = ops.convert_to_tensor(factors)
+    dtype = factors.dtype
     if isinstance(damping, (int, float)):
-        damping = ops.convert_to_tensor(damping, dtype=u.dtype)
-    if len(u.shape) == 1:  # a diagonal factor, kept as its diagonal
-        damped = u + ops.cast(damping, u.dtype)
+        damping = ops.convert_to_tensor(damping, dtype=dtype)
+    damping = ops.cast(damping, dtype)
+    if diagonal:
+        damped = factors + damping
         inverse = 1 / damped
-        ok = ops.logical_and(ops.all(ops.isfinite(inverse)), ops.all(damped > 0))
+        ok = ops.logical_and(ops.all(ops.isfinite(inverse), axis=-1), ops.all(damped > 0, axis=-1))
         return inverse, ok
-    d = u.shape[-1]
-    eye = ops.eye(d, dtype=u.dtype)
-    damped = u + ops.cast(damping, u.dtype) * eye
+    n, d = factors.shape[0], factors.shape[-1]
+    eye = ops.eye(d, dtype=dtype)
+    damped = factors + damping * eye
     lower = backend.cholesky(damped)  # NaN, not an exception, on failure
     # Two triangular solves, L X = I then L^T A = X (cheaper here than L^{-T} L^{-1} by matmul),
     # then the symmetric part: the mode products rely on A = A^T.
-    lower_inv = ops.solve_triangular(lower, eye, lower=True)
-    inverse = ops.solve_triangular(ops.transpose(lower), lower_inv, lower=False)
-    inverse = 0.5 * (inverse + ops.transpose(inverse))
+    lower_inv = ops.solve_triangular(lower, ops.broadcast_to(eye, (n, d, d)), lower=True)
+    inverse = ops.solve_triangular(ops.swapaxes(lower, -1, -2), lower_inv, lower=False)
+    inverse = 0.5 * (inverse + ops.swapaxes(inverse, -1, -2))
     # Both: an infinite statistic gives a finite L^{-1} (1/inf = 0) from an infinite L.
-    ok = ops.logical_and(ops.all(ops.isfinite(lower)), ops.all(ops.isfinite(lower_inv)))
+    ok = ops.logical_and(
+        ops.all(ops.isfinite(lower), axis=(-2, -1)),
+        ops.all(ops.isfinite(lower_inv), axis=(-2, -1)),
+    )
     return inverse, ok
 
 
@@ -290,31 +403,44 @@ def inverse_pth_root_eigh(matrix, p: int, damping):
     A 1000 x 1000 eigendecomposition costs about 18 products there; on accelerators products are
     far cheaper than eigendecompositions and Newton is the better choice.
     """
+    root, ok = inverse_pth_roots_eigh(ops.expand_dims(ops.convert_to_tensor(matrix), 0), p, damping)
+    return root[0], ok[0]
+
+
+def inverse_pth_roots_eigh(matrices, p: int, damping):
+    """:func:`inverse_pth_root_eigh` of every matrix of a batch ``(n, d, d)`` at once (one
+    batched eigendecomposition); ``ok`` has shape ``(n,)``."""
     if isinstance(p, bool) or not isinstance(p, int) or p < 1:
         raise ValueError(f"`p` must be an integer >= 1; received p={p!r}.")
-    matrix = ops.convert_to_tensor(matrix)
-    dtype = matrix.dtype
-    eye = ops.eye(matrix.shape[-1], dtype=dtype)
+    matrices = ops.convert_to_tensor(matrices)
+    dtype = matrices.dtype
+    eye = ops.eye(matrices.shape[-1], dtype=dtype)
     if isinstance(damping, (int, float)):
         damping = ops.convert_to_tensor(damping, dtype=dtype)
     damping = ops.cast(damping, dtype)
-    a = matrix + damping * eye
-    finite = ops.all(ops.isfinite(a))
+    a = matrices + damping * eye
+    finite = ops.all(ops.isfinite(a), axis=(-2, -1))
     # TensorFlow's decomposition raises on NaN; such a statistic keeps its previous root.
-    values, vectors = ops.eigh(ops.where(finite, a, eye))
+    values, vectors = ops.eigh(ops.where(finite[:, None, None], a, eye))
     values = ops.maximum(values, damping)
     scale = ops.power(values, ops.convert_to_tensor(-1.0 / p, dtype=dtype))
-    root = ops.matmul(vectors * scale[None, :], ops.transpose(vectors))
-    root = 0.5 * (root + ops.transpose(root))
-    ok = ops.logical_and(finite, ops.all(ops.isfinite(root)))
+    # One product per matrix: a batched product's rounding can depend on the batch's size, and
+    # a root must not depend on which other roots were refreshed with it.
+    scaled = ops.unstack(vectors * scale[:, None, :])
+    root = ops.stack(
+        [ops.matmul(a, ops.transpose(v)) for a, v in zip(scaled, ops.unstack(vectors))]
+    )
+    root = 0.5 * (root + ops.swapaxes(root, -1, -2))
+    ok = ops.logical_and(finite, ops.all(ops.isfinite(root), axis=(-2, -1)))
     return root, ok
 
 
 def diagonal_inverse_pth_root(h, p: int, damping):
     """``(h + damping)^{-1/p}`` elementwise for a diagonal statistic ``h`` (a vector), and
-    whether it is finite (Shampoo's root of a diagonal factor)."""
+    whether it is finite (Shampoo's root of a diagonal factor). A batch ``(n, d)`` of them
+    gives ``ok`` of shape ``(n,)``."""
     h = ops.convert_to_tensor(h)
     damped = h + ops.cast(damping, h.dtype)
     root = ops.power(damped, ops.convert_to_tensor(-1.0 / p, dtype=h.dtype))
-    ok = ops.logical_and(ops.all(ops.isfinite(root)), ops.all(damped > 0))
+    ok = ops.logical_and(ops.all(ops.isfinite(root), axis=-1), ops.all(damped > 0, axis=-1))
     return root, ok

@@ -30,6 +30,7 @@ from keras import ops
 from keras_tnt import _checks
 from keras_tnt import backend
 from keras_tnt import kronecker
+from keras_tnt._variables import read_value
 from keras_tnt.tnt import TNT
 
 ROOT_METHODS = ("auto", "eigh", "newton")
@@ -62,6 +63,8 @@ class Shampoo(TNT):
     whose iteration does not give a finite result keeps the previous root and is counted in
     :attr:`failed_inversions`. :meth:`inverses` returns the roots ``P_i``.
     """
+
+    _carries_directions = False  # no damped factor of a root to carry a direction with
 
     def __init__(
         self,
@@ -112,24 +115,21 @@ class Shampoo(TNT):
             return ops.equal(t % ops.cast(self.inverse_update_period, t.dtype), 0)
         return super()._refresh_due()
 
-    def _refresh(self, u):
-        """``(roots, failed)``: the refreshed ``P_i = (H_i + εI)^(-1/(2k))`` of tensor ``u``."""
+    def _refresh_inputs(self, u):
+        """Tensor ``u``'s statistics ``H_i``, each with the order ``p = 2k`` of its root."""
         p = 2 * len(self._modes[u])
-        stats = [ops.convert_to_tensor(h) for h in self._statistics[u]]
-        damping = ops.convert_to_tensor(self.damping, dtype=stats[0].dtype)
-        failed = ops.zeros((), backend.count_dtype())
-        out = []
-        method = self.resolved_root_method
-        for h, slot in zip(stats, self._preconditioners[u]):
-            if len(h.shape) == 1:  # a diagonal factor
-                root, ok = kronecker.diagonal_inverse_pth_root(h, p, damping)
-            elif method == "eigh":
-                root, ok = kronecker.inverse_pth_root_eigh(h, p, damping)
-            else:
-                root, ok = kronecker.inverse_pth_root(h, p, damping)
-            out.append(ops.where(ok, root, ops.convert_to_tensor(slot)))
-            failed = failed + ops.cast(ops.logical_not(ok), backend.count_dtype())
-        return out, failed
+        return [(read_value(h), p) for h in self._statistics[u]]
+
+    def _transform(self, values, p):
+        """The roots ``P_i = (H_i + εI)^(-1/p)`` of a batch of statistics."""
+        damping = ops.convert_to_tensor(self.damping, dtype=values.dtype)
+        if len(values.shape) == 2:  # diagonal factors
+            return kronecker.diagonal_inverse_pth_root(values, p, damping)
+        if self.resolved_root_method == "eigh":
+            return kronecker.inverse_pth_roots_eigh(values, p, damping)
+        # The Newton iteration stops per matrix: one loop each.
+        roots = [kronecker.inverse_pth_root(h, p, damping) for h in ops.unstack(values)]
+        return ops.stack([r for r, _ in roots]), ops.stack([ok for _, ok in roots])
 
     def get_config(self):
         config = super().get_config()

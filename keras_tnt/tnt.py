@@ -44,6 +44,8 @@ of statistics and inverses, more than Adam's whole state for that model; the dia
 
 from __future__ import annotations
 
+import math
+
 import keras
 from keras import ops
 
@@ -53,8 +55,13 @@ from keras_tnt import _replicas
 from keras_tnt import backend
 from keras_tnt import kronecker
 from keras_tnt._base import KroneckerOptimizer
+from keras_tnt._variables import read_value
 from keras_tnt._variables import slot_prefix
 from keras_tnt._variables import statistics_dtype
+
+# Tensors up to this many numbers step in batches of equal shape (the transformer's LayerNorm
+# scales, attention heads); above it the products of one tensor already keep the cores busy.
+_BATCHED_SIZE = 1 << 16
 
 
 @keras.saving.register_keras_serializable(package="keras_tnt")
@@ -130,6 +137,10 @@ class TNT(KroneckerOptimizer):
     previous inverse (:attr:`failed_inversions`).
     """
 
+    # Whether a tensor with a diagonal first factor keeps its preconditioned momentum (the
+    # row-sparse step); Shampoo's roots have no damped factor to carry it with.
+    _carries_directions = True
+
     def __init__(
         self,
         learning_rate=1e-4,
@@ -192,7 +203,12 @@ class TNT(KroneckerOptimizer):
     def _plan_entries(self, var_list) -> list[dict]:
         """One entry per tensor: a factor per mode (:func:`~keras_tnt.kronecker.tensor_modes`),
         diagonal above ``max_factor_dim``, as ``factor_overrides`` say."""
-        return [_plan.tensor_entry(v, self.max_factor_dim, self.factor_overrides) for v in var_list]
+        return [
+            _plan.tensor_entry(
+                v, self.max_factor_dim, self.factor_overrides, self._carries_directions
+            )
+            for v in var_list
+        ]
 
     # ------------------------------------------------------------------ slots
 
@@ -205,15 +221,22 @@ class TNT(KroneckerOptimizer):
         self._counts = []
         self._skipped = []
         self._variable_failures = []
+        self._row_sparse = []
+        self._damped = []
         for var, entry in zip(var_list, entries):
             modes = entry["modes"]
             diagonal = tuple(f == "diagonal" for f in entry["factors"])
             shapes = [(d,) if diag else (d, d) for d, diag in zip(modes, diagonal)]
             prefix = slot_prefix(var)
             sdtype = statistics_dtype(var.dtype)
+            row_sparse = self._carries_directions and _plan.row_sparse(var.shape, diagonal)
             self._modes.append(modes)
             self._diagonal.append(diagonal)
-            self._momenta.append(self.add_variable_from_reference(var, "momentum"))
+            self._row_sparse.append(row_sparse)
+            # A row-sparse tensor keeps its preconditioned momentum (its direction) instead.
+            self._momenta.append(
+                self.add_variable_from_reference(var, "direction" if row_sparse else "momentum")
+            )
             self._statistics.append(
                 [
                     self.add_variable(shape, dtype=sdtype, name=f"{prefix}_statistics_{i}")
@@ -226,6 +249,15 @@ class TNT(KroneckerOptimizer):
                     self.add_variable(shape, dtype=sdtype, name=f"{prefix}_inverse_{i}")
                     for i, shape in enumerate(shapes)
                 ]
+            )
+            # Row-sparse: the damped factors U_i + εI whose inverses the direction holds.
+            self._damped.append(
+                [
+                    self.add_variable(shape, dtype=sdtype, name=f"{prefix}_damped_{i}")
+                    for i, shape in enumerate(shapes)
+                ]
+                if row_sparse
+                else []
             )
             # Batches folded into this variable's statistics (the first one sets them).
             self._counts.append(self._add_counter(f"{prefix}_statistics_count"))
@@ -289,19 +321,30 @@ class TNT(KroneckerOptimizer):
         indices = [i for i, _ in present]
         grads = [g for _, g in present]
         if self.loss_scale_factor is not None:
-            grads = [g / self.loss_scale_factor for g in grads]
-        slots = [(self._counts[i], self._statistics[i]) for i in indices if self._modes[i]]
+            # (An IndexedSlices is made dense for the division.)
+            grads = [ops.convert_to_tensor(g) / self.loss_scale_factor for g in grads]
+        factored = [i for i in indices if self._modes[i]]  # not plain momentum
+        slots = [(self._counts[i], self._statistics[i]) for i in factored]
+        position = {i: k for k, i in enumerate(indices)}
         owners = self._owners()
+        items = self._batched(factored, owners)
+
+        def contract(item, values):
+            """``[contractions of each tensor of item]`` from all gradients ``values``."""
+            if len(item) == 1:
+                return [self._contractions(item[0], values[position[item[0]]])]
+            return self._batch_contractions(item, [values[position[i]] for i in item])
+
+        def in_order(contracted):
+            out = {i: c for item, cs in zip(items, contracted) for i, c in zip(item, cs)}
+            return [out[i] for i in factored]
+
         if owners is None:  # every replica contracts every tensor
 
             def fold(local_grads, gate):
                 self._average_into(
                     slots,
-                    lambda: [
-                        self._contractions(i, g)
-                        for i, g in zip(indices, local_grads)
-                        if self._modes[i]
-                    ],
+                    lambda: in_order([contract(item, local_grads) for item in items]),
                     local_grads,
                     gate,
                     warm_start,
@@ -310,21 +353,20 @@ class TNT(KroneckerOptimizer):
             backend.fold_across_replicas(grads, self._curvature_updates, fold, condition)
             return
 
-        # Split: the owner of each tensor computes its contractions; the others add zeros.
-        def contract(k, gradient, gate):
-            idx = indices[k]
-            if not self._modes[idx]:  # plain momentum (a scalar, or factor_overrides "none")
-                return []
+        # Split: the owner of each batch of tensors computes its contractions; the others add
+        # zeros.
+        def contract_owned(k, reduced, gate):
             run = ops.convert_to_tensor(True) if gate is None else gate
             n = backend.count_dtype()
-            backend.count_replica_work(self, [ops.zeros((), n), ops.cast(run, n), ops.zeros((), n)])
-            return ops.cond(run, lambda: self._contractions(idx, gradient), lambda: zeros(k))
+            done = ops.cast(run, n) * len(items[k])
+            backend.count_replica_work(self, [ops.zeros((), n), done, ops.zeros((), n)])
+            return ops.cond(run, lambda: contract(items[k], reduced), lambda: zeros(k))
 
         def zeros(k):
-            return [ops.zeros(h.shape, h.dtype) for h in self._statistics[indices[k]]]
+            return [[ops.zeros(h.shape, h.dtype) for h in self._statistics[i]] for i in items[k]]
 
         def fold_shared(local_grads, gate, shared):
-            contractions = [c for k, c in enumerate(shared) if self._modes[indices[k]]]
+            contractions = in_order(shared)
             self._average_into(slots, lambda: contractions, local_grads, gate, warm_start)
 
         backend.fold_across_replicas(
@@ -332,15 +374,28 @@ class TNT(KroneckerOptimizer):
             self._curvature_updates,
             fold_shared,
             condition,
-            share=([owners[i] for i in indices], contract, zeros),
+            share=([owners[item[0]] for item in items], contract_owned, zeros),
         )
 
     def _contractions(self, idx, gradient):
-        """The per-mode contractions ``Ĝ^(i)`` of one tensor's gradient (docs/algorithm.md §2)."""
+        """The per-mode contractions ``Ĝ^(i)`` of one tensor's gradient (docs/algorithm.md §2);
+        of the touched rows only when it arrives row-sparse and its first factor is diagonal."""
         sdtype = statistics_dtype(self._trainable_variables[idx].dtype)
-        return kronecker.mode_contractions(
-            ops.cast(gradient, sdtype), self._modes[idx], self._diagonal[idx]
-        )
+        modes, diagonal = self._modes[idx], self._diagonal[idx]
+        slices = backend.row_slices(gradient) if self._row_sparse[idx] else None
+        if slices is not None:
+            rows, values = slices
+            return kronecker.row_contractions(rows, ops.cast(values, sdtype), modes, diagonal)
+        return kronecker.mode_contractions(ops.cast(gradient, sdtype), modes, diagonal)
+
+    def _batch_contractions(self, item, gradients):
+        """:meth:`_contractions` of the equal-shape tensors of ``item``, as one batch."""
+        first = item[0]
+        sdtype = statistics_dtype(self._trainable_variables[first].dtype)
+        g = ops.stack([ops.cast(read_value(x), sdtype) for x in gradients])
+        per_mode = kronecker.batch_mode_contractions(g, self._modes[first], self._diagonal[first])
+        unstacked = [ops.unstack(c) for c in per_mode]
+        return [[c[k] for c in unstacked] for k in range(len(item))]
 
     # ------------------------------------------------------------------ step
 
@@ -359,7 +414,10 @@ class TNT(KroneckerOptimizer):
         ]
 
     def _unit_preconditioners(self, u):
-        return self._preconditioners[u]
+        return self._preconditioners[u] + self._damped[u]
+
+    def _factorizations(self, u):
+        return len(self._preconditioners[u])
 
     def _unit_failures(self, u):
         return self._variable_failures[u]
@@ -374,20 +432,183 @@ class TNT(KroneckerOptimizer):
         )
         return ops.equal(t % ops.cast(period, t.dtype), 0)
 
-    def _refresh(self, u):
-        """``(inverses, failed)``: the damped inverses ``A_i = (U_i + εI)^-1`` of tensor ``u``'s
-        trace-normalised statistics (eq. (5); docs/algorithm.md §2)."""
-        stats = [ops.convert_to_tensor(h) for h in self._statistics[u]]
-        damping = ops.convert_to_tensor(self.damping, dtype=stats[0].dtype)
-        failed = ops.zeros((), backend.count_dtype())
-        out = []
-        for factor, slot in zip(
-            kronecker.normalize_factors(stats, self._modes[u]), self._preconditioners[u]
-        ):
-            inverse, ok = kronecker.damped_inverse(factor, damping)
-            out.append(ops.where(ok, inverse, ops.convert_to_tensor(slot)))
-            failed = failed + ops.cast(ops.logical_not(ok), backend.count_dtype())
-        return out, failed
+    def _refresh_inputs(self, u):
+        """Tensor ``u``'s trace-normalised statistics ``U_i`` (eq. (5); docs/algorithm.md §2)."""
+        stats = [read_value(h) for h in self._statistics[u]]
+        return [(f, None) for f in kronecker.normalize_factors(stats, self._modes[u])]
+
+    def _transform(self, values, parameter):
+        """The damped inverses ``A_i = (U_i + εI)^-1`` of a batch of factors."""
+        damping = ops.convert_to_tensor(self.damping, dtype=values.dtype)
+        return kronecker.damped_inverses(values, damping, diagonal=len(values.shape) == 2)
+
+    def _batch_key(self, u):
+        """Small tensors of equal shape, dtype, factors and weight-decay setting step as one
+        batch (docs/algorithm.md §2, "Batched tensors"); a row-sparse or plain-momentum tensor,
+        or one above ``_BATCHED_SIZE`` numbers (its products already fill the machine), alone."""
+        var = self._trainable_variables[u]
+        if self._row_sparse[u] or not self._modes[u] or math.prod(var.shape) > _BATCHED_SIZE:
+            return None
+        decays = self.weight_decay is not None and self._use_weight_decay(var)
+        return (tuple(var.shape), self._modes[u], self._diagonal[u], str(var.dtype), decays)
+
+    def _batch_values(self, item, work, gradients, learning_rate, refreshed=None):
+        """The values of :meth:`_unit_values` for equal-shape tensors, computed as one batch:
+        one stacked momentum, finiteness check, selection, direction and weight update for all,
+        each tensor's own numbers (its skip, its factors)."""
+        if len(item) == 1:
+            return super()._batch_values(item, work, gradients, learning_rate, refreshed)
+        if refreshed is None:
+            refreshed = self._grouped_refresh(item)
+        var = self._trainable_variables[item[0]]
+        dtype = var.dtype
+        sdtype = statistics_dtype(dtype)
+        modes = self._modes[item[0]]
+        count_dtype = backend.count_dtype()
+
+        def each(value):  # a per-tensor flag against a stacked value
+            return ops.reshape(value, (-1,) + (1,) * (len(var.shape)))
+
+        g = ops.stack([ops.cast(grads[0], dtype) for grads in gradients])
+        finite = ops.all(ops.isfinite(g), axis=tuple(range(1, len(g.shape))))
+        current = ops.stack([read_value(self._momenta[u]) for u in item])
+        beta = ops.convert_to_tensor(self.momentum, dtype=dtype)
+        momenta = ops.where(each(finite), beta * current + g, current)
+        preconditioners = []
+        for j in range(len(modes)):
+            new = ops.stack([refreshed[u][0][j] for u in item])
+            old = ops.stack([read_value(self._preconditioners[u][j]) for u in item])
+            flag = ops.reshape(finite, (-1,) + (1,) * (len(new.shape) - 1))
+            preconditioners.append(ops.where(flag, new, old))
+        zero = ops.zeros((len(item),), count_dtype)
+        failed = ops.where(finite, ops.stack([refreshed[u][1] for u in item]), zero)
+        directions = kronecker.batch_precondition(ops.cast(momenta, sdtype), preconditioners, modes)
+        lr = ops.cast(learning_rate, dtype)
+        old = ops.stack([read_value(self._trainable_variables[u]) for u in item])
+        w = old
+        if self.weight_decay is not None and self._use_weight_decay(var):
+            w = w - w * ops.convert_to_tensor(self.weight_decay, dtype=dtype) * lr
+        weights = ops.where(each(finite), w - lr * ops.cast(directions, dtype), old)
+        skipped = ops.cast(ops.logical_not(finite), count_dtype)
+        weights, momenta, failed, skipped = (
+            ops.unstack(x) for x in (weights, momenta, failed, skipped)
+        )
+        preconditioners = [ops.unstack(p) for p in preconditioners]
+        return [
+            ([weights[n]], [momenta[n]], [p[n] for p in preconditioners], failed[n], [skipped[n]])
+            for n in range(len(item))
+        ]
+
+    def _refreshed(self, u, inputs, results):
+        """A row-sparse tensor also keeps the damped factors ``U_i + εI`` of its new inverses."""
+        preconditioners, failed = super()._refreshed(u, inputs, results)
+        for (factor, _), (_, ok), slot in zip(inputs, results, self._damped[u]):
+            damping = ops.convert_to_tensor(self.damping, dtype=factor.dtype)
+            if len(factor.shape) == 2:
+                damping = damping * ops.eye(factor.shape[0], dtype=factor.dtype)
+            preconditioners.append(ops.where(ok, factor + damping, ops.convert_to_tensor(slot)))
+        return preconditioners, failed
+
+    def _unit_values(self, u, members, gradients, learning_rate, refreshed=None):
+        if not self._row_sparse[u]:
+            return super()._unit_values(u, members, gradients, learning_rate, refreshed)
+        return self._row_sparse_values(u, gradients[0], learning_rate, refreshed)
+
+    def _row_sparse_values(self, u, gradient, learning_rate, refreshed):
+        r"""The step of a tensor whose first factor is diagonal, in the values of
+        :meth:`_unit_values` (docs/algorithm.md §2, "Row-sparse tensors").
+
+        It keeps the preconditioned momentum ``P = m ×_1 A_1 ×_2 ... ×_k A_k`` (the direction)
+        in place of ``m``. Between refreshes the ``A_i`` are fixed, so
+        ``P ← β P + g ×_1 A_1 ... ×_k A_k``: a gradient that touches ``n`` rows (an Embedding's)
+        costs ``n`` rows' products, and every other row moves by ``β P`` as the dense step moves
+        it. A refresh carries ``P`` to the new inverses, ``P ×_i (B_i,old A_i,new)`` with
+        ``B_i,old = A_i,old^{-1}`` the kept damped factors: the dense step's numbers, up to
+        the round-off of ``B_old A_old = I`` (of the order of the inverse's own error, which the
+        momentum's decay forgets). Weight decay is the dense step's (every row decays).
+
+        Until every factor has been set once (the damped factors are zero before; a first
+        refresh can fail, or be skipped with the step), ``P`` cannot hold ``m``: the slot keeps
+        ``m`` itself and the step is the dense one, until the refresh that completes the
+        factors carries ``m`` over (``B_old := I``).
+        """
+        var = self._trainable_variables[u]
+        dtype = var.dtype
+        sdtype = statistics_dtype(dtype)
+        count_dtype = backend.count_dtype()
+        zero = ops.zeros((), count_dtype)
+        modes = self._modes[u]
+        k = len(modes)
+        slices = backend.row_slices(gradient)
+        if slices is None:
+            dense = ops.cast(gradient, sdtype)
+            finite = ops.all(ops.isfinite(dense))
+        else:
+            rows, values = slices
+            values = ops.cast(values, sdtype)
+            finite = ops.all(ops.isfinite(values))
+        slots = self._unit_preconditioners(u)
+        current = [ops.convert_to_tensor(p) for p in slots]
+        due = self._refresh_due()
+        if refreshed is None:
+            refreshed = ops.cond(due, lambda: self._refresh(u), lambda: (current, zero))
+        new, failed = refreshed
+        preconditioners = [ops.where(finite, a, c) for a, c in zip(new, current)]
+        failed = ops.where(finite, failed, zero)
+        inverses = preconditioners[:k]
+
+        def complete(damped):  # every damped factor set (U + εI has a positive diagonal)
+            firsts = [b[0] if len(b.shape) == 1 else b[0, 0] for b in damped]
+            return ops.all(ops.stack([ops.not_equal(f, 0) for f in firsts]))
+
+        started, starts = complete(current[k:]), complete(preconditioners[k:])
+        previous = ops.cast(ops.convert_to_tensor(self._momenta[u]), sdtype)  # P, or m
+        beta = ops.convert_to_tensor(self.momentum, dtype=sdtype)
+
+        def plus_gradient(x, factors):
+            """``β x + g ×_i factors_i`` (``+ g`` for None); the gradient's rows only when it
+            arrives row-sparse."""
+            if slices is None:
+                g = dense if factors is None else kronecker.precondition(dense, factors, modes)
+                return beta * x + g
+            if factors is None:
+                step = values
+            else:
+                step = kronecker.precondition_rows(values, rows, factors, modes)
+            return backend.scatter_rows(beta * x, rows, step)
+
+        def carried():
+            # precondition() applies F^T per mode: F = B_old A_new applies A_new A_old^-1.
+            # Before the factors were complete the slot holds m: B_old := I.
+            factors = []
+            for a, b in zip(inverses, current[k:]):
+                if len(a.shape) == 1:
+                    factors.append(ops.where(started, b, ops.ones_like(b)) * a)
+                else:
+                    eye = ops.eye(a.shape[0], dtype=a.dtype)
+                    factors.append(ops.matmul(ops.where(started, b, eye), a))
+            return kronecker.precondition(previous, factors, modes)
+
+        def directions():  # (slot, direction): P both
+            moved = ops.cond(ops.logical_and(due, finite), carried, lambda: previous)
+            direction = plus_gradient(moved, inverses)
+            return direction, direction
+
+        def momenta():  # (slot, direction): m, and the dense step's direction
+            momentum = plus_gradient(previous, None)
+            return momentum, kronecker.precondition(momentum, inverses, modes)
+
+        slot, direction = ops.cond(starts, directions, momenta)
+        slot = ops.where(finite, slot, previous)
+        lr = ops.cast(learning_rate, dtype)
+        old = ops.convert_to_tensor(var)
+        w = old
+        if self.weight_decay is not None and self._use_weight_decay(var):
+            w = w - w * ops.convert_to_tensor(self.weight_decay, dtype=dtype) * lr
+        weights = ops.where(finite, w - lr * ops.cast(direction, dtype), old)
+        momentum = ops.cast(slot, self._momenta[u].dtype)
+        skipped = ops.cast(ops.logical_not(finite), count_dtype)
+        return [weights], [momentum], preconditioners, failed, [skipped]
 
     def _directions(self, u, momenta, preconditioners):
         """``m ×_1 A_1 ×_2 ... ×_k A_k`` of tensor ``u``."""

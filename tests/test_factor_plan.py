@@ -146,12 +146,16 @@ def test_plan_bytes_are_the_allocated_bytes_and_the_default_keeps_vgg_widths_ful
     opt.build(variables)
     for i, entry in enumerate(entries):
         slots = [opt._momenta[i], *opt._statistics[i], *opt._preconditioners[i]]
-        slots += [opt._counts[i], opt._skipped[i], opt._variable_failures[i]]
+        slots += [*opt._damped[i], opt._counts[i], opt._skipped[i], opt._variable_failures[i]]
         allocated = sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in slots)
         assert entry["state_bytes"] == allocated, entry["variable"]
     # The bound's diagonal factors: 4097 + 5000 numbers instead of 4097² + 5000².
     assert [tuple(h.shape) for h in opt.statistics(wide)] == [(4096, 4096), (4097,)]
     assert [tuple(h.shape) for h in opt.statistics(embedding)] == [(5000,), (16, 16)]
+    # Only the embedding (a diagonal first factor) takes the row-sparse step and keeps its
+    # damped factors.
+    assert opt._row_sparse == [False, False, True, False]
+    assert [tuple(b.shape) for b in opt._damped[2]] == [(5000,), (16, 16)]
 
 
 def test_the_plan_is_logged_once_at_build(caplog):

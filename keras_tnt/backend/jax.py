@@ -41,6 +41,9 @@ __all__ = [
     "num_replicas",
     "outside_graph",
     "replica_work",
+    "row_slices",
+    "scatter_rows",
+    "stored_values",
     "update_everywhere",
     "split_replicas",
     "update_from_owners",
@@ -74,6 +77,20 @@ def cholesky(x):
     (``keras.ops.cholesky`` raises eagerly when the result holds NaN.)
     """
     return jnp.linalg.cholesky(x)
+
+
+def row_slices(x):
+    """None: JAX's gradients are dense arrays (the row-sparse step is TensorFlow's)."""
+    del x
+    return None
+
+
+def scatter_rows(x, rows, values):
+    return x.at[rows].add(values)
+
+
+def stored_values(x):
+    return x
 
 
 def has_accelerator() -> bool:

@@ -35,6 +35,9 @@ __all__ = [
     "num_replicas",
     "outside_graph",
     "replica_work",
+    "row_slices",
+    "scatter_rows",
+    "stored_values",
     "update_everywhere",
     "split_replicas",
     "update_from_owners",
@@ -74,6 +77,39 @@ def cholesky(x):
     return tf.linalg.cholesky(x)
 
 
+def row_slices(x):
+    """``(rows, values)`` of a gradient that arrives as ``tf.IndexedSlices`` (an Embedding's,
+    a gather's): its rows with the values of a repeated index summed (as the dense gradient
+    sums them), each row once; None for a dense tensor.
+
+    As many rows as the slices have (XLA needs a shape that does not depend on the values):
+    the distinct rows first, then row 0 with zero values, which adds nothing wherever the
+    rows are scattered or contracted.
+    """
+    if not isinstance(x, tf.IndexedSlices):
+        return None
+    n = tf.shape(x.indices)[0]
+    order = tf.argsort(x.indices, stable=True)
+    rows = tf.gather(x.indices, order)
+    first = tf.ones_like(rows[:1], tf.bool)  # none for no slices
+    starts = tf.concat([first, rows[1:] != rows[:-1]], axis=0)
+    segment = tf.cumsum(tf.cast(starts, tf.int32)) - 1
+    values = tf.math.unsorted_segment_sum(tf.gather(x.values, order), segment, n)
+    distinct = tf.tensor_scatter_nd_update(tf.zeros_like(rows), segment[:, None], rows)
+    return distinct, values
+
+
+def scatter_rows(x, rows, values):
+    """``x`` with ``values`` added to its rows ``rows`` (distinct)."""
+    return tf.tensor_scatter_nd_add(x, rows[:, None], values)
+
+
+def stored_values(x):
+    """The numbers a gradient holds: an ``IndexedSlices``' values (never densified), else
+    ``x`` (to check them for NaN/inf)."""
+    return x.values if isinstance(x, tf.IndexedSlices) else x
+
+
 def has_accelerator() -> bool:
     """Whether TensorFlow sees a GPU or TPU."""
     return bool(tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("TPU"))
@@ -107,10 +143,10 @@ def fold_across_replicas(
     device). The fold applies the gate itself, with branches that return values.
 
     ``share=(owners, compute, zeros)`` splits work across replicas: after the reduction, the
-    replica ``owners[k]`` computes ``compute(k, reduced value k, condition)`` and every other
-    replica ``zeros(k)`` (the same structure); these are summed over replicas (a sum with zeros
-    is exact, so every replica gets the owner's numbers bit for bit) and the fold is called as
-    ``fold(values, gate, shared)``.
+    replica ``owners[k]`` computes the ``k``-th piece of work, ``compute(k, reduced values,
+    condition)``, and every other replica ``zeros(k)`` (the same structure); these are summed
+    over replicas (a sum with zeros is exact, so every replica gets the owner's numbers bit for
+    bit) and the fold is called as ``fold(values, gate, shared)``.
     """
     ctx = tf.distribute.get_replica_context()
     if ctx is None or num_replicas() == 1:
@@ -121,7 +157,7 @@ def fold_across_replicas(
     shared = None
     if share is not None:
         owners, compute, zeros = share
-        shared = _from_owners(ctx, owners, lambda k: compute(k, reduced[k], condition), zeros)
+        shared = _from_owners(ctx, owners, lambda k: compute(k, reduced, condition), zeros)
     if condition is None:
         condition = tf.constant(True)
     flat_shared = tf.nest.flatten(shared)
