@@ -11,7 +11,6 @@ from keras import ops
 
 from keras_tnt import _replicas
 from keras_tnt import backend
-from keras_tnt._variables import read_value
 
 
 class UnitStepMixin:
@@ -222,7 +221,9 @@ class UnitStepMixin:
         if not factored:
             return {}
         zero = ops.zeros((), backend.count_dtype())
-        current = {u: [read_value(p) for p in self._unit_preconditioners(u)] for u in factored}
+        current = {
+            u: [ops.convert_to_tensor(p) for p in self._unit_preconditioners(u)] for u in factored
+        }
 
         def refresh():
             refreshed = self._refresh_all(factored)

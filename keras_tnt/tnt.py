@@ -59,10 +59,6 @@ from keras_tnt._variables import read_value
 from keras_tnt._variables import slot_prefix
 from keras_tnt._variables import statistics_dtype
 
-# Tensors up to this many numbers step in batches of equal shape (the transformer's LayerNorm
-# scales, attention heads); above it the products of one tensor already keep the cores busy.
-_BATCHED_SIZE = 1 << 16
-
 
 @keras.saving.register_keras_serializable(package="keras_tnt")
 class TNT(KroneckerOptimizer):
@@ -140,6 +136,11 @@ class TNT(KroneckerOptimizer):
     # Whether a tensor with a diagonal first factor keeps its preconditioned momentum (the
     # row-sparse step); Shampoo's roots have no damped factor to carry it with.
     _carries_directions = True
+    # Tensors up to this many numbers step in batches of equal shape (docs/algorithm.md §2,
+    # "Batched tensors"); 0: none. Off: on TensorFlow's CPU it cost more than it saved
+    # (benchmarks.step_time, median of 3: digits autoencoder, two 48-wide biases batched, 1.52x
+    # -> 1.69x Adam's mean step; digits transformer 1.52x -> 1.49x, within the drift).
+    _batched_size = 0
 
     def __init__(
         self,
@@ -445,9 +446,9 @@ class TNT(KroneckerOptimizer):
     def _batch_key(self, u):
         """Small tensors of equal shape, dtype, factors and weight-decay setting step as one
         batch (docs/algorithm.md §2, "Batched tensors"); a row-sparse or plain-momentum tensor,
-        or one above ``_BATCHED_SIZE`` numbers (its products already fill the machine), alone."""
+        or one above ``_batched_size`` numbers (off by default: see there), alone."""
         var = self._trainable_variables[u]
-        if self._row_sparse[u] or not self._modes[u] or math.prod(var.shape) > _BATCHED_SIZE:
+        if self._row_sparse[u] or not self._modes[u] or math.prod(var.shape) > self._batched_size:
             return None
         decays = self.weight_decay is not None and self._use_weight_decay(var)
         return (tuple(var.shape), self._modes[u], self._diagonal[u], str(var.dtype), decays)
@@ -476,7 +477,7 @@ class TNT(KroneckerOptimizer):
         momenta = ops.where(each(finite), beta * current + g, current)
         preconditioners = []
         for j in range(len(modes)):
-            new = ops.stack([refreshed[u][0][j] for u in item])
+            new = ops.stack([read_value(refreshed[u][0][j]) for u in item])
             old = ops.stack([read_value(self._preconditioners[u][j]) for u in item])
             flag = ops.reshape(finite, (-1,) + (1,) * (len(new.shape) - 1))
             preconditioners.append(ops.where(flag, new, old))

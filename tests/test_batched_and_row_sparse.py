@@ -141,11 +141,11 @@ def test_batched_contractions_and_products_are_each_tensors(float64, shape, diag
         np.testing.assert_allclose(directions[n], np.array(want), rtol=1e-13, atol=1e-15)
 
 
-class UnbatchedTNT(keras_tnt.TNT):
-    """TNT with every tensor stepped alone (no batches of equal-shape tensors)."""
+class BatchedTNT(keras_tnt.TNT):
+    """TNT with tensors of up to 65,536 numbers stepped in batches of equal shape (off by
+    default)."""
 
-    def _batch_key(self, u):
-        return None
+    _batched_size = 1 << 16
 
 
 @BOTH_BACKENDS
@@ -157,7 +157,7 @@ def test_equal_shape_tensors_step_as_one_batch_with_their_own_numbers(float64):
     rng = np.random.default_rng(12)
     start = [rng.standard_normal(s) for s in shapes]
     runs = []
-    for cls in (keras_tnt.TNT, UnbatchedTNT):
+    for cls in (BatchedTNT, keras_tnt.TNT):
         variables = [keras.Variable(w, name=f"w{i}") for i, w in enumerate(start)]
         opt = cls(learning_rate=0.1, damping=0.2, weight_decay=0.01, inverse_update_period=3)
         opt.exclude_from_weight_decay(var_names=["w2"])
