@@ -44,16 +44,3 @@ def first_override(overrides: dict, paths) -> str | None:
         (kind for pattern, kind in overrides.items() if any(re.search(pattern, p) for p in paths)),
         None,
     )
-
-
-def read_value(x):
-    """The current value of a Keras variable as a backend tensor (``ops.convert_to_tensor``
-    hands a TensorFlow-backend variable back as it is, which ``ops.stack`` cannot take);
-    anything else converted."""
-    if isinstance(x, keras.Variable):
-        x = x.value
-    if keras.backend.backend() == "tensorflow":
-        import tensorflow as tf
-
-        return tf.convert_to_tensor(x)
-    return keras.ops.convert_to_tensor(x)

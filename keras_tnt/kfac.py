@@ -64,7 +64,6 @@ from keras_tnt._capture import capture_layers  # noqa: F401 (part of the KFAC AP
 from keras_tnt._layers import LayerBlock
 from keras_tnt._variables import first_override
 from keras_tnt._variables import itemsize
-from keras_tnt._variables import read_value
 from keras_tnt._variables import slot_prefix
 from keras_tnt._variables import statistics_dtype
 from keras_tnt._variables import variable_path
@@ -466,7 +465,7 @@ class KFAC(KroneckerOptimizer):
 
     def _refresh_inputs(self, u):
         """Layer ``u``'s factors ``A`` and ``G``."""
-        return [(read_value(f), None) for f in self._factors[u]]
+        return [(backend.read_value(f), None) for f in self._factors[u]]
 
     def _transform(self, values, parameter):
         """``(F + √λ I)^-1`` of a batch of factors."""

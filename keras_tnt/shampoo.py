@@ -30,7 +30,6 @@ from keras import ops
 from keras_tnt import _checks
 from keras_tnt import backend
 from keras_tnt import kronecker
-from keras_tnt._variables import read_value
 from keras_tnt.tnt import TNT
 
 ROOT_METHODS = ("auto", "eigh", "newton")
@@ -118,7 +117,7 @@ class Shampoo(TNT):
     def _refresh_inputs(self, u):
         """Tensor ``u``'s statistics ``H_i``, each with the order ``p = 2k`` of its root."""
         p = 2 * len(self._modes[u])
-        return [(read_value(h), p) for h in self._statistics[u]]
+        return [(backend.read_value(h), p) for h in self._statistics[u]]
 
     def _transform(self, values, p):
         """The roots ``P_i = (H_i + εI)^(-1/p)`` of a batch of statistics."""

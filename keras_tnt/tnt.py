@@ -55,7 +55,6 @@ from keras_tnt import _replicas
 from keras_tnt import backend
 from keras_tnt import kronecker
 from keras_tnt._base import KroneckerOptimizer
-from keras_tnt._variables import read_value
 from keras_tnt._variables import slot_prefix
 from keras_tnt._variables import statistics_dtype
 
@@ -393,7 +392,7 @@ class TNT(KroneckerOptimizer):
         """:meth:`_contractions` of the equal-shape tensors of ``item``, as one batch."""
         first = item[0]
         sdtype = statistics_dtype(self._trainable_variables[first].dtype)
-        g = ops.stack([ops.cast(read_value(x), sdtype) for x in gradients])
+        g = ops.stack([ops.cast(backend.read_value(x), sdtype) for x in gradients])
         per_mode = kronecker.batch_mode_contractions(g, self._modes[first], self._diagonal[first])
         unstacked = [ops.unstack(c) for c in per_mode]
         return [[c[k] for c in unstacked] for k in range(len(item))]
@@ -435,7 +434,7 @@ class TNT(KroneckerOptimizer):
 
     def _refresh_inputs(self, u):
         """Tensor ``u``'s trace-normalised statistics ``U_i`` (eq. (5); docs/algorithm.md §2)."""
-        stats = [read_value(h) for h in self._statistics[u]]
+        stats = [backend.read_value(h) for h in self._statistics[u]]
         return [(f, None) for f in kronecker.normalize_factors(stats, self._modes[u])]
 
     def _transform(self, values, parameter):
@@ -472,20 +471,20 @@ class TNT(KroneckerOptimizer):
 
         g = ops.stack([ops.cast(grads[0], dtype) for grads in gradients])
         finite = ops.all(ops.isfinite(g), axis=tuple(range(1, len(g.shape))))
-        current = ops.stack([read_value(self._momenta[u]) for u in item])
+        current = ops.stack([backend.read_value(self._momenta[u]) for u in item])
         beta = ops.convert_to_tensor(self.momentum, dtype=dtype)
         momenta = ops.where(each(finite), beta * current + g, current)
         preconditioners = []
         for j in range(len(modes)):
-            new = ops.stack([read_value(refreshed[u][0][j]) for u in item])
-            old = ops.stack([read_value(self._preconditioners[u][j]) for u in item])
+            new = ops.stack([backend.read_value(refreshed[u][0][j]) for u in item])
+            old = ops.stack([backend.read_value(self._preconditioners[u][j]) for u in item])
             flag = ops.reshape(finite, (-1,) + (1,) * (len(new.shape) - 1))
             preconditioners.append(ops.where(flag, new, old))
         zero = ops.zeros((len(item),), count_dtype)
         failed = ops.where(finite, ops.stack([refreshed[u][1] for u in item]), zero)
         directions = kronecker.batch_precondition(ops.cast(momenta, sdtype), preconditioners, modes)
         lr = ops.cast(learning_rate, dtype)
-        old = ops.stack([read_value(self._trainable_variables[u]) for u in item])
+        old = ops.stack([backend.read_value(self._trainable_variables[u]) for u in item])
         w = old
         if self.weight_decay is not None and self._use_weight_decay(var):
             w = w - w * ops.convert_to_tensor(self.weight_decay, dtype=dtype) * lr

@@ -10,7 +10,8 @@ backend module provides the same names:
 * ``num_replicas()``, ``fold_across_replicas(values, anchor, fold, condition)``: how a batch of
   curvature data reaches the statistics of every replica.
 * ``outside_graph()``, ``value_now(variable)``: reading a variable's stored value while a step
-  is being traced (to restore, or to check, state at build time).
+  is being traced (to restore, or to check, state at build time); ``read_value(variable)``:
+  its value as a tensor inside the step (what ``ops.stack`` takes).
 * ``split_replicas()``, ``update_everywhere(...)``, ``update_from_owners(...)``: whether the
   update's units of work are split across replicas, and the two ways of running it (every
   replica computes every unit; each unit's owner computes it and shares it by an all-reduce).

@@ -40,6 +40,7 @@ __all__ = [
     "make_work_counter",
     "num_replicas",
     "outside_graph",
+    "read_value",
     "replica_work",
     "row_slices",
     "scatter_rows",
@@ -63,6 +64,11 @@ def count_dtype() -> str:
 def outside_graph():
     """Nothing to escape: Keras builds the optimizer outside ``jax.jit`` on JAX."""
     return contextlib.nullcontext()
+
+
+def read_value(x):
+    """The current value of a variable as an array; anything else converted."""
+    return keras.ops.convert_to_tensor(x)
 
 
 def value_now(variable):

@@ -34,6 +34,7 @@ __all__ = [
     "make_work_counter",
     "num_replicas",
     "outside_graph",
+    "read_value",
     "replica_work",
     "row_slices",
     "scatter_rows",
@@ -61,6 +62,14 @@ def outside_graph():
     must be assigned once, then, not on every step.
     """
     return tf.init_scope()
+
+
+def read_value(x):
+    """The current value of a variable (Keras or ``tf``) as a tensor (``ops.convert_to_tensor``
+    hands a variable back as it is, which ``ops.stack`` cannot take); anything else converted."""
+    if isinstance(x, keras.Variable):
+        x = x.value
+    return tf.convert_to_tensor(x)
 
 
 def value_now(variable):
