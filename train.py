@@ -121,7 +121,9 @@ flags.DEFINE_float(
 flags.DEFINE_float(
     "momentum", 0.9, "Momentum β in [0, 1) (TNT, TNT-EF, Shampoo, KFAC and SGD; Muon keeps 0.95)."
 )
-flags.DEFINE_float("epsilon", None, "Adam's ε (default: the problem's best).")
+flags.DEFINE_float(
+    "epsilon", None, "Adam's ε, also where Adam is grafted (default: the problem's best)."
+)
 flags.DEFINE_float("weight_decay", None, "Decoupled weight decay λ >= 0: W *= 1 - lr*λ.")
 flags.DEFINE_integer("batch_size", None, "Minibatch size (default: the paper's).")
 flags.DEFINE_integer("epochs", None, "Epochs (default: the paper's).")
@@ -288,15 +290,20 @@ def make_optimizer(config: dict, model=None, problem=None) -> keras.optimizers.O
             "inverse_update_period": config["inverse_update_period"],
             "weight_decay": wd,
         }
-        if config["optimizer"] == "kfac":
+        # tnt_graft_adam etc.: TNT or Shampoo with Adam's or SGD-m's per-tensor step length.
+        name, grafting = registry.GRAFTED.get(config["optimizer"], (config["optimizer"], None))
+        kronecker_settings["grafting"] = grafting
+        if grafting == "adam":
+            kronecker_settings["grafting_epsilon"] = config["epsilon"]
+        if name == "kfac":
             return keras_tnt.KFAC(**kronecker_settings)
-        if config["optimizer"] == "shampoo":
+        if name == "shampoo":
             problem = problem or registry.get(config["problem"])
             return keras_tnt.Shampoo(
                 **kronecker_settings,
                 refresh_at_inverse_period_only=problem.shampoo_refresh_at_inverse_period_only,
             )
-        return keras_tnt.TNT(**kronecker_settings, empirical_fisher=config["optimizer"] == "tnt_ef")
+        return keras_tnt.TNT(**kronecker_settings, empirical_fisher=name == "tnt_ef")
     if config["optimizer"] == "adam":
         # Standard Adam with decoupled weight decay (the paper's release squares the
         # bias-corrected momentum instead of the gradient; see docs/guide/reproduction.md).

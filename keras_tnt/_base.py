@@ -14,6 +14,7 @@ decoupled weight decay, and who computes which unit when there are several repli
 from __future__ import annotations
 
 import collections
+import math
 import numbers
 
 import keras
@@ -25,6 +26,7 @@ from keras_tnt import _plan
 from keras_tnt import backend
 from keras_tnt._saved_state import SavedStateMixin
 from keras_tnt._units import UnitStepMixin
+from keras_tnt._variables import itemsize
 
 # How `update_curvature`'s arguments are named in its errors.
 CurvatureWords = collections.namedtuple("CurvatureWords", ["values", "value", "keys", "key"])
@@ -65,6 +67,9 @@ class KroneckerOptimizer(UnitStepMixin, SavedStateMixin, keras.optimizers.Optimi
         max_factor_dim=_plan.DEFAULT_MAX_FACTOR_DIM,
         factor_overrides=None,
         memory_limit_bytes=None,
+        grafting=None,
+        grafting_beta_2=0.999,
+        grafting_epsilon=1e-7,
         **kwargs,
     ):
         if isinstance(learning_rate, numbers.Real) and not isinstance(learning_rate, bool):
@@ -85,6 +90,11 @@ class KroneckerOptimizer(UnitStepMixin, SavedStateMixin, keras.optimizers.Optimi
         self.max_factor_dim = _checks.max_factor_dim(max_factor_dim)
         self.factor_overrides = _checks.factor_overrides(factor_overrides)
         self.memory_limit_bytes = _checks.memory_limit(memory_limit_bytes)
+        self.grafting = _checks.grafting(grafting)
+        self.grafting_beta_2 = _checks.number("grafting_beta_2", grafting_beta_2, 0.0, 1.0)
+        self.grafting_epsilon = _checks.number(
+            "grafting_epsilon", grafting_epsilon, 0.0, low_open=True
+        )
         # Set once something feeds statistics (update_curvature, a FisherModel, a restored
         # state); `apply` refuses to precondition with statistics nobody will ever fill.
         self._curvature_source = False
@@ -131,7 +141,11 @@ class KroneckerOptimizer(UnitStepMixin, SavedStateMixin, keras.optimizers.Optimi
         if var_list is None:
             self._require_built("plan")
             var_list = self._trainable_variables
-        return self._plan_entries(var_list)
+        entries = self._plan_entries(var_list)
+        if self.grafting == "adam":  # the graft's second moment, one per variable
+            for entry, var in zip(entries, var_list):
+                entry["state_bytes"] += math.prod(var.shape) * itemsize(var.dtype)
+        return entries
 
     def _shared_state_bytes(self, var_list) -> int:
         return _plan.shared_bytes(
@@ -186,6 +200,12 @@ class KroneckerOptimizer(UnitStepMixin, SavedStateMixin, keras.optimizers.Optimi
         # The order of creation is the order of saving: it must never depend on anything but
         # var_list (optimizer state is restored by index).
         self._create_slots(var_list, entries)
+        # Last, so that every layout without grafting is the one it always was.
+        self._graft_moments = (
+            [self.add_variable_from_reference(v, "graft_second_moment") for v in var_list]
+            if self.grafting == "adam"
+            else []
+        )
         self._restore_pending()
 
     def _create_slots(self, var_list, entries) -> None:
@@ -423,6 +443,9 @@ class KroneckerOptimizer(UnitStepMixin, SavedStateMixin, keras.optimizers.Optimi
                 "max_factor_dim": self.max_factor_dim,
                 "factor_overrides": dict(self.factor_overrides),
                 "memory_limit_bytes": self.memory_limit_bytes,
+                "grafting": self.grafting,
+                "grafting_beta_2": self.grafting_beta_2,
+                "grafting_epsilon": self.grafting_epsilon,
             }
         )
         return config

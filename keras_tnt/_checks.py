@@ -52,6 +52,21 @@ def one_of(name, value, allowed):
     return value
 
 
+# What `grafting` can be: whose per-tensor step size the direction takes (None: its own).
+GRAFTING = (None, "sgd", "adam")
+
+
+def grafting(value):
+    """None, ``"sgd"`` or ``"adam"`` (docs/algorithm.md §2, "Grafting")."""
+    if value not in GRAFTING:
+        raise ValueError(
+            "`grafting` must be None (the optimizer's own step size), 'sgd' (SGD with "
+            "momentum's per-tensor step size) or 'adam' (Adam's); received "
+            f"grafting={value!r}."
+        )
+    return value
+
+
 def max_factor_dim(value):
     if value is None:
         return None

@@ -235,10 +235,12 @@ class UnitStepMixin:
         return dict(zip(factored, values))
 
     def _unit_values(self, u, members, gradients, learning_rate, refreshed=None):
-        """``(weights, momenta, preconditioners, failed, skipped)`` of unit ``u``'s step, the
-        weights, momenta and skipped flags one per member of ``members`` (those with a
-        gradient). Computes, assigns nothing (:meth:`_assign_unit` does, which JAX's stateless
-        mode needs, and which lets the replica that owns a unit compute it for all of them).
+        """``(weights, momenta, preconditioners, failed, skipped, grafts)`` of unit ``u``'s
+        step, the weights, momenta and skipped flags one per member of ``members`` (those with
+        a gradient), ``grafts`` the new graft second moments of the members (empty unless
+        ``grafting="adam"``). Computes, assigns nothing (:meth:`_assign_unit` does, which JAX's
+        stateless mode needs, and which lets the replica that owns a unit compute it for all of
+        them).
 
         ``refreshed``: this step's ``(preconditioners, failed)`` of the unit, computed already
         (:meth:`_grouped_refresh`), or None: refreshed here when due.
@@ -250,7 +252,7 @@ class UnitStepMixin:
         count_dtype = backend.count_dtype()
         zero = ops.zeros((), count_dtype)
         variables = [self._trainable_variables[i] for i in members]
-        momenta, skipped, finite_all = {}, [], None
+        momenta, skipped, finites, cast = {}, [], [], []
         for i, var, gradient in zip(members, variables, gradients):
             dtype = var.dtype
             gradient = ops.cast(gradient, dtype)
@@ -259,8 +261,11 @@ class UnitStepMixin:
             beta = ops.convert_to_tensor(self.momentum, dtype=dtype)
             momenta[i] = ops.where(finite, beta * current + gradient, current)
             skipped.append(ops.cast(ops.logical_not(finite), count_dtype))
-            finite_all = finite if finite_all is None else ops.logical_and(finite_all, finite)
-        ok = finite_all
+            finites.append(finite)
+            cast.append(gradient)
+        ok = finites[0]
+        for finite in finites[1:]:
+            ok = ops.logical_and(ok, finite)
         slots = self._unit_preconditioners(u)
         preconditioners, failed = [], zero
         if slots:
@@ -275,6 +280,9 @@ class UnitStepMixin:
             directions = self._directions(u, momenta, preconditioners)
         else:
             directions = momenta
+        grafts = []
+        if self.grafting is not None:
+            directions, grafts = self._grafted(members, cast, finites, momenta, directions)
         weights = []
         for i, var in zip(members, variables):
             dtype = var.dtype
@@ -286,7 +294,51 @@ class UnitStepMixin:
                 wd = ops.convert_to_tensor(self.weight_decay, dtype=dtype)
                 w = w - w * wd * lr
             weights.append(ops.where(ok, w - lr * ops.cast(directions[i], dtype), old))
-        return weights, [momenta[i] for i in members], preconditioners, failed, skipped
+        return weights, [momenta[i] for i in members], preconditioners, failed, skipped, grafts
+
+    def _grafted(self, members, gradients, finites, momenta, directions):
+        r"""``({variable index: grafted direction}, [new graft second moment per member])``.
+
+        Grafting (docs/algorithm.md §2, "Grafting"; Agarwal et al. 2020, as Distributed Shampoo
+        grafts): each tensor's direction ``D`` keeps its own direction and takes the norm of
+        the step of another optimizer at the same learning rate, ``D ‖S‖ / ‖D‖`` (Frobenius
+        norms, per tensor; a zero ``D`` stays zero), where ``S`` is
+
+        * ``"sgd"``: SGD with momentum's step, the momentum ``m`` itself;
+        * ``"adam"``: Adam's step with ``β_1`` = ``momentum``, ``β_2`` = ``grafting_beta_2`` and
+          ``ε`` = ``grafting_epsilon``, as Keras' Adam computes it:
+          ``v ← β_2 v + (1-β_2) g²``,
+          ``S = (1-β_1) m / (1-β_1^t) · sqrt(1-β_2^t) / (sqrt(v) + ε)`` with ``t`` the step
+          (``iterations + 1``); ``(1-β_1) m`` is Adam's first moment, since ``m ← β_1 m + g``.
+
+        A member with a non-finite gradient keeps its second moment.
+        """
+        out, grafts = {}, []
+        for n, i in enumerate(members):
+            direction = directions[i]
+            sdtype = direction.dtype
+            m = momenta[i]
+            if self.grafting == "adam":
+                dtype = m.dtype
+                current = ops.convert_to_tensor(self._graft_moments[i])
+                beta_2 = ops.convert_to_tensor(self.grafting_beta_2, dtype=dtype)
+                g = gradients[n]
+                second = ops.where(finites[n], beta_2 * current + (1 - beta_2) * g * g, current)
+                grafts.append(second)
+                t = ops.cast(self.iterations + 1, sdtype)
+                beta_1 = ops.convert_to_tensor(self.momentum, dtype=sdtype)
+                b2 = ops.convert_to_tensor(self.grafting_beta_2, dtype=sdtype)
+                scale = (1 - beta_1) * ops.sqrt(1 - ops.power(b2, t)) / (1 - ops.power(beta_1, t))
+                eps = ops.convert_to_tensor(self.grafting_epsilon, dtype=sdtype)
+                step = ops.cast(m, sdtype) / (ops.sqrt(ops.cast(second, sdtype)) + eps)
+                graft_norm = scale * _norm(step)
+            else:
+                graft_norm = _norm(ops.cast(m, sdtype))
+            norm = _norm(direction)
+            positive = norm > 0
+            ratio = ops.where(positive, graft_norm / ops.where(positive, norm, 1), 0)
+            out[i] = direction * ops.cast(ratio, sdtype)
+        return out, grafts
 
     def _unit_zeros(self, u, members):
         """Zeros of the structure of :meth:`_unit_values` (what a non-owner contributes)."""
@@ -298,12 +350,17 @@ class UnitStepMixin:
             [ops.zeros(p.shape, p.dtype) for p in self._unit_preconditioners(u)],
             zero,
             [zero for _ in members],
+            [ops.zeros(self._graft_moments[i].shape, self._graft_moments[i].dtype) for i in members]
+            if self.grafting == "adam"
+            else [],
         )
 
     def _assign_unit(self, u, members, values):
-        weights, momenta, preconditioners, failed, skipped = values
+        weights, momenta, preconditioners, failed, skipped, grafts = values
         for i, m in zip(members, momenta):
             self.assign(self._momenta[i], m)
+        for i, v in zip(members, grafts):
+            self.assign(self._graft_moments[i], v)
         slots = self._unit_preconditioners(u)
         for slot, value in zip(slots, preconditioners):
             self.assign(slot, value)
@@ -336,3 +393,8 @@ class UnitStepMixin:
             plan = (replicas, _replicas.plan_owners(self._unit_costs(), replicas))
             object.__setattr__(self, "_owner_plan", plan)
         return plan[1]
+
+
+def _norm(x):
+    """The Frobenius norm of ``x``."""
+    return ops.sqrt(ops.sum(ops.square(x)))

@@ -125,7 +125,8 @@ class KFAC(KroneckerOptimizer):
         damping: ``λ`` > 0; ``√λ I`` is added to each of the two factors. Default 0.3 (MNIST
             autoencoder; the paper's CIFAR runs used 0.03).
         momentum, statistics_decay, curvature_update_period, inverse_update_period,
-        weight_decay, memory_limit_bytes: as for :class:`~keras_tnt.TNT`.
+        weight_decay, memory_limit_bytes, grafting, grafting_beta_2, grafting_epsilon: as for
+            :class:`~keras_tnt.TNT` (grafting: per variable, kernel and bias apart).
         max_factor_dim: the widest layer side (kernel input rows without the bias row, or
             outputs) that gets a full factor; a wider side gets a diagonal one (see the module
             notes). Default 4096: every layer of the paper's models, VGG16's 4096-wide

@@ -45,7 +45,9 @@ class Shampoo(TNT):
         damping: ``ε`` > 0 added to every statistic before the root. Default 3e-4 (MNIST
             autoencoder).
         momentum, statistics_decay, curvature_update_period, inverse_update_period,
-        weight_decay: as for :class:`~keras_tnt.TNT`.
+        weight_decay, grafting, grafting_beta_2, grafting_epsilon: as for
+            :class:`~keras_tnt.TNT` (``grafting="adam"`` is how Distributed Shampoo is
+            usually run: Shampoo's direction, Adam's per-tensor step length).
         refresh_at_inverse_period_only: if True, the roots are refreshed only when
             ``t % T2 == 0`` (what the authors' release does for Shampoo on the autoencoders);
             otherwise TNT's schedule (every ``T1`` steps while ``t < T2``, then every ``T2``).

@@ -98,6 +98,15 @@ class TNT(KroneckerOptimizer):
             given to ``apply`` (the empirical Fisher; "TNT-EF", the paper's ablation D.4) instead
             of sampled-label gradients. It then works on any model and any loss, with no Fisher
             training step.
+        grafting: None (default), ``"sgd"`` or ``"adam"``: each tensor's step keeps TNT's
+            direction and takes the length (Frobenius norm, per tensor) of the step SGD with
+            momentum (``"sgd"``: ``α m``) or Adam (``"adam"``, ``β_1 = momentum``) would take
+            at the same learning rate, as Distributed Shampoo grafts (docs/algorithm.md §2,
+            "Grafting"). The learning rate is then on the grafted optimizer's scale. With
+            ``"adam"`` every variable gets one more slot (Adam's second moment); a tensor
+            that would take the row-sparse step takes the dense one.
+        grafting_beta_2: Adam's ``β_2`` for ``grafting="adam"`` (default 0.999, Keras').
+        grafting_epsilon: Adam's ``ε`` for ``grafting="adam"`` (default 1e-7, Keras').
         split_preconditioner: with more than one replica (``tf.distribute``), whether each
             trainable tensor's contractions, inverse refreshes and preconditioned direction are
             computed by one replica only (its owner, balanced by cost) and shared with the
@@ -155,6 +164,9 @@ class TNT(KroneckerOptimizer):
         max_factor_dim: int | None = _plan.DEFAULT_MAX_FACTOR_DIM,
         factor_overrides: dict | None = None,
         memory_limit_bytes: int | None = None,
+        grafting: str | None = None,
+        grafting_beta_2: float = 0.999,
+        grafting_epsilon: float = 1e-7,
         clipnorm=None,
         clipvalue=None,
         global_clipnorm=None,
@@ -178,6 +190,9 @@ class TNT(KroneckerOptimizer):
             max_factor_dim=max_factor_dim,
             factor_overrides=factor_overrides,
             memory_limit_bytes=memory_limit_bytes,
+            grafting=grafting,
+            grafting_beta_2=grafting_beta_2,
+            grafting_epsilon=grafting_epsilon,
             clipnorm=clipnorm,
             clipvalue=clipvalue,
             global_clipnorm=global_clipnorm,
@@ -198,6 +213,12 @@ class TNT(KroneckerOptimizer):
         """Whether statistics come from a sampled-label (Fisher) pass, i.e. need a FisherModel."""
         return not self.empirical_fisher
 
+    @property
+    def _row_sparse_steps(self) -> bool:
+        """Whether a tensor with a diagonal first factor takes the row-sparse step: not with
+        grafting, whose step size needs the whole momentum, which that step does not keep."""
+        return self._carries_directions and self.grafting is None
+
     # ------------------------------------------------------------------ plan
 
     def _plan_entries(self, var_list) -> list[dict]:
@@ -205,7 +226,7 @@ class TNT(KroneckerOptimizer):
         diagonal above ``max_factor_dim``, as ``factor_overrides`` say."""
         return [
             _plan.tensor_entry(
-                v, self.max_factor_dim, self.factor_overrides, self._carries_directions
+                v, self.max_factor_dim, self.factor_overrides, self._row_sparse_steps
             )
             for v in var_list
         ]
@@ -229,7 +250,7 @@ class TNT(KroneckerOptimizer):
             shapes = [(d,) if diag else (d, d) for d, diag in zip(modes, diagonal)]
             prefix = slot_prefix(var)
             sdtype = statistics_dtype(var.dtype)
-            row_sparse = self._carries_directions and _plan.row_sparse(var.shape, diagonal)
+            row_sparse = self._row_sparse_steps and _plan.row_sparse(var.shape, diagonal)
             self._modes.append(modes)
             self._diagonal.append(diagonal)
             self._row_sparse.append(row_sparse)
@@ -449,6 +470,8 @@ class TNT(KroneckerOptimizer):
         var = self._trainable_variables[u]
         if self._row_sparse[u] or not self._modes[u] or math.prod(var.shape) > self._batched_size:
             return None
+        if self.grafting is not None:
+            return None
         decays = self.weight_decay is not None and self._use_weight_decay(var)
         return (tuple(var.shape), self._modes[u], self._diagonal[u], str(var.dtype), decays)
 
@@ -495,7 +518,14 @@ class TNT(KroneckerOptimizer):
         )
         preconditioners = [ops.unstack(p) for p in preconditioners]
         return [
-            ([weights[n]], [momenta[n]], [p[n] for p in preconditioners], failed[n], [skipped[n]])
+            (
+                [weights[n]],
+                [momenta[n]],
+                [p[n] for p in preconditioners],
+                failed[n],
+                [skipped[n]],
+                [],  # no graft: grafting steps every tensor alone (_batch_key)
+            )
             for n in range(len(item))
         ]
 
@@ -608,7 +638,7 @@ class TNT(KroneckerOptimizer):
         weights = ops.where(finite, w - lr * ops.cast(direction, dtype), old)
         momentum = ops.cast(slot, self._momenta[u].dtype)
         skipped = ops.cast(ops.logical_not(finite), count_dtype)
-        return [weights], [momentum], preconditioners, failed, [skipped]
+        return [weights], [momentum], preconditioners, failed, [skipped], []  # no graft
 
     def _directions(self, u, momenta, preconditioners):
         """``m ×_1 A_1 ×_2 ... ×_k A_k`` of tensor ``u``."""

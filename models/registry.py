@@ -17,9 +17,16 @@ import keras
 
 import keras_tnt
 
-OPTIMIZERS = ("tnt", "tnt_ef", "shampoo", "kfac", "adam", "sgd", "muon")
+# TNT and Shampoo with another optimizer's per-tensor step length (``grafting=``): name ->
+# (the Kronecker optimizer, what it grafts).
+GRAFTED = {
+    "tnt_graft_adam": ("tnt", "adam"),
+    "tnt_graft_sgd": ("tnt", "sgd"),
+    "shampoo_graft_adam": ("shampoo", "adam"),
+}
+OPTIMIZERS = ("tnt", "tnt_ef", "shampoo", "kfac", "adam", "sgd", "muon", *GRAFTED)
 # Optimizers that keep Kronecker statistics (warm start, T1/T2, the second-order schedule).
-SECOND_ORDER = ("tnt", "tnt_ef", "shampoo", "kfac")
+SECOND_ORDER = ("tnt", "tnt_ef", "shampoo", "kfac", *GRAFTED)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -268,6 +275,22 @@ def _muon_defaults(problem: Problem) -> dict[str, float]:
     return {k: v for k, v in adam.items() if k in ("learning_rate", "weight_decay")}
 
 
+def _graft_defaults(problem: Problem, base: str, graft: str) -> dict[str, float]:
+    """A grafted optimizer's step has the grafted optimizer's length, so it starts from that
+    optimizer's learning rate on the problem, with the Kronecker optimizer's damping and weight
+    decay; the sweeps search the 1-3 ladder around them."""
+    own = problem.defaults.get(base, {})
+    out = {k: v for k, v in own.items() if k in ("damping", "weight_decay")}
+    grafted = problem.defaults.get(graft, {})
+    out["learning_rate"] = grafted.get("learning_rate", own.get("learning_rate", 1e-3))
+    if "epsilon" in grafted:  # Adam's ε is the graft's
+        out["epsilon"] = grafted["epsilon"]
+    return out
+
+
 for _problem in PROBLEMS.values():
     if "muon" not in _problem.defaults:
         _problem.defaults["muon"] = _muon_defaults(_problem)
+    for _name, (_base, _graft) in GRAFTED.items():
+        if _name not in _problem.defaults:
+            _problem.defaults[_name] = _graft_defaults(_problem, _base, _graft)

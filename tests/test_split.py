@@ -105,8 +105,10 @@ def _unsplit_work(optimizer):
                 "factor_overrides": {"^layer0/kernel$": "full", "^layer2/bias$": "none"},
             },
         ),
+        (keras_tnt.TNT, {"damping": 0.1, "weight_decay": 1e-3, "grafting": "adam"}),
         (keras_tnt.Shampoo, {"damping": 1e-3}),
         (keras_tnt.KFAC, {"damping": 0.3, "weight_decay": 1e-3}),
+        (keras_tnt.KFAC, {"damping": 0.3, "grafting": "sgd"}),
         # Diagonal A and G (65 and 64 > 32), one layer forced full, one on plain momentum.
         (
             keras_tnt.KFAC,

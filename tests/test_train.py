@@ -186,6 +186,7 @@ def _main_in_process(*args):
         ("kfac", []),
         ("adam", []),
         ("muon", []),
+        ("tnt_graft_adam", []),  # the graft's second moments resume too
         # The staircase halves the learning rate after epoch 1: the resumed epoch is past it.
         ("tnt_ef", ["--lr_decay_epochs=1", "--lr_decay_factor=0.5"]),
     ],

@@ -36,6 +36,9 @@ OPTIMIZER_LABELS = {
     "adam": "Adam",
     "sgd": "SGD-m",
     "muon": "Muon",
+    "tnt_graft_adam": "TNT (Adam graft)",
+    "tnt_graft_sgd": "TNT (SGD-m graft)",
+    "shampoo_graft_adam": "Shampoo (Adam graft)",
 }
 
 
