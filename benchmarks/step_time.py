@@ -11,10 +11,12 @@ Runs `model.fit` on synthetic data, side by side in one process, and prints rati
   of the registry, on scikit-learn's digits; ``embedding``: ``Embedding(50_000, 512)`` over 64
   tokens, mean pooling, ``Dense(10)``, batch 64, synthetic tokens (its gradient touches at most
   4,096 of the 50,000 rows: TNT's row-sparse step);
-* ``autoencoder_2replicas`` (TensorFlow only; run it on its own, it sets up two logical CPU
-  devices): the autoencoder under MirroredStrategy on two replicas, global batch 1000: TNT
-  (T1=1, T2=20) and KFAC (T1=1, T2=20), each with its preconditioner work split across the
-  replicas and without, against Adam on the same two replicas.
+* ``autoencoder_2replicas`` (run it on its own): the autoencoder on two replicas, global batch
+  1000: TNT (T1=1, T2=20) and KFAC (T1=1, T2=20), each with its preconditioner work split
+  across the replicas and without, against Adam on the same two replicas. On TensorFlow under
+  MirroredStrategy on two logical CPU devices (set up here); on JAX under
+  ``keras.distribution.DataParallel`` on two devices, which JAX must be started with
+  (``XLA_FLAGS=--xla_force_host_platform_device_count=2`` on a CPU).
 
 Every step is timed by a callback. TNT is timed in its steady state (step counter >= T2, where
 the inverses are refreshed every T2 steps) over a window of whole periods when it is affordable;
@@ -27,10 +29,12 @@ plain window mean is printed too. Baselines and TNT alternate in rounds to cance
     python -m benchmarks.step_time --problems=autoencoder --rounds=3
     python -m benchmarks.step_time --problems=digits_autoencoder,digits_transformer,embedding
     KERAS_BACKEND=jax python -m benchmarks.step_time --jit_compile   # Keras' JAX backend
+    XLA_FLAGS=--xla_force_host_platform_device_count=2 KERAS_BACKEND=jax \
+        python -m benchmarks.step_time --problems=autoencoder_2replicas --jit_compile
 
-On JAX (which needs no TensorFlow here) the step is always compiled with ``--jit_compile`` and
-KFAC is left out (not supported on JAX yet). ``--dtype_policy=mixed_bfloat16`` times mixed
-precision; ``--extra_baselines`` adds SGD-m to the autoencoder and Adam to ResNet-32.
+On JAX (which needs no TensorFlow here) the step is always compiled with ``--jit_compile``.
+``--dtype_policy=mixed_bfloat16`` times mixed precision; ``--extra_baselines`` adds SGD-m to the
+autoencoder and Adam to ResNet-32.
 """
 
 from __future__ import annotations
@@ -158,8 +162,16 @@ VOCABULARY = 50_000
 
 
 def _strategy(problem):
-    """MirroredStrategy on two logical CPU devices for the 2-replica rows, else None."""
+    """MirroredStrategy on two logical CPU devices for the 2-replica rows (JAX: a
+    DataParallel distribution over the first two devices, set here), else None."""
     if problem != "autoencoder_2replicas":
+        return None
+    if JAX:
+        import jax
+
+        keras.distribution.set_distribution(
+            keras.distribution.DataParallel(devices=jax.devices()[:2])
+        )
         return None
     import tensorflow as tf
 
@@ -382,8 +394,6 @@ def run_problem(problem):
             # inputs and pre-activation gradients of the sampled pass.
             Config("KFAC T1=1 T2=20", lambda: keras_tnt.KFAC(LR, 0.3, 0.9, 0.9, 1, 20), 1, 20),
         ]
-        if JAX:
-            tnts = [c for c in tnts if not c.label.startswith("KFAC")]  # not on JAX yet
         extras = [Config("SGD-m", lambda: keras.optimizers.SGD(LR, momentum=0.9))]
         steps = {c.label: 60 for c in [base] + tnts + extras}
         steps[tnts[1].label] = 100
@@ -459,9 +469,15 @@ def main(argv):
     unknown = set(FLAGS.problems) - set(PROBLEMS)
     if unknown:
         raise app.UsageError(f"--problems: unknown {sorted(unknown)}; use {', '.join(PROBLEMS)}")
-    if "autoencoder_2replicas" in FLAGS.problems:
-        if JAX:
-            raise app.UsageError("--problems=autoencoder_2replicas needs the TensorFlow backend.")
+    if "autoencoder_2replicas" in FLAGS.problems and JAX:
+        import jax
+
+        if len(jax.devices()) < 2:
+            raise app.UsageError(
+                "--problems=autoencoder_2replicas on JAX needs two devices: on a CPU start it "
+                "with XLA_FLAGS=--xla_force_host_platform_device_count=2."
+            )
+    elif "autoencoder_2replicas" in FLAGS.problems:
         import tensorflow as tf
 
         # Before TensorFlow starts its runtime: two logical devices on the CPU.

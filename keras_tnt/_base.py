@@ -259,7 +259,8 @@ class KroneckerOptimizer(UnitStepMixin, SavedStateMixin, keras.optimizers.Optimi
         update was computed: tensors, for KFAC layers), counted since the optimizer was built.
         When the work is not split every replica does all of it and nothing is counted: zeros
         under a strategy with ``split_preconditioner=False`` (or gradient accumulation), an
-        empty list with one replica and on the JAX backend.
+        empty list with one replica. On JAX a replica is a device of the active
+        ``keras.distribution.DataParallel``.
         """
         return backend.replica_work(self)
 

@@ -151,7 +151,9 @@ class UnitStepMixin:
 
         def compute(k, reduced):
             item = items[k]
-            values = self._batch_values(item, work, gradients(item, reduced), learning_rate)
+            # Read here, where the owner computes (JAX: inside its shard_map), not closed over;
+            # Keras' `apply` passes this same value.
+            values = self._batch_values(item, work, gradients(item, reduced), self.learning_rate)
             for u, value in zip(item, values):
                 if not self._unit_preconditioners(u):
                     continue

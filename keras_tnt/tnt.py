@@ -107,7 +107,8 @@ class TNT(KroneckerOptimizer):
             that would take the row-sparse step takes the dense one.
         grafting_beta_2: Adam's ``β_2`` for ``grafting="adam"`` (default 0.999, Keras').
         grafting_epsilon: Adam's ``ε`` for ``grafting="adam"`` (default 1e-7, Keras').
-        split_preconditioner: with more than one replica (``tf.distribute``), whether each
+        split_preconditioner: with more than one replica (``tf.distribute``; on JAX, the
+            devices of a ``keras.distribution.DataParallel``), whether each
             trainable tensor's contractions, inverse refreshes and preconditioned direction are
             computed by one replica only (its owner, balanced by cost) and shared with the
             others by an all-reduce. The results are the same either way (float64: exactly).

@@ -4,6 +4,7 @@ python -m tests.backend_worker digits OUT.json --seed 0 --epochs 4
 python -m tests.backend_worker save MODEL.keras OUT.npz
 python -m tests.backend_worker resume MODEL.keras OUT.npz
 python -m tests.backend_worker data_parallel OUT.npz   # JAX, two devices (XLA_FLAGS)
+python -m tests.backend_worker data_parallel_split OUT.npz   # JAX, two devices (XLA_FLAGS)
 python -m tests.backend_worker train_py_resume RUNS_DIR OUT.npz [TRAIN.PY FLAGS...]
 """
 
@@ -166,6 +167,70 @@ def data_parallel(out):
     np.savez(out, **results)
 
 
+def data_parallel_split(out):
+    """TNT, Shampoo and KFAC under keras.distribution.DataParallel on two devices, float64,
+    with the preconditioner work split across the devices and not; and on one device. Saves
+    every state and each split run's ``replica_work()``."""
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+    keras.config.set_floatx("float64")
+    devices = jax.devices()
+    if len(devices) != 2:
+        raise SystemExit(f"expected 2 devices (XLA_FLAGS), got {devices}")
+    x = digits()[:400].astype("float64")
+    makers = {
+        "tnt": lambda split: keras_tnt.TNT(
+            learning_rate=1e-3,
+            damping=0.1,
+            inverse_update_period=4,
+            weight_decay=1e-3,
+            split_preconditioner=split,
+        ),
+        "shampoo": lambda split: keras_tnt.Shampoo(
+            learning_rate=1e-3, damping=1e-3, inverse_update_period=4, split_preconditioner=split
+        ),
+        "kfac": lambda split: keras_tnt.KFAC(
+            learning_rate=1e-3, damping=0.3, inverse_update_period=4, split_preconditioner=split
+        ),
+    }
+    results = {}
+    for name, make in makers.items():
+        for run, distribution, split in [
+            ("single", None, None),
+            ("split", keras.distribution.DataParallel(devices=devices), None),
+            ("unsplit", keras.distribution.DataParallel(devices=devices), False),
+        ]:
+            keras.distribution.set_distribution(distribution)
+            model = autoencoder(3)
+            model.compile(
+                optimizer=make(split),
+                loss=keras_tnt.losses.SummedBinaryCrossentropy(from_logits=True),
+            )
+            model.fit(
+                x,
+                x,
+                batch_size=100,
+                epochs=2,
+                shuffle=False,
+                verbose=0,
+                callbacks=[keras_tnt.WarmStart((x, x), batch_size=100, verbose=0)],
+            )
+            for i, value in enumerate(model.optimizer.variables + model.weights):
+                results[f"{name}/{run}/{i:03d}"] = np.asarray(value)
+            work = model.optimizer.replica_work()
+            results[f"{name}/{run}/work"] = np.array(
+                [
+                    [w[k] for k in ("factorizations", "contractions", "preconditionings")]
+                    for w in work
+                ]
+            ).reshape(-1, 3)
+            results[f"{name}/steps"] = int(model.optimizer.iterations.numpy())
+            results[f"{name}/curvature_updates"] = model.optimizer.curvature_updates
+    keras.distribution.set_distribution(None)
+    np.savez(out, **results)
+
+
 def train_py_resume(runs_dir, out, *flags):
     """train.py (in this process, so one import of each framework): ``straight`` runs 2 epochs;
     ``resumed`` runs 1, then is started again for 2. Saves, per run, what its last checkpoint
@@ -214,6 +279,8 @@ def main(argv):
         resume(*args)
     elif task == "data_parallel":
         data_parallel(*args)
+    elif task == "data_parallel_split":
+        data_parallel_split(*args)
     elif task == "train_py_resume":
         train_py_resume(*args)
     else:

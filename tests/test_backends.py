@@ -296,3 +296,45 @@ def test_jax_data_parallel_on_two_devices_is_the_single_device_run(tmp_path):
         scale = max(np.max(np.abs(a)), 1e-30)
         assert r[key].dtype == np.float64 or "int" in str(r[key].dtype), key
         assert np.max(np.abs(a - b)) <= 1e-10 * scale, key
+
+
+def test_jax_split_across_two_devices_is_the_unsplit_run_bit_for_bit(tmp_path):
+    """Under keras.distribution.DataParallel on two CPU devices the preconditioner work is split
+    (jax.shard_map: each device computes the units it owns, one psum shares them): TNT,
+    Shampoo and KFAC end bit for bit where the unsplit run ends, equal to one device to 1e-10,
+    and each device's replica_work() shows its share of what one device does alone."""
+    out = tmp_path / "split.npz"
+    _worker(
+        "jax",
+        "data_parallel_split",
+        out,
+        XLA_FLAGS="--xla_force_host_platform_device_count=2",
+    )
+    r = np.load(out)
+    for name in ("tnt", "shampoo", "kfac"):
+        keys = sorted(k.split("/")[2] for k in r.files if k.startswith(f"{name}/split/"))
+        keys.remove("work")
+        assert len(keys) > 20, name
+        for key in keys:
+            split, unsplit = r[f"{name}/split/{key}"], r[f"{name}/unsplit/{key}"]
+            np.testing.assert_array_equal(split, unsplit, err_msg=f"{name} {key}")
+            single = r[f"{name}/single/{key}"].astype(float)
+            scale = max(np.max(np.abs(single)), 1e-30)
+            assert np.max(np.abs(single - split.astype(float))) <= 1e-10 * scale, (name, key)
+        work = r[f"{name}/split/work"]
+        assert work.shape == (2, 3), (name, work)
+        assert np.all(r[f"{name}/unsplit/work"] == 0), name
+        # Both devices did some of every kind of work (KFAC has no contractions to split).
+        kinds = [0, 2] if name == "kfac" else [0, 1, 2]
+        assert np.all(work[:, kinds] > 0), (name, work)
+        steps = int(r[f"{name}/steps"])
+        if name == "kfac":
+            layers = 4
+            refreshes = sum(1 for t in range(steps) if t % (1 if t < 4 else 4) == 0)
+            expected = [2 * layers * refreshes, 0, layers * steps]
+        else:
+            tensors, modes = 8, 2 * 4 + 4  # 4 kernels of 2 modes, 4 biases of 1
+            refreshes = sum(1 for t in range(steps) if t % (1 if t < 4 else 4) == 0)
+            updates = int(r[f"{name}/curvature_updates"])
+            expected = [modes * refreshes, tensors * updates, tensors * steps]
+        assert list(work.sum(axis=0)) == expected, (name, work)

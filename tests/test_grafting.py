@@ -125,6 +125,7 @@ def test_tnt_grafting_matches_numpy(float64, kind):
         assert opt._graft_moments == []
 
 
+@BOTH_BACKENDS
 @pytest.mark.parametrize("kind", ["sgd", "adam"])
 def test_shampoo_grafting_matches_numpy(float64, kind):
     shapes = [(4, 3), (3,), (2, 3, 2)]
@@ -181,6 +182,7 @@ def _kfac_model(grafting):
     return model
 
 
+@BOTH_BACKENDS
 @pytest.mark.parametrize("kind", ["sgd", "adam"])
 def test_kfac_grafting_keeps_the_direction_and_takes_the_graft_length(float64, kind):
     """One step from the same weights and draws: per variable, the grafted update is the
@@ -206,6 +208,7 @@ def test_kfac_grafting_keeps_the_direction_and_takes_the_graft_length(float64, k
         _close(dq, dp * length / np.linalg.norm(dp), 1e-10)
 
 
+@BOTH_BACKENDS
 def test_grafting_adds_one_slot_per_variable_and_plan_bytes_count_it():
     variables = [
         keras.Variable(np.zeros(s, "float32"), name=n) for s, n in (((8, 5), "k"), ((5,), "b"))
@@ -278,6 +281,7 @@ def test_bad_grafting_settings_name_the_argument(kwargs, name):
         keras_tnt.Shampoo(grafting="adam", **kwargs)
 
 
+@BOTH_BACKENDS
 @pytest.mark.parametrize("cls", [keras_tnt.TNT, keras_tnt.Shampoo, keras_tnt.KFAC])
 def test_grafting_config_round_trip(cls):
     opt = cls(grafting="adam", grafting_beta_2=0.99, grafting_epsilon=1e-6)
@@ -292,6 +296,7 @@ def test_grafting_config_round_trip(cls):
     assert cls().get_config()["grafting"] is None
 
 
+@BOTH_BACKENDS
 def test_saved_grafted_run_continues_bit_for_bit(tmp_path, float64):
     from sklearn.datasets import load_digits
 

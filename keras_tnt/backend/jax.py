@@ -12,13 +12,15 @@ sampled from the outputs (the sampled-label gradient). On other steps there is n
 backward pass.
 
 Under ``keras.distribution.DataParallel`` the step is one SPMD program over the global batch:
-the gradients are already those of the whole batch, so nothing is reduced here.
+the gradients are already those of the whole batch, so nothing is reduced here. The
+preconditioner work is split across the devices under ``jax.shard_map`` (below).
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
+import weakref
 from collections.abc import Callable
 from collections.abc import Sequence
 
@@ -26,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import keras
 import numpy as np
+from keras.src.backend.common.stateless_scope import get_stateless_scope
 
 from keras_tnt._capture import capture_layers
 
@@ -121,32 +124,153 @@ def extract_patches(layer, inputs):
 def fold_across_replicas(
     values: Sequence, anchor, fold: Callable, condition=None, share=None
 ) -> None:
-    """Calls ``fold(values, condition)``: one program holds the whole batch (see above)."""
+    """Calls ``fold(values, condition)``: one program holds the whole batch (see above). With
+    ``share=(owners, compute, zeros)`` (TensorFlow's contract), the owners' pieces of work are
+    computed on their devices only and ``fold(values, condition, shared)`` is called."""
     del anchor
-    if share is not None:
-        raise NotImplementedError("split_replicas() is None on JAX: nothing is split.")
-    fold(list(values), condition)
+    values = list(values)
+    if _data_parallel() is None or get_stateless_scope() is None:
+        if share is not None:
+            raise NotImplementedError("split_replicas() is None here: nothing is split.")
+        fold(values, condition)
+        return
+    if share is None:
+        _on_devices(lambda v, c: fold(v, c), (values, condition))
+        return
+    owners, compute, zeros = share
+
+    def shared_fold(values, condition):
+        fold(values, condition, _from_owners(owners, compute, zeros, (values, condition)))
+
+    _on_devices(shared_fold, (values, condition))
 
 
-# Splitting the preconditioner work across devices (TensorFlow: ``update_from_owners``) is not
-# done on JAX: under ``keras.distribution.DataParallel`` the step is one global program that XLA
-# partitions (GSPMD), with no replica id to branch on. It would need the optimizer update under
-# ``jax.shard_map`` with a per-device ``lax.axis_index`` and a ``psum``; see docs/guide/jax.md.
+# ---------------------------------------------- the split across devices (keras.distribution)
+#
+# Under ``keras.distribution.DataParallel`` the step is one global program that XLA partitions
+# (GSPMD): it has no replica id to branch on, so every device would redo all of the
+# preconditioner work. The split runs the owners' work under ``jax.shard_map`` over the data
+# axis instead: on device ``lax.axis_index``, ``lax.cond`` computes the units that device owns
+# and zeros for the others, and one ``psum`` gives every device the owners' numbers (a sum with
+# zeros is exact: bit for bit). Everything else of the step stays in the global program.
+
+# The mesh axis while the owners' work is traced (for count_replica_work).
+_SPLIT_AXIS: list = []
+# optimizer -> {device index: [factorizations, contractions, preconditionings]}: not optimizer
+# state (never saved), filled by host callbacks from the devices.
+_WORK = weakref.WeakKeyDictionary()
+_WORK_KEYS = ("factorizations", "contractions", "preconditionings")
+
+
+def _data_parallel():
+    """``(jax Mesh, data axis name, devices on it)`` of the active ``DataParallel``
+    distribution, or None (no distribution, another kind, or one device)."""
+    distribution = keras.distribution.distribution()
+    if not isinstance(distribution, keras.distribution.DataParallel):
+        return None
+    mesh = distribution.device_mesh
+    axis = distribution.batch_dim_name
+    size = mesh.shape[list(mesh.axis_names).index(axis)]
+    if size < 2:
+        return None
+    return mesh.backend_mesh, axis, size
 
 
 def split_replicas(optimizer=None):
+    """The number of devices of the active ``keras.distribution.DataParallel`` (None: no
+    distribution, or one device): the step's preconditioner work is split across them."""
     del optimizer
-    return None
+    found = _data_parallel()
+    if found is None or get_stateless_scope() is None:  # not in a (traced) training step
+        return None
+    return found[2]
+
+
+def _like(value, zero):
+    return jnp.asarray(keras.ops.convert_to_tensor(value)).astype(zero.dtype).reshape(zero.shape)
+
+
+def _on_devices(fn, args):
+    """``fn(*args)`` under ``jax.shard_map`` over the data axis, every device running it on its
+    replicated copy of the inputs; returns its (replicated) result and carries the variable
+    updates it made out to the enclosing ``StatelessScope``.
+
+    What ``fn`` reads goes in as inputs, not as closed-over values of the global program (whose
+    shardings belong to another mesh context): ``args`` and the values of the enclosing scope
+    (every slot, weight and counter of the step), which a scope inside the body maps to the
+    per-device copies. The split and the unsplit step both run here, so both programs give XLA
+    their inputs alike (with the gradients straight from the backward pass, XLA may lay out a
+    contraction's operands differently, and its last bits with them).
+    """
+    mesh, axis, _ = _data_parallel()
+    outer = get_stateless_scope()
+    keys = list(outer.state_mapping)
+    values = [outer.state_mapping[k] for k in keys]
+    leaves, tree = jax.tree.flatten(list(args))
+    updated = []
+
+    def body(leaves, values):
+        inner = keras.StatelessScope()
+        inner.state_mapping = dict(zip(keys, values))
+        _SPLIT_AXIS.append(axis)
+        try:
+            with inner:
+                result = fn(*jax.tree.unflatten(tree, leaves))
+        finally:
+            _SPLIT_AXIS.pop()
+        updated[:] = list(inner.state_mapping)
+        return result, [inner.state_mapping[k] for k in updated]
+
+    replicated = jax.sharding.PartitionSpec()
+    result, new_values = jax.shard_map(
+        body,
+        mesh=mesh,
+        in_specs=(replicated, replicated),
+        out_specs=replicated,
+        check_vma=False,
+    )(leaves, values)
+    for key, value in zip(updated, new_values):
+        outer.state_mapping[key] = value
+    return result
+
+
+def _from_owners(owners, compute, zeros, args):
+    """``[compute(k, *args) on device owners[k]]`` on every device, inside :func:`_on_devices`:
+    each device runs the units it owns (``lax.cond`` on its ``axis_index``) and one ``psum``
+    shares them."""
+    axis = _SPLIT_AXIS[-1]
+    me = jax.lax.axis_index(axis)
+    local = []
+    for k, owner in enumerate(owners):
+        empty = zeros(k)
+
+        def mine(k=k, empty=empty):
+            return jax.tree.map(_like, compute(k, *args), empty)
+
+        local.append(jax.lax.cond(me == owner, mine, lambda empty=empty: empty))
+    return jax.lax.psum(local, axis)
 
 
 def update_everywhere(grads, compute, assign, anchor) -> None:
-    """``assign(compute(grads))``: under keras.distribution the step is one global program."""
+    """``assign(compute(grads))``: under keras.distribution the step is one global program;
+    under ``DataParallel`` on several devices, inside :func:`_on_devices` like the split."""
     del anchor
-    assign(compute(list(grads)))
+    grads = list(grads)
+    if _data_parallel() is None or get_stateless_scope() is None:
+        assign(compute(grads))
+        return
+    assign(_on_devices(compute, (grads,)))
 
 
 def update_from_owners(grads, owners, compute, zeros, assign, anchor) -> None:
-    raise NotImplementedError("split_replicas() is None on JAX: nothing is split.")
+    """The optimizer step with each unit's update computed by its owner device only (see
+    above); ``assign(values)`` writes the shared values in the global program."""
+    del anchor
+
+    def shared(grads):
+        return _from_owners(owners, compute, zeros, (grads,))
+
+    assign(_on_devices(shared, (list(grads),)))
 
 
 def make_work_counter(optimizer) -> None:
@@ -154,11 +278,31 @@ def make_work_counter(optimizer) -> None:
 
 
 def count_replica_work(optimizer, counts) -> None:
-    return None
+    """Adds ``counts`` to this device's work (inside the owners' work only; a host callback)."""
+    if not _SPLIT_AXIS:
+        return
+    ref = weakref.ref(optimizer)
+
+    def add(device, values):
+        owner = ref()
+        if owner is not None:
+            table = _WORK.setdefault(owner, {})
+            row = table.setdefault(int(device), np.zeros(3, np.int64))
+            row += np.asarray(values, np.int64)
+
+    device = jax.lax.axis_index(_SPLIT_AXIS[-1])
+    jax.debug.callback(add, device, jnp.stack([jnp.asarray(c) for c in counts]))
 
 
 def replica_work(optimizer) -> list:
-    return []
+    """Per device of the active DataParallel distribution (or of the split runs so far)."""
+    table = _WORK.get(optimizer, {})
+    found = _data_parallel()
+    devices = max([found[2] if found else 0] + [d + 1 for d in table])
+    if devices < 2:
+        return []
+    zero = np.zeros(3, np.int64)
+    return [dict(zip(_WORK_KEYS, (int(c) for c in table.get(d, zero)))) for d in range(devices)]
 
 
 def _unpack(data):
