@@ -80,6 +80,10 @@ class RefShampoo:
                 self.H[idx][i] = (j - 1) / j * self.H[idx][i] + c / j
         self.count += 1
 
+    def adjust(self, idx, g, direction):
+        """The direction as the step takes it (a subclass grafts it)."""
+        return direction
+
     def step(self, weights, grads):
         if self.t % self.T1 == 0 and not (self.t == 0 and self.warm > 0):
             for idx, g in enumerate(grads):
@@ -98,6 +102,7 @@ class RefShampoo:
             for p in self.P[idx][1:]:
                 kron = np.kron(kron, p)
             direction = (kron @ self.m[idx].ravel()).reshape(w.shape)
+            direction = self.adjust(idx, g, direction)
             new.append(w * (1 - self.lr * self.wd) - self.lr * direction)
         self.t += 1
         return new

@@ -96,6 +96,10 @@ class RefTNT:
                 self.H[idx][i] = c if first else self.rho * h + (1 - self.rho) * c
         self.count += 1
 
+    def adjust(self, idx, g, direction):
+        """The direction as the step takes it (a subclass grafts it)."""
+        return direction
+
     def step(self, weights, grads):
         refresh = self.refresh_due()
         new = []
@@ -109,6 +113,7 @@ class RefTNT:
                 direction = (reduce(np.kron, self.A[idx]) @ self.m[idx].ravel()).reshape(w.shape)
             else:
                 direction = self.m[idx]
+            direction = self.adjust(idx, g, direction)
             if self.decayed[idx]:
                 w = w * (1 - self.lr * self.wd)
             new.append(w - self.lr * direction)
