@@ -360,16 +360,19 @@ class KroneckerOptimizer(UnitStepMixin, SavedStateMixin, keras.optimizers.Optimi
             for (count, stats), values in zip(slots, compute()):
                 n = ops.convert_to_tensor(count)
                 first = ops.equal(n, 0)
-                new_stats = []
+                new_stats, weights = [], {}  # the weights once per slot and dtype
                 for var, value in zip(stats, values):
                     sdtype = var.dtype
-                    if warm_start:
+                    if sdtype in weights:
+                        keep, new = weights[sdtype]
+                    elif warm_start:
                         j = ops.cast(n + 1, sdtype)
-                        keep, new = (j - 1) / j, 1 / j
+                        keep, new = weights[sdtype] = (j - 1) / j, 1 / j
                     else:
                         rho = ops.convert_to_tensor(self.statistics_decay, dtype=sdtype)
                         keep = ops.where(first, ops.zeros_like(rho), rho)
                         new = ops.where(first, ops.ones_like(rho), 1 - rho)
+                        weights[sdtype] = keep, new
                     new_stats.append(
                         keep * ops.convert_to_tensor(var) + new * ops.cast(value, sdtype)
                     )

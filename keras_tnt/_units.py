@@ -37,10 +37,15 @@ class UnitStepMixin:
         """The counter of unit ``u``'s failed refreshes."""
         raise NotImplementedError
 
-    def _refresh_inputs(self, u) -> list:
+    def _refresh_variables(self, u) -> list:
+        """The variables the refresh of unit ``u`` reads (its statistics)."""
+        raise NotImplementedError
+
+    def _refresh_inputs(self, u, values) -> list:
         """``[(value, parameter)]``, one per preconditioner of unit ``u`` that its refresh
-        factorises: the matrix (a vector: a diagonal factor) it transforms, and a hashable
-        parameter of the transform (Shampoo: the root's order; None where all are alike)."""
+        factorises: the matrix (a vector: a diagonal factor) it transforms, computed from
+        ``values`` (:meth:`_refresh_variables`, read), and a hashable parameter of the
+        transform (Shampoo: the root's order; None where all are alike)."""
         raise NotImplementedError
 
     def _transform(self, values, parameter):
@@ -52,18 +57,37 @@ class UnitStepMixin:
         """How many factors a refresh of unit ``u`` factorises (for :meth:`replica_work`)."""
         return len(self._unit_preconditioners(u))
 
-    def _refresh(self, u):
-        """``(preconditioners, failed)``: unit ``u``'s refreshed preconditioners (a factor whose
-        refresh fails keeps its previous value and counts in ``failed``)."""
-        return self._refresh_all([u])[u]
+    def _refresh_reads(self, units) -> dict:
+        """``{unit: (statistics, current preconditioners)}``, read for a refresh of ``units``.
 
-    def _refresh_all(self, units) -> dict:
+        Read before the refresh's condition and passed into it, so that the branches read no
+        variable: TensorFlow's ``cond`` is then stateless, and a step that does not refresh
+        does not wait for this step's statistics fold (which writes what a refresh reads) to
+        precondition and update the weights. The same values either way.
+        """
+        return {
+            u: (
+                [backend.read_value(v) for v in self._refresh_variables(u)],
+                [ops.convert_to_tensor(p) for p in self._unit_preconditioners(u)],
+            )
+            for u in units
+        }
+
+    def _refresh(self, u, reads=None):
+        """``(preconditioners, failed)``: unit ``u``'s refreshed preconditioners (a factor whose
+        refresh fails keeps its previous value and counts in ``failed``); ``reads`` as
+        :meth:`_refresh_reads` gives them (None: read here)."""
+        return self._refresh_all([u], reads)[u]
+
+    def _refresh_all(self, units, reads=None) -> dict:
         """``{unit: (preconditioners, failed)}``: :meth:`_refresh` of every unit of ``units``,
         with the inputs of equal shape, dtype and parameter transformed as one batch (one
         batched factorisation for all ``d x d`` factors of the step, whichever tensor or layer
         they belong to). A member's numbers do not depend on the batch it is in, so a unit
         refreshed alone (by its owner replica) gets them bit for bit."""
-        inputs = {u: self._refresh_inputs(u) for u in units}
+        if reads is None:
+            reads = self._refresh_reads(units)
+        inputs = {u: self._refresh_inputs(u, reads[u][0]) for u in units}
         groups = {}  # (shape, dtype, parameter) -> [(unit, input position, value)]
         for u in units:
             for j, (value, parameter) in enumerate(inputs[u]):
@@ -75,17 +99,20 @@ class UnitStepMixin:
             for (u, j, _), value, flag in zip(members, ops.unstack(new), ops.unstack(ok)):
                 results[u, j] = (value, flag)
         return {
-            u: self._refreshed(u, inputs[u], [results[u, j] for j in range(len(inputs[u]))])
+            u: self._refreshed(
+                u, inputs[u], [results[u, j] for j in range(len(inputs[u]))], reads[u][1]
+            )
             for u in units
         }
 
-    def _refreshed(self, u, inputs, results):
-        """``(preconditioners, failed)`` of unit ``u`` from its refresh inputs and their
-        transforms ``[(value, ok)]``: a transform that failed keeps its slot's value."""
+    def _refreshed(self, u, inputs, results, current):
+        """``(preconditioners, failed)`` of unit ``u`` from its refresh inputs, their
+        transforms ``[(value, ok)]`` and the ``current`` values of its preconditioner slots:
+        a transform that failed keeps its slot's value."""
         count_dtype = backend.count_dtype()
         preconditioners, failed = [], ops.zeros((), count_dtype)
-        for (value, ok), slot in zip(results, self._unit_preconditioners(u)):
-            preconditioners.append(ops.where(ok, value, ops.convert_to_tensor(slot)))
+        for (value, ok), slot in zip(results, current):
+            preconditioners.append(ops.where(ok, value, slot))
             failed = failed + ops.cast(ops.logical_not(ok), count_dtype)
         return preconditioners, failed
 
@@ -223,16 +250,14 @@ class UnitStepMixin:
         if not factored:
             return {}
         zero = ops.zeros((), backend.count_dtype())
-        current = {
-            u: [ops.convert_to_tensor(p) for p in self._unit_preconditioners(u)] for u in factored
-        }
+        reads = self._refresh_reads(factored)
 
         def refresh():
-            refreshed = self._refresh_all(factored)
+            refreshed = self._refresh_all(factored, reads)
             return [refreshed[u] for u in factored]
 
         values = ops.cond(
-            self._refresh_due(), refresh, lambda: [(current[u], zero) for u in factored]
+            self._refresh_due(), refresh, lambda: [(reads[u][1], zero) for u in factored]
         )
         return dict(zip(factored, values))
 
@@ -271,10 +296,11 @@ class UnitStepMixin:
         slots = self._unit_preconditioners(u)
         preconditioners, failed = [], zero
         if slots:
-            current = [ops.convert_to_tensor(p) for p in slots]
+            reads = self._refresh_reads([u])
+            current = reads[u][1]
             if refreshed is None:
                 refreshed = ops.cond(
-                    self._refresh_due(), lambda: self._refresh(u), lambda: (current, zero)
+                    self._refresh_due(), lambda: self._refresh(u, reads), lambda: (current, zero)
                 )
             new, failed = refreshed
             preconditioners = [ops.where(ok, a, c) for a, c in zip(new, current)]

@@ -464,9 +464,12 @@ class KFAC(KroneckerOptimizer):
         )
         return ops.logical_or(early, ops.equal(t % self.inverse_update_period, 0))
 
-    def _refresh_inputs(self, u):
+    def _refresh_variables(self, u):
+        return self._factors[u]
+
+    def _refresh_inputs(self, u, values):
         """Layer ``u``'s factors ``A`` and ``G``."""
-        return [(backend.read_value(f), None) for f in self._factors[u]]
+        return [(f, None) for f in values]
 
     def _transform(self, values, parameter):
         """``(F + √λ I)^-1`` of a batch of factors."""

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 
 import keras
+import numpy as np
 from keras import ops
 
 from keras_tnt import losses as tnt_losses
@@ -115,8 +116,33 @@ def _mix(x):
     return ops.bitwise_xor(x, ops.right_shift(x, _u32(16)))
 
 
+def _mix_int(x: int) -> int:
+    """:func:`_mix` of a Python integer word (the same bits, computed at trace time)."""
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
 def _seed_words(seed):
-    """``[(low 32 bits, high 32 bits)]`` of each seed element (high is 0 for 32-bit seeds)."""
+    """``[(low 32 bits, high 32 bits)]`` of each seed element (high is 0 for 32-bit seeds).
+
+    ``seed``: a 1-D integer tensor, or a sequence of Python integers and scalar integer
+    tensors. A Python integer's words are Python integers (constants the hash folds before the
+    graph: the training step's seed leads with the model seed and the stream, both constants).
+    """
+    if isinstance(seed, (list, tuple)):
+        words = []
+        for value in seed:
+            if isinstance(value, (int, np.integer)):
+                value = int(value)
+                if value < 0:  # two's complement in 64 bits, as a tensor's words would be
+                    value &= 0xFFFFFFFFFFFFFFFF
+                words.append((value & 0xFFFFFFFF, (value >> 32) & 0xFFFFFFFF))
+            else:
+                words.extend(_seed_words(ops.reshape(value, (1,))))
+        return words
     seed = ops.reshape(ops.convert_to_tensor(seed), (-1,))
     wide = keras.backend.standardize_dtype(seed.dtype) in ("int64", "uint64")
     words = []
@@ -128,14 +154,22 @@ def _seed_words(seed):
 
 
 def _random_words(size, seed, stream: int, first=0):
-    key = _u32(0x9E3779B9 * (stream + 1))
+    key = (0x9E3779B9 * (stream + 1)) & 0xFFFFFFFF
     for low, high in _seed_words(seed):
-        key = _mix(ops.bitwise_xor(key, low))
-        key = _mix(ops.add(key, high))
+        if isinstance(key, int) and isinstance(low, int) and isinstance(high, int):
+            key = _mix_int((_mix_int(key ^ low) + high) & 0xFFFFFFFF)
+            continue
+        key = _mix(ops.bitwise_xor(_u32(key) if isinstance(key, int) else key, _word(low)))
+        key = _mix(ops.add(key, _word(high)))
+    key = _u32(key) if isinstance(key, int) else key
     index = ops.cast(ops.arange(size, dtype="int32"), "uint32")
     if not (isinstance(first, int) and first == 0):
         index = ops.add(index, ops.cast(first, "uint32"))
     return _mix(ops.bitwise_xor(_mix(ops.add(ops.multiply(index, _u32(0x9E3779B9)), key)), key))
+
+
+def _word(value):
+    return _u32(value) if isinstance(value, int) else value
 
 
 def _size(shape):

@@ -116,10 +116,10 @@ class Shampoo(TNT):
             return ops.equal(t % ops.cast(self.inverse_update_period, t.dtype), 0)
         return super()._refresh_due()
 
-    def _refresh_inputs(self, u):
+    def _refresh_inputs(self, u, values):
         """Tensor ``u``'s statistics ``H_i``, each with the order ``p = 2k`` of its root."""
         p = 2 * len(self._modes[u])
-        return [(backend.read_value(h), p) for h in self._statistics[u]]
+        return [(h, p) for h in values]
 
     def _transform(self, values, p):
         """The roots ``P_i = (H_i + εI)^(-1/p)`` of a batch of statistics."""

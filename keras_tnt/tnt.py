@@ -454,10 +454,12 @@ class TNT(KroneckerOptimizer):
         )
         return ops.equal(t % ops.cast(period, t.dtype), 0)
 
-    def _refresh_inputs(self, u):
+    def _refresh_variables(self, u):
+        return self._statistics[u]
+
+    def _refresh_inputs(self, u, values):
         """Tensor ``u``'s trace-normalised statistics ``U_i`` (eq. (5); docs/algorithm.md §2)."""
-        stats = [backend.read_value(h) for h in self._statistics[u]]
-        return [(f, None) for f in kronecker.normalize_factors(stats, self._modes[u])]
+        return [(f, None) for f in kronecker.normalize_factors(values, self._modes[u])]
 
     def _transform(self, values, parameter):
         """The damped inverses ``A_i = (U_i + εI)^-1`` of a batch of factors."""
@@ -530,14 +532,16 @@ class TNT(KroneckerOptimizer):
             for n in range(len(item))
         ]
 
-    def _refreshed(self, u, inputs, results):
-        """A row-sparse tensor also keeps the damped factors ``U_i + εI`` of its new inverses."""
-        preconditioners, failed = super()._refreshed(u, inputs, results)
-        for (factor, _), (_, ok), slot in zip(inputs, results, self._damped[u]):
+    def _refreshed(self, u, inputs, results, current):
+        """A row-sparse tensor also keeps the damped factors ``U_i + εI`` of its new inverses
+        (the slots after the inverses in ``current``)."""
+        preconditioners, failed = super()._refreshed(u, inputs, results, current)
+        damped = current[len(self._preconditioners[u]) :]
+        for (factor, _), (_, ok), slot in zip(inputs, results, damped):
             damping = ops.convert_to_tensor(self.damping, dtype=factor.dtype)
             if len(factor.shape) == 2:
                 damping = damping * ops.eye(factor.shape[0], dtype=factor.dtype)
-            preconditioners.append(ops.where(ok, factor + damping, ops.convert_to_tensor(slot)))
+            preconditioners.append(ops.where(ok, factor + damping, slot))
         return preconditioners, failed
 
     def _unit_values(self, u, members, gradients, learning_rate, refreshed=None):
@@ -578,11 +582,11 @@ class TNT(KroneckerOptimizer):
             rows, values = slices
             values = ops.cast(values, sdtype)
             finite = ops.all(ops.isfinite(values))
-        slots = self._unit_preconditioners(u)
-        current = [ops.convert_to_tensor(p) for p in slots]
+        reads = self._refresh_reads([u])
+        current = reads[u][1]
         due = self._refresh_due()
         if refreshed is None:
-            refreshed = ops.cond(due, lambda: self._refresh(u), lambda: (current, zero))
+            refreshed = ops.cond(due, lambda: self._refresh(u, reads), lambda: (current, zero))
         new, failed = refreshed
         preconditioners = [ops.where(finite, a, c) for a, c in zip(new, current)]
         failed = ops.where(finite, failed, zero)

@@ -465,10 +465,12 @@ def test_same_seed_same_draw_and_different_seeds_differ():
 
 def test_fisher_seed_step_counter_and_stream_set_the_draw(float64):
     model = _model(keras.losses.SparseCategoricalCrossentropy(from_logits=True), None)
-    np.testing.assert_array_equal(
-        model._seed(tf.constant(4), stream=0).numpy(), model._seed(tf.constant(4), 0).numpy()
-    )
-    seeds = {tuple(model._seed(tf.constant(t), stream=s).numpy()) for t in range(3) for s in (0, 1)}
+
+    def words(seed):
+        return tuple(int(w) for w in seed)
+
+    assert words(model._seed(tf.constant(4), stream=0)) == words(model._seed(tf.constant(4), 0))
+    seeds = {words(model._seed(tf.constant(t), stream=s)) for t in range(3) for s in (0, 1)}
     assert len(seeds) == 6
     # Same fisher_seed and counter: the same gradient; another counter or fisher_seed: another.
     x = tf.constant(np.tile(X, (32, 1)))
@@ -486,6 +488,40 @@ def test_fisher_seed_step_counter_and_stream_set_the_draw(float64):
     np.testing.assert_array_equal(fisher(model, 1), fisher(again, 1))
     assert not np.allclose(fisher(model, 1), fisher(model, 2))
     assert not np.allclose(fisher(model, 1), fisher(other, 1))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_python_seed_words_hash_as_the_tensor_seed_does(dtype):
+    """The training step passes its seed as ``(model seed, stream, counter tensor)``: the
+    Python words are hashed before the graph. The draws are those of the same seed as one
+    tensor, bit for bit (wide and negative words too), traced or eager."""
+    from keras_tnt.sampling import counter_normal
+    from keras_tnt.sampling import counter_uniform
+
+    for words in ([7, 0, 5], [2**31 - 2, 1, 2**40 + 3], [3, 2, -1], [0, 0, 0]):
+        as_tensor = tf.constant(words, tf.int64)
+        mixed = (words[0], words[1], tf.constant(words[2], tf.int64))
+        python = tuple(words)
+        for first in (0, tf.constant(37)):
+            want = counter_uniform((13, 5), as_tensor, dtype, first=first).numpy()
+            for seed in (mixed, python):
+                got = counter_uniform((13, 5), seed, dtype, first=first).numpy()
+                np.testing.assert_array_equal(got, want, str((words, seed)))
+            traced = tf.function(lambda c: counter_uniform((13, 5), (*words[:2], c), dtype))
+            np.testing.assert_array_equal(
+                traced(tf.constant(words[2], tf.int64)).numpy(),
+                counter_uniform((13, 5), as_tensor, dtype).numpy(),
+            )
+        np.testing.assert_array_equal(
+            counter_normal((4, 3), mixed, dtype).numpy(),
+            counter_normal((4, 3), as_tensor, dtype).numpy(),
+        )
+        # And a tensor counter in the middle (folding stops at the first tensor).
+        middle = (words[0], tf.constant(words[1], tf.int64), words[2])
+        np.testing.assert_array_equal(
+            counter_uniform((6,), middle, dtype).numpy(),
+            counter_uniform((6,), as_tensor, dtype).numpy(),
+        )
 
 
 def test_a_slice_draws_what_the_whole_batch_draws_there():

@@ -386,13 +386,9 @@ class FisherTrainer:
         return super().make_train_function(force)
 
     def _seed(self, counter, stream: int):
-        return tf.stack(
-            [
-                tf.constant(self.fisher_seed, tf.int64),
-                tf.constant(stream, tf.int64),
-                tf.cast(counter, tf.int64),
-            ]
-        )
+        # Python integers lead: the generator folds their words before the graph
+        # (keras_tnt.sampling._seed_words), so a step hashes the counter's words only.
+        return (int(self.fisher_seed), int(stream), tf.cast(counter, tf.int64))
 
     @staticmethod
     def _first_example(y_pred):
