@@ -159,13 +159,24 @@ flags.DEFINE_enum(
     "strategy",
     "default",
     ["default", "mirrored", "multi_worker"],
-    "tf.distribute strategy (TensorFlow backend only). multi_worker: run this command on every "
-    "worker, each with its TF_CONFIG (see docs/guide/distributed.md).",
+    "How to distribute. TensorFlow: a tf.distribute strategy; multi_worker: run this command on "
+    "every worker, each with its TF_CONFIG (docs/guide/distributed.md). JAX: multi_worker runs "
+    "one process per host (or per device group) under JAX's distributed runtime: run this "
+    "command on every process, each with KERAS_DISTRIBUTION_JOB_ADDRESSES (the coordinator's "
+    "host:port), KERAS_DISTRIBUTION_NUM_PROCESSES and its own KERAS_DISTRIBUTION_PROCESS_ID "
+    "(docs/guide/jax.md); mirrored is TensorFlow's only.",
 )
 flags.DEFINE_integer(
     "checkpoint_every_steps",
     0,
-    "With --strategy=multi_worker: also checkpoint every N steps (0: after every epoch only).",
+    "With --strategy=multi_worker (either backend): also checkpoint every N steps (0: after "
+    "every epoch only); a killed run resumes from the latest, mid-epoch.",
+)
+flags.DEFINE_float(
+    "connect_timeout_s",
+    300.0,
+    "With --strategy=multi_worker: seconds to wait for every worker/process to join; past it "
+    "the command stops with a message naming the coordinator (no silent hang).",
 )
 flags.DEFINE_integer(
     "checkpoint_every_epochs",
@@ -439,6 +450,11 @@ def _new_model(config, problem):
     return model
 
 
+class SetupError(Exception):
+    """The distributed setup is missing, malformed, or the other processes cannot be reached:
+    the command line prints the message and exits with status 2."""
+
+
 class RunDirectoryError(app.UsageError):
     """The output directory holds a run this command must not resume or write over. The
     command line prints the message alone (not the flags' help) and exits with status 2."""
@@ -514,7 +530,7 @@ def _delete_run(out):
     """``--overwrite``: removes what a run wrote to ``out`` (nothing else there)."""
     names = ("state.json", "history.csv", "summary.json", "flags.json", "checkpoint.tmp.keras")
     for name in os.listdir(out):
-        if name in names or re.fullmatch(r"checkpoint-\d+\.keras", name):
+        if name in names or re.fullmatch(r"checkpoint-s?\d+\.keras", name):
             os.remove(os.path.join(out, name))
     shutil.rmtree(os.path.join(out, "tensorboard"), ignore_errors=True)
 
@@ -523,6 +539,23 @@ def run(config: dict, overwrite: bool | None = None) -> dict:
     """Trains (or resumes) the run of ``config``; ``overwrite`` (default: the flag) starts it
     afresh, deleting a run in the directory."""
     out = config["output_dir"]
+    # JAX across processes (--strategy=multi_worker): join the others first, before anything
+    # touches a device; process 0 (the chief) writes the run directory, the others read it.
+    processes = config["strategy"] == "multi_worker" and keras.backend.backend() == "jax"
+    chief = True
+    if processes:
+        from keras_tnt import multi_process
+
+        try:
+            multi_process.initialize(
+                timeout=FLAGS.connect_timeout_s if FLAGS.is_parsed() else 300.0
+            )
+        except (ValueError, RuntimeError) as error:
+            raise SetupError(str(error)) from None
+        chief = multi_process.is_chief()
+        local = multi_process.local_batches
+    else:
+        local = lambda dataset: dataset  # noqa: E731
     os.makedirs(out, exist_ok=True)
     problem = registry.get(config["problem"])
     state_path = os.path.join(out, "state.json")
@@ -550,9 +583,10 @@ def run(config: dict, overwrite: bool | None = None) -> dict:
     resumed = saved_state is not None
     if resumed:
         _check_settings(out, config)
-    else:  # history rows of a run killed before its first checkpoint: that run starts again
+    elif chief:  # history rows of a run killed before its first checkpoint: that run starts again
         _truncate_history(history_path, 0)
-    _write_json(os.path.join(out, "flags.json"), config)
+    if chief:
+        _write_json(os.path.join(out, "flags.json"), config)
 
     # Before anything random: tf.data's seeded shuffles also depend on the global seed, and a
     # resumed run must see the data order an uninterrupted one would.
@@ -571,8 +605,12 @@ def run(config: dict, overwrite: bool | None = None) -> dict:
             model = keras.models.load_model(checkpoint)
             state = saved_state
             step = int(keras.ops.convert_to_numpy(model.optimizer.iterations))
-            print(resume_line(checkpoint, step, state["epochs_done"]), flush=True)
-            _truncate_history(history_path, state["epochs_done"])
+            print(
+                resume_line(checkpoint, step, state["epochs_done"], state.get("step_in_epoch", 0)),
+                flush=True,
+            )
+            if chief:
+                _truncate_history(history_path, state["epochs_done"])
         else:
             model = _new_model(config, problem)
             state = {
@@ -592,13 +630,81 @@ def run(config: dict, overwrite: bool | None = None) -> dict:
         warm_start_begin = time.perf_counter()
         verbose = FLAGS.verbose if FLAGS.is_parsed() else 0
         model.warm_start(
-            _dataset(config, problem, "train", epoch=-1), steps=steps, verbose=verbose == 1
+            local(_dataset(config, problem, "train", epoch=-1)),
+            steps=steps,
+            verbose=verbose == 1 and chief,
         )
         # Its own tracing included; not part of train_seconds (see docs/reproduction).
         state["warm_start_seconds"] = time.perf_counter() - warm_start_begin
 
-    tensorboard = keras.callbacks.TensorBoard(os.path.join(out, "tensorboard"))
     log = RunLog(state, config)
+    callbacks = [log]
+    if chief:
+        callbacks.append(keras.callbacks.TensorBoard(os.path.join(out, "tensorboard")))
+        callbacks.append(RunProgbar(config["epochs"], config["time_budget_s"]))
+
+    def save_checkpoint(name):
+        """The chief saves the model (with its optimizer state) as ``name``, then state.json.
+        Every process takes part in a save (reading the variables of several processes is a
+        collective): the others save to a temporary file and delete it."""
+        if not chief:
+            with tempfile.TemporaryDirectory() as scratch:
+                model.save(os.path.join(scratch, name))
+            return
+        model.save(os.path.join(out, "checkpoint.tmp.keras"))
+        os.replace(os.path.join(out, "checkpoint.tmp.keras"), os.path.join(out, name))
+        previous = state.get("checkpoint")
+        state["checkpoint"] = name
+        _write_json(state_path, state)
+        if previous and previous != name and os.path.exists(os.path.join(out, previous)):
+            os.remove(os.path.join(out, previous))
+
+    every = config.get("checkpoint_every_steps") or 0
+
+    class StepCheckpoint(keras.callbacks.Callback):
+        """Every ``--checkpoint_every_steps`` steps: a checkpoint within the epoch."""
+
+        def __init__(self, epoch, first_step):
+            super().__init__()
+            self.epoch, self.first_step = epoch, first_step
+
+        def on_train_batch_end(self, batch, logs=None):
+            if not every or state["steps"] % every:
+                return
+            if batch + 1 == self.params.get("steps"):
+                return  # the epoch's last step: its end checkpoints right after
+            if keras.backend.backend() == "jax":
+                self.model.jax_state_sync()  # fit keeps the state apart until the epoch's end
+            state["epochs_done"] = self.epoch
+            state["step_in_epoch"] = self.first_step + batch + 1
+            save_checkpoint(f"checkpoint-s{state['steps']:08d}.keras")
+
+    verbose = (FLAGS.verbose if FLAGS.is_parsed() else 0) if chief else 0
+    evaluator = []
+
+    def evaluate() -> dict:
+        """The test split's metrics. Across JAX processes the chief evaluates a copy of the
+        model on one of its devices, over every test example (a last batch that does not split
+        evenly over the devices could not be fed to all of them), the others nothing."""
+        if not processes:
+            return model.evaluate(test_data, verbose=0, return_dict=True)
+        weights = model.get_weights()  # every process takes part in reading them
+        if not chief:
+            return {}
+        distribution = keras.distribution.distribution()
+        keras.distribution.set_distribution(None)
+        try:
+            if not evaluator:
+                copy = problem.build()
+                copy.compile(
+                    loss=problem.loss(), metrics=["accuracy"] if problem.classifier else None
+                )
+                evaluator.append(copy)
+            evaluator[0].set_weights(weights)
+            return evaluator[0].evaluate(test_data, verbose=0, return_dict=True)
+        finally:
+            keras.distribution.set_distribution(distribution)
+
     columns = None
     start_wall, start_process = time.time(), time.process_time()
     wall0, process0 = state["wall_seconds"], state["process_seconds"]
@@ -612,56 +718,61 @@ def run(config: dict, overwrite: bool | None = None) -> dict:
         validate = (epoch + 1) % config.get("validation_freq", 1) == 0 or epoch + 1 == config[
             "epochs"
         ]
+        # A run resumed from a checkpoint within this epoch skips the steps it had done.
+        done = state.get("step_in_epoch", 0) if epoch == state["epochs_done"] else 0
+        train = _dataset(config, problem, "train", epoch)
+        steps_per_epoch = config["steps_per_epoch"] or None
+        if done:
+            train = train.skip(done)
+            steps_per_epoch = steps_per_epoch and steps_per_epoch - done
         history = model.fit(
-            _dataset(config, problem, "train", epoch),
+            local(train),
             initial_epoch=epoch,
             epochs=epoch + 1,
-            steps_per_epoch=config["steps_per_epoch"] or None,
-            validation_data=test_data if validate else None,
+            steps_per_epoch=steps_per_epoch,
+            validation_data=test_data if validate and not processes else None,
             shuffle=False,  # the pipeline shuffles, seeded per epoch
-            callbacks=[log, tensorboard, RunProgbar(config["epochs"], config["time_budget_s"])],
-            verbose=FLAGS.verbose if FLAGS.is_parsed() else 0,
+            callbacks=callbacks + [StepCheckpoint(epoch, done)],
+            verbose=verbose,
         )
         state["epochs_done"] = epoch + 1
+        state["step_in_epoch"] = 0
         state["wall_seconds"] = wall0 + time.time() - start_wall
         state["process_seconds"] = process0 + time.process_time() - start_process
         row = {"epoch": epoch + 1, "learning_rate": lr}
         # Validation columns in every row (empty when not validated), in Keras' order.
         row.update({f"val_{k}": "" for k in history.history if not k.startswith("val_")})
         row.update({k: v[-1] for k, v in history.history.items()})
-        if not validate and (model.stop_training or _budget_spent(config, state)):
+        if processes and validate:
+            row.update({f"val_{k}": v for k, v in evaluate().items()})
+        elif not validate and (model.stop_training or _budget_spent(config, state)):
             # The budget ended this run: its last row gets the validation metrics too.
-            logs = model.evaluate(test_data, verbose=0, return_dict=True)
-            row.update({f"val_{k}": v for k, v in logs.items()})
+            row.update({f"val_{k}": v for k, v in evaluate().items()})
         row.update(
             {
                 k: state[k]
                 for k in ("smoothed_loss", "train_seconds", "wall_seconds", "process_seconds")
             }
         )
-        new_file = not os.path.exists(history_path)
-        if columns is None:  # the file's own header when it has one (a resumed run)
-            columns = list(row) if new_file else next(csv.reader(open(history_path)))
-        with open(history_path, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
-            if new_file:
-                writer.writeheader()
-            writer.writerow(row)
+        if chief:
+            new_file = not os.path.exists(history_path)
+            if columns is None:  # the file's own header when it has one (a resumed run)
+                columns = list(row) if new_file else next(csv.reader(open(history_path)))
+            with open(history_path, "a", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+                if new_file:
+                    writer.writeheader()
+                writer.writerow(row)
         last = epoch + 1 == config["epochs"] or model.stop_training or _budget_spent(config, state)
         if (epoch + 1) % config["checkpoint_every_epochs"] and not last:
             continue
-        name = f"checkpoint-{epoch + 1:05d}.keras"
-        model.save(os.path.join(out, "checkpoint.tmp.keras"))
-        os.replace(os.path.join(out, "checkpoint.tmp.keras"), os.path.join(out, name))
-        previous = state.get("checkpoint")
-        state["checkpoint"] = name
-        _write_json(state_path, state)
-        if previous and previous != name and os.path.exists(os.path.join(out, previous)):
-            os.remove(os.path.join(out, previous))
+        save_checkpoint(f"checkpoint-{epoch + 1:05d}.keras")
         if model.stop_training:
             break
 
-    rows = list(csv.DictReader(open(history_path))) if os.path.exists(history_path) else []
+    rows = []  # the chief's history (another process does not read it: it may be being written)
+    if chief and os.path.exists(history_path):
+        rows = list(csv.DictReader(open(history_path)))
     summary = {
         "problem": config["problem"],
         "optimizer": config["optimizer"],
@@ -681,6 +792,10 @@ def run(config: dict, overwrite: bool | None = None) -> dict:
     if optimizer is not None:
         summary["skipped_updates"] = optimizer.skipped_updates
         summary["failed_inversions"] = optimizer.failed_inversions
+    if processes:
+        summary["processes"] = multi_process.process_count()
+    if not chief:
+        return None
     _write_json(os.path.join(out, "summary.json"), summary)
     return summary
 
@@ -698,7 +813,9 @@ def run_multi_worker(config: dict) -> dict | None:
     out = config["output_dir"]
     chief = multi_worker.is_chief()
     tf.get_logger().setLevel("WARNING")  # not one INFO line per collective
-    strategy = multi_worker.strategy_from_tf_config()
+    strategy = multi_worker.strategy_from_tf_config(
+        timeout=FLAGS.connect_timeout_s if FLAGS.is_parsed() else 300.0
+    )
     if chief:
         os.makedirs(out, exist_ok=True)
         _check_settings(out, config)
@@ -781,16 +898,20 @@ def main(argv):
     runtime.quiet_tensorflow_logging(FLAGS["verbosity"].present)
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    if FLAGS.strategy != "default" and keras.backend.backend() != "tensorflow":
+    if FLAGS.strategy == "mirrored" and keras.backend.backend() != "tensorflow":
         raise app.UsageError(
-            f"--strategy={FLAGS.strategy} is a tf.distribute strategy and needs "
-            f"KERAS_BACKEND=tensorflow (the backend is {keras.backend.backend()!r}). On JAX, one "
-            "process trains on one device; see docs/guide/jax.md."
+            f"--strategy=mirrored is a tf.distribute strategy and needs KERAS_BACKEND=tensorflow "
+            f"(the backend is {keras.backend.backend()!r}). On JAX, --strategy=multi_worker runs "
+            "several processes; see docs/guide/jax.md."
         )
     if FLAGS.strategy == "multi_worker" and FLAGS.time_budget_s:
         raise app.UsageError(
             "--time_budget_s cannot be used with --strategy=multi_worker: every worker must "
             "stop at the same step, and their clocks differ. Use --epochs / --steps_per_epoch."
+        )
+    if not FLAGS.connect_timeout_s > 0:
+        raise app.UsageError(
+            f"--connect_timeout_s must be > 0; received {FLAGS.connect_timeout_s}."
         )
     if FLAGS.checkpoint_every_steps < 0:
         raise app.UsageError("--checkpoint_every_steps must be >= 0.")
@@ -808,11 +929,11 @@ def main(argv):
         )
     config = resolve_config()
     try:
-        if config["strategy"] == "multi_worker":
+        if config["strategy"] == "multi_worker" and keras.backend.backend() == "tensorflow":
             summary = run_multi_worker(config)
         else:
             summary = run(config)
-    except (data.DataUnavailableError, RunDirectoryError) as e:
+    except (data.DataUnavailableError, RunDirectoryError, SetupError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     if summary is not None:

@@ -318,14 +318,10 @@ class FisherTrainer:
     def _seed(self, counter, stream: int):
         # int64 needs `jax_enable_x64`; every word fits 32 bits otherwise, and the generator
         # hashes a 32-bit word exactly as it hashes the same int64 value.
+        # Python integers lead: the generator folds their words before the trace
+        # (keras_tnt.sampling._seed_words), so a step hashes the counter's words only.
         dtype = jnp.int64 if jax.config.jax_enable_x64 else jnp.int32
-        return jnp.stack(
-            [
-                jnp.asarray(self.fisher_seed, dtype),
-                jnp.asarray(stream, dtype),
-                jnp.asarray(counter).astype(dtype),
-            ]
-        )
+        return (int(self.fisher_seed), int(stream), jnp.asarray(counter).astype(dtype))
 
     def _forward(self, trainable, non_trainable, x, layers=None):
         """One forward pass: ``(y_pred, losses, pullback, non-trainable values, inputs)``.
@@ -495,6 +491,12 @@ class FisherTrainer:
         jitted = jax.jit(step) if not self.run_eagerly and self.jit_compile else step
 
         def run(data):
+            if keras.distribution.distribution() is not None:
+                # As `fit` feeds its steps: one global array per input, sharded over the
+                # batch axis (with several processes, assembled from each process's slice).
+                from keras.src.backend.jax.trainer import _distribute_data
+
+                data = _distribute_data(data)
             state = tuple(
                 [v.value for v in variables]
                 for variables in (
