@@ -18,8 +18,10 @@
 #   1. runs the JAX test subset (the tests marked for JAX) on the GPU, in float64 mode;
 #   2. times the MNIST autoencoder (batch 1000) and ResNet-32 (batch 128) steps for TNT, Adam and
 #      SGD-m under jax.jit, in float32 and in mixed_bfloat16 (benchmarks/step_time.py);
-#   3. where TensorFlow with a GPU is installed, the same on the TensorFlow backend;
-#   4. writes OUT_DIR/gpu_check.md (and the raw JSON and logs beside it).
+#   3. with two GPUs or more, the MNIST autoencoder on two of them (DataParallel): TNT and KFAC
+#      with the preconditioner work split and not split, against Adam;
+#   4. where TensorFlow with a GPU is installed, the same as 2. on the TensorFlow backend;
+#   5. writes OUT_DIR/gpu_check.md (and the raw JSON and logs beside it).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 WHEELS=${1:?usage: bash tools/gpu_check.sh WHEELS_DIR [OUT_DIR]}
@@ -77,6 +79,19 @@ bench() {  # $1 backend, $2 dtype policy
 
 bench jax float32
 bench jax mixed_bfloat16
+# Several GPUs: the preconditioner work split across them (DataParallel over the first two;
+# split against not split, against Adam on the same two devices).
+if [ "$("$PY" -c 'import jax; print(len(jax.devices("gpu")))' 2>/dev/null || echo 0)" -gt 1 ]; then
+  KERAS_BACKEND=jax "$PY" -m benchmarks.step_time --problems=autoencoder_2replicas \
+    --rounds="$ROUNDS" --jit_compile --output="$OUT/step_time_2gpus.json" \
+    > "$OUT/step_time_2gpus.log" 2>&1
+  rc=$?
+  section "Two GPUs: the preconditioner work split (benchmarks/step_time.py, exit $rc)"
+  { echo '```'; grep -v "^WARNING\|^I0000\|^W0000" "$OUT/step_time_2gpus.log" | tail -20; echo '```'; } >> "$REPORT"
+else
+  section "Two GPUs"
+  echo "Not run: fewer than two GPUs on this machine." >> "$REPORT"
+fi
 if "$PY" -c 'import tensorflow as tf, sys; sys.exit(0 if tf.config.list_physical_devices("GPU") else 1)' 2>/dev/null; then
   bench tensorflow float32
   bench tensorflow mixed_bfloat16
