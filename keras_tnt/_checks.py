@@ -112,3 +112,16 @@ def memory_limit(value):
             f"`memory_limit_bytes` must be a number of bytes > 0 or None; received {value!r}."
         )
     return int(value)
+
+
+def require_targets(optimizer, y) -> None:
+    """An empirical-Fisher warm start (TNT-EF, Shampoo) differentiates the loss at the TRUE
+    targets: batches without them are an error that says so (not a backend's failure on
+    ``None``)."""
+    if y is None:
+        raise ValueError(
+            f"The warm start of {type(optimizer).__name__} with empirical Fisher statistics (the "
+            "gradient of the loss at the true targets) needs targets: pass batches of "
+            "(inputs, targets), e.g. `warm_start((x, y))` or `WarmStart((x, y))`, or a dataset "
+            "of (inputs, targets) pairs; received batches of inputs only."
+        )

@@ -86,3 +86,28 @@ def test_jit_compile_setting_is_what_the_warm_start_compiles_with(float64):
     xla.warm_start(np.zeros((20, 5)), batch_size=10, verbose=0)
     assert xla.draws == draws + 2
     del step_xla, step_plain
+
+
+@pytest.mark.parametrize(
+    "make", [lambda: keras_tnt.Shampoo(), lambda: keras_tnt.TNT(empirical_fisher=True)]
+)
+@pytest.mark.parametrize("callback", [False, True])
+def test_an_empirical_fisher_warm_start_without_targets_is_a_clear_error(make, callback):
+    """Shampoo and TNT-EF take their statistics from the loss at the true targets: inputs
+    alone are refused with a message saying so, by warm_start and by the WarmStart callback,
+    and no statistic is touched."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((5,))
+    model = keras_tnt.FisherModel(inputs, keras.layers.Dense(3)(inputs), fisher_seed=1)
+    model.compile(
+        optimizer=make(), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    )
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((20, 5)), rng.integers(0, 3, 20)
+    with pytest.raises(ValueError, match=r"needs targets: pass batches of \(inputs, targets\)"):
+        if callback:
+            warm = keras_tnt.WarmStart(x, batch_size=10, verbose=0)
+            model.fit(x, y, batch_size=20, epochs=1, verbose=0, callbacks=[warm])
+        else:
+            model.warm_start(x, batch_size=10, verbose=0)
+    assert model.optimizer.warm_start_batches == 0

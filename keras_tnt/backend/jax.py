@@ -31,6 +31,7 @@ import numpy as np
 from keras.src.backend.common.stateless_scope import get_stateless_scope
 
 from keras_tnt._capture import capture_layers
+from keras_tnt._checks import require_targets
 
 __all__ = [
     "FisherTrainer",
@@ -478,6 +479,7 @@ class FisherTrainer:
                 if layers:  # KFAC: (inputs, pre-activation gradients) per layer
                     grads = list(zip(inputs, grads))
             else:  # empirical Fisher: the ordinary loss at the true targets
+                require_targets(optimizer, y)
                 grads, *_ = self._loss_gradients(
                     state, pullback, y_pred, losses, x, y, sample_weight
                 )

@@ -22,6 +22,7 @@ import keras
 import tensorflow as tf
 
 from keras_tnt._capture import capture_layers
+from keras_tnt._checks import require_targets
 
 __all__ = [
     "FisherTrainer",
@@ -519,6 +520,7 @@ class FisherTrainer:
             ):
                 y_pred = self._call_for_training(x_batch)
                 if not sampled:  # empirical Fisher: the ordinary loss at the true targets
+                    require_targets(optimizer, y_batch)
                     loss = self._compute_loss(
                         x=x_batch, y=y_batch, y_pred=y_pred, sample_weight=sample_weight
                     )
