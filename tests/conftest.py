@@ -7,6 +7,7 @@ it (or its module, through ``pytestmark``) is marked ``@pytest.mark.backends("te
 """
 
 import os
+import socket
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -172,3 +173,30 @@ class RecordingTargets:
         targets = super().sample_targets(y_pred, seed, first_example)
         self.__dict__["_recorded"].assign(keras.ops.cast(targets, "int32"))
         return targets
+
+
+def free_ports(n):
+    """``n`` free TCP ports on 127.0.0.1 (for multi-process tests)."""
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def wait_all(processes, timeout=300):
+    """Return codes and outputs of ``processes``; every one is killed if they do not all end
+    in time."""
+    results = []
+    try:
+        for p in processes:
+            output, _ = p.communicate(timeout=timeout)
+            results.append((p.returncode, output))
+    finally:
+        for p in processes:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    return results

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,14 +15,10 @@ import numpy as np
 import pytest
 
 from keras_tnt import multi_process
+from tests.conftest import free_ports
+from tests.conftest import wait_all
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env(port=None, process=None, count=2, **extra):
@@ -48,24 +43,9 @@ def _start(args, env):
     )
 
 
-def _wait(processes, timeout=300):
-    """Return codes and outputs; every process is killed if they do not all end in time."""
-    results = []
-    try:
-        for p in processes:
-            output, _ = p.communicate(timeout=timeout)
-            results.append((p.returncode, output))
-    finally:
-        for p in processes:
-            if p.poll() is None:
-                p.kill()
-                p.communicate()
-    return results
-
-
 def _two(args):
-    port = _free_port()
-    return _wait([_start(args, _env(port, i)) for i in range(2)])
+    port = free_ports(1)[0]
+    return wait_all([_start(args, _env(port, i)) for i in range(2)])
 
 
 def test_the_environment_is_checked_and_each_problem_named():
@@ -102,10 +82,10 @@ def test_two_processes_are_identical_and_equal_one_process(tmp_path, name):
     processes end bit for bit alike (every weight and optimizer variable), equal to one process
     to 1e-10; the preconditioner work is split, each process's device doing a share."""
     worker = ["-m", "tests.multi_process_worker"]
-    port = _free_port()
+    port = free_ports(1)[0]
     processes = [_start(worker + [tmp_path / f"p{i}.npz", name], _env(port, i)) for i in range(2)]
     processes.append(_start(worker + [tmp_path / "one.npz", name, "--one"], _env()))
-    for code, output in _wait(processes):
+    for code, output in wait_all(processes):
         assert code == 0, output[-3000:]
     first, second, one = (np.load(tmp_path / f) for f in ("p0.npz", "p1.npz", "one.npz"))
     keys = [k for k in one.files if k not in ("work", "process")]
@@ -166,7 +146,7 @@ def test_train_py_on_two_processes_killed_mid_epoch_resumes_and_ends_where_it_wo
     assert len(rows) == epochs + 1
 
     killed = tmp_path / "killed"
-    port = _free_port()
+    port = free_ports(1)[0]
     processes = [_start(_train_py(killed, epochs), _env(port, i)) for i in range(2)]
     state_path = killed / "state.json"
     try:
@@ -203,9 +183,9 @@ def test_train_py_on_two_processes_killed_mid_epoch_resumes_and_ends_where_it_wo
 def test_a_process_that_cannot_reach_the_coordinator_stops_with_a_message(tmp_path):
     """Process 1 of 2 whose coordinator (process 0) never starts: exit status 2 and a message
     naming the coordinator and the variables, within the timeout; no silent hang."""
-    port = _free_port()
+    port = free_ports(1)[0]
     start = time.monotonic()
-    [(code, output)] = _wait(
+    [(code, output)] = wait_all(
         [_start(_train_py(tmp_path / "run", 1, ["--connect_timeout_s=5"]), _env(port, 1))],
         timeout=180,
     )
@@ -214,5 +194,5 @@ def test_a_process_that_cannot_reach_the_coordinator_stops_with_a_message(tmp_pa
     assert "KERAS_DISTRIBUTION_JOB_ADDRESSES" in output
     assert time.monotonic() - start < 120
     env = _env()  # no distribution variables at all
-    [(code, output)] = _wait([_start(_train_py(tmp_path / "run2", 1), env)], timeout=180)
+    [(code, output)] = wait_all([_start(_train_py(tmp_path / "run2", 1), env)], timeout=180)
     assert code == 2 and "KERAS_DISTRIBUTION_JOB_ADDRESSES" in output and "not set" in output

@@ -7,7 +7,6 @@ import ast
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 
@@ -15,18 +14,10 @@ import numpy as np
 import pytest
 
 from keras_tnt import multi_worker
+from tests.conftest import free_ports
+from tests.conftest import wait_all
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _free_ports(n):
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 def _start(args, tf_config=None, **extra_env):
@@ -44,23 +35,8 @@ def _start(args, tf_config=None, **extra_env):
     )
 
 
-def _wait(processes, timeout=300):
-    """Return codes and outputs; every process is killed if they do not all end in time."""
-    results = []
-    try:
-        for p in processes:
-            output, _ = p.communicate(timeout=timeout)
-            results.append((p.returncode, output))
-    finally:
-        for p in processes:
-            if p.poll() is None:
-                p.kill()
-                p.communicate()
-    return results
-
-
 def _two_workers(tmp_path, name, optimizers, epochs, **extra_env):
-    ports = _free_ports(2)
+    ports = free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     processes = [
         _start(
@@ -70,7 +46,7 @@ def _two_workers(tmp_path, name, optimizers, epochs, **extra_env):
         )
         for i in range(2)
     ]
-    return _wait(processes, timeout=480)
+    return wait_all(processes, timeout=480)
 
 
 def _worker_temporary_dirs(scratch):
@@ -186,7 +162,7 @@ def test_a_killed_worker_and_a_restart_end_where_an_uninterrupted_run_ends(tmp_p
     the next collective, is killed too; both started again resume from step 4 (statistics,
     step counter, target draws, data order: each says so, with the step counter of the
     optimizer it loaded) and end equal to the uninterrupted run, and to each other."""
-    ports = _free_ports(2)
+    ports = free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
 
     def start(kill_at=None):
@@ -211,7 +187,7 @@ def test_a_killed_worker_and_a_restart_end_where_an_uninterrupted_run_ends(tmp_p
     state = json.loads((tmp_path / "ckpt" / "tnt" / "trainer_state.json").read_text())
     assert state["steps"] == 4 and state["epoch"] == 0 and state["step_in_epoch"] == 4
     checkpoint = tmp_path / "ckpt" / "tnt" / "checkpoint-00000004.keras"
-    for code, output in _wait(start()):
+    for code, output in wait_all(start()):
         assert code == 0, output[-3000:]
         # A fresh start (e.g. a checkpoint not found) would end equal too: the restart must
         # say it continued from step 4, mid-epoch 1, from the chief's checkpoint.
@@ -241,20 +217,20 @@ def test_a_trainer_state_naming_a_missing_checkpoint_is_an_error(tmp_path):
 
 def test_a_worker_that_cannot_reach_the_others_exits_with_a_message(tmp_path):
     """Worker 0 of a two-worker cluster whose worker 1 never starts: no silent hang."""
-    ports = _free_ports(2)
+    ports = free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     alone = _start(
         [tmp_path / "alone", tmp_path / "ckpt", "tnt", 1],
         {"cluster": cluster, "task": {"type": "worker", "index": 0}},
         CONNECT_TIMEOUT="8",
     )
-    [(code, output)] = _wait([alone], timeout=120)
+    [(code, output)] = wait_all([alone], timeout=120)
     assert code in (-15, -9), output[-3000:]  # stopped by the watchdog
     assert "connecting to the other workers did not finish within 8 s" in output
 
 
 def _train_py_workers(out, scratch, epochs):
-    ports = _free_ports(2)
+    ports = free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     processes = []
     for i in range(2):
@@ -281,7 +257,7 @@ def _train_py_workers(out, scratch, epochs):
                 text=True,
             )
         )
-    (code0, out0), (code1, out1) = _wait(processes)
+    (code0, out0), (code1, out1) = wait_all(processes)
     assert code0 == 0 and code1 == 0, (out0[-3000:], out1[-3000:])
     return out0, out1
 
