@@ -296,12 +296,14 @@ class UnitStepMixin:
         slots = self._unit_preconditioners(u)
         preconditioners, failed = [], zero
         if slots:
-            reads = self._refresh_reads([u])
-            current = reads[u][1]
             if refreshed is None:
+                reads = self._refresh_reads([u])
+                current = reads[u][1]
                 refreshed = ops.cond(
                     self._refresh_due(), lambda: self._refresh(u, reads), lambda: (current, zero)
                 )
+            else:  # refreshed by the caller (_grouped_refresh), which read the statistics
+                current = [ops.convert_to_tensor(p) for p in slots]
             new, failed = refreshed
             preconditioners = [ops.where(ok, a, c) for a, c in zip(new, current)]
             failed = ops.where(ok, failed, zero)

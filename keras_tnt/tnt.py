@@ -582,11 +582,13 @@ class TNT(KroneckerOptimizer):
             rows, values = slices
             values = ops.cast(values, sdtype)
             finite = ops.all(ops.isfinite(values))
-        reads = self._refresh_reads([u])
-        current = reads[u][1]
         due = self._refresh_due()
         if refreshed is None:
+            reads = self._refresh_reads([u])
+            current = reads[u][1]
             refreshed = ops.cond(due, lambda: self._refresh(u, reads), lambda: (current, zero))
+        else:  # refreshed by the caller (_grouped_refresh), which read the statistics
+            current = [ops.convert_to_tensor(p) for p in self._unit_preconditioners(u)]
         new, failed = refreshed
         preconditioners = [ops.where(finite, a, c) for a, c in zip(new, current)]
         failed = ops.where(finite, failed, zero)
