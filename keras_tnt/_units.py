@@ -154,8 +154,8 @@ class UnitStepMixin:
         owners = self._owners()
         items = self._batched(list(work), owners)
 
-        def gradients(item, reduced):
-            return [[reduced[position[i]] for i in work[u]] for u in item]
+        def gradients(items, reduced):
+            return [[[reduced[position[i]] for i in work[u]] for u in item] for item in items]
 
         def assign(values):
             for item, item_values in zip(items, values):
@@ -167,43 +167,129 @@ class UnitStepMixin:
             def compute_all(reduced):
                 refreshed = self._grouped_refresh(list(work))
                 return [
-                    self._batch_values(
-                        item, work, gradients(item, reduced), learning_rate, refreshed
-                    )
-                    for item in items
+                    self._batch_values(item, work, grads, learning_rate, refreshed)
+                    for item, grads in zip(items, gradients(items, reduced))
                 ]
 
             backend.update_everywhere(grads, compute_all, assign, self._curvature_updates)
             return
 
-        def compute(k, reduced):
+        def step(reduced, share):
+            return self._split_step(items, work, owners, gradients(items, reduced), share)
+
+        backend.update_from_owners(grads, step, assign, self._curvature_updates)
+
+    def _split_step(self, items, work, owners, gradients, share) -> list:
+        """The values of every batch of ``items`` (as :meth:`_batch_values`), on one replica,
+        with the work split by owner (``share`` as :func:`backend.update_from_owners` gives
+        it), so that the all-reduces carry only what only an owner computes:
+
+        * each batch's owner computes its step as unsplit; one all-reduce shares the new
+          weights, the failure and skip counts and the slots only the step computes (a
+          row-sparse tensor's direction, Adam grafting's second moments), and, on a step that
+          refreshes, the new preconditioners (on other steps they keep their values: nothing
+          to share);
+        * every replica computes the new momenta itself (``β m + g``: the owner's numbers,
+          from the same gradients).
+        """
+        n = backend.count_dtype()
+        gradient_of = {
+            i: g
+            for item, grads in zip(items, gradients)
+            for u, gs in zip(item, grads)
+            for i, g in zip(work[u], gs)
+        }
+
+        def compute(k):
             item = items[k]
-            # Read here, where the owner computes (JAX: inside its shard_map), not closed over;
-            # Keras' `apply` passes this same value.
-            values = self._batch_values(item, work, gradients(item, reduced), self.learning_rate)
+            values = self._batch_values(item, work, gradients[k], self.learning_rate)
             for u, value in zip(item, values):
                 if not self._unit_preconditioners(u):
                     continue
                 ok = ops.logical_not(ops.any(ops.stack([ops.cast(s, "bool") for s in value[4]])))
                 refresh = ops.logical_and(ok, self._refresh_due())
-                n = backend.count_dtype()
                 count = self._factorizations(u)
                 backend.count_replica_work(
                     self, [ops.cast(refresh, n) * count, ops.zeros((), n), ops.cast(ok, n)]
                 )
-            return values
+            return [(self._owner_part(u, value), value[2]) for u, value in zip(item, values)]
 
         def zeros(k):
-            return [self._unit_zeros(u, work[u]) for u in items[k]]
+            return [
+                (
+                    self._owner_part_zeros(u, work[u]),
+                    [ops.zeros(p.shape, p.dtype) for p in self._unit_preconditioners(u)],
+                )
+                for u in items[k]
+            ]
 
-        backend.update_from_owners(
-            grads,
+        def kept():
+            return [
+                [[ops.convert_to_tensor(p) for p in self._unit_preconditioners(u)] for u in item]
+                for item in items
+            ]
+
+        shared = share(
             [owners[item[0]] for item in items],
             compute,
             zeros,
-            assign,
-            self._curvature_updates,
+            when=self._refresh_due(),
+            otherwise=kept,
         )
+        out = []
+        for item, parts in zip(items, shared):
+            values = []
+            for u, ((weights, momenta, failed, skipped, grafts), preconditioners) in zip(
+                item, parts
+            ):
+                if not momenta:  # computed here: the owner's numbers
+                    momenta = [
+                        self._momentum(
+                            i,
+                            ops.cast(gradient_of[i], self._trainable_variables[i].dtype),
+                            ops.equal(s, 0),
+                        )
+                        for i, s in zip(work[u], skipped)
+                    ]
+                values.append((weights, momenta, preconditioners, failed, skipped, grafts))
+            out.append(values)
+        return out
+
+    def _local_momenta(self, u) -> bool:
+        """Whether every replica can compute unit ``u``'s new momenta itself (``β m + g``, see
+        :meth:`_momentum`); else its owner shares them (:meth:`_split_step`)."""
+        return True
+
+    def _owner_part(self, u, values):
+        """What the owner of unit ``u`` shares of its :meth:`_unit_values` ``values``."""
+        weights, momenta, _, failed, skipped, grafts = values
+        return weights, [] if self._local_momenta(u) else momenta, failed, skipped, grafts
+
+    def _owner_part_zeros(self, u, members):
+        """Zeros of the structure of :meth:`_owner_part` (what a non-owner contributes)."""
+        zero = ops.zeros((), backend.count_dtype())
+        variables = [self._trainable_variables[i] for i in members]
+        momenta = []
+        if not self._local_momenta(u):
+            momenta = [
+                ops.zeros(v.shape, self._momenta[i].dtype) for i, v in zip(members, variables)
+            ]
+        return (
+            [ops.zeros(v.shape, v.dtype) for v in variables],
+            momenta,
+            zero,
+            [zero for _ in members],
+            [ops.zeros(self._graft_moments[i].shape, self._graft_moments[i].dtype) for i in members]
+            if self.grafting == "adam"
+            else [],
+        )
+
+    def _momentum(self, i, gradient, finite):
+        """Variable ``i``'s new momentum ``β m + g`` from its ``gradient`` (in the variable's
+        dtype); the old one where the gradient is not ``finite``."""
+        current = ops.convert_to_tensor(self._momenta[i])
+        beta = ops.convert_to_tensor(self.momentum, dtype=gradient.dtype)
+        return ops.where(finite, beta * current + gradient, current)
 
     def _batch_key(self, u):
         """A hashable key: units with equal keys are computed as one batch
@@ -284,9 +370,7 @@ class UnitStepMixin:
             dtype = var.dtype
             gradient = ops.cast(gradient, dtype)
             finite = ops.all(ops.isfinite(gradient))
-            current = ops.convert_to_tensor(self._momenta[i])
-            beta = ops.convert_to_tensor(self.momentum, dtype=dtype)
-            momenta[i] = ops.where(finite, beta * current + gradient, current)
+            momenta[i] = self._momentum(i, gradient, finite)
             skipped.append(ops.cast(ops.logical_not(finite), count_dtype))
             finites.append(finite)
             cast.append(gradient)
@@ -369,21 +453,6 @@ class UnitStepMixin:
             ratio = ops.where(positive, graft_norm / ops.where(positive, norm, 1), 0)
             out[i] = direction * ops.cast(ratio, sdtype)
         return out, grafts
-
-    def _unit_zeros(self, u, members):
-        """Zeros of the structure of :meth:`_unit_values` (what a non-owner contributes)."""
-        zero = ops.zeros((), backend.count_dtype())
-        variables = [self._trainable_variables[i] for i in members]
-        return (
-            [ops.zeros(v.shape, v.dtype) for v in variables],
-            [ops.zeros(v.shape, self._momenta[i].dtype) for i, v in zip(members, variables)],
-            [ops.zeros(p.shape, p.dtype) for p in self._unit_preconditioners(u)],
-            zero,
-            [zero for _ in members],
-            [ops.zeros(self._graft_moments[i].shape, self._graft_moments[i].dtype) for i in members]
-            if self.grafting == "adam"
-            else [],
-        )
 
     def _assign_unit(self, u, members, values):
         weights, momenta, preconditioners, failed, skipped, grafts = values

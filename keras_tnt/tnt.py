@@ -544,6 +544,10 @@ class TNT(KroneckerOptimizer):
             preconditioners.append(ops.where(ok, factor + damping, slot))
         return preconditioners, failed
 
+    def _local_momenta(self, u):
+        # A row-sparse tensor's slot holds its direction, which only its owner computes.
+        return not self._row_sparse[u]
+
     def _unit_values(self, u, members, gradients, learning_rate, refreshed=None):
         if not self._row_sparse[u]:
             return super()._unit_values(u, members, gradients, learning_rate, refreshed)

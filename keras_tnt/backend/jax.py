@@ -239,6 +239,12 @@ def _from_owners(owners, compute, zeros, args):
     """``[compute(k, *args) on device owners[k]]`` on every device, inside :func:`_on_devices`:
     each device runs the units it owns (``lax.cond`` on its ``axis_index``) and one ``psum``
     shares them."""
+    return _bucketed_psum(_owners_local(owners, compute, zeros, args), _SPLIT_AXIS[-1])
+
+
+def _owners_local(owners, compute, zeros, args):
+    """``[compute(k, *args) if this device is owners[k] else zeros(k)]`` (see
+    :func:`_from_owners`)."""
     axis = _SPLIT_AXIS[-1]
     me = jax.lax.axis_index(axis)
     local, counted, seen = [], [], []
@@ -267,7 +273,7 @@ def _from_owners(owners, compute, zeros, args):
         counted.append(counts)
     if seen:
         _report_work(seen[0], me, sum(counted[1:], counted[0]))
-    return _bucketed_psum(local, axis)
+    return local
 
 
 # Leaves up to this many numbers are summed across devices in one flat buffer per dtype: each
@@ -314,15 +320,31 @@ def update_everywhere(grads, compute, assign, anchor) -> None:
     assign(_on_devices(compute, (grads,)))
 
 
-def update_from_owners(grads, owners, compute, zeros, assign, anchor) -> None:
-    """The optimizer step with each unit's update computed by its owner device only (see
-    above); ``assign(values)`` writes the shared values in the global program."""
+def update_from_owners(grads, step, assign, anchor) -> None:
+    """The optimizer step with the units' work split by owner device (see above):
+    ``step(grads, share)`` runs on every device, inside :func:`_on_devices`, where
+    ``share(owners, compute, zeros, when=None, otherwise=None)`` gives every device
+    ``[compute(k) of device owners[k]]`` (:func:`_from_owners`). With ``when`` (a bool scalar,
+    equal on every device), each ``compute(k)`` is a list of pairs ``(always, sometimes)``:
+    the ``sometimes`` parts are shared only when ``when`` holds (else every device takes
+    ``otherwise()[k]``, a list of its ``sometimes`` parts, and no all-reduce runs for them).
+    ``assign(values)`` writes ``step``'s values in the global program."""
     del anchor
 
-    def shared(grads):
-        return _from_owners(owners, compute, zeros, (grads,))
+    def share(owners, compute, zeros, when=None, otherwise=None):
+        if when is None:
+            return _from_owners(owners, compute, zeros, ())
+        local = _owners_local(owners, compute, zeros, ())
+        axis = _SPLIT_AXIS[-1]
+        always = _bucketed_psum([[a for a, _ in piece] for piece in local], axis)
+        sometimes = jax.lax.cond(
+            jnp.asarray(when),
+            lambda: _bucketed_psum([[b for _, b in piece] for piece in local], axis),
+            otherwise,
+        )
+        return [list(zip(a, b)) for a, b in zip(always, sometimes)]
 
-    assign(_on_devices(shared, (list(grads),)))
+    assign(_on_devices(lambda grads: step(grads, share), (list(grads),)))
 
 
 def make_work_counter(optimizer) -> None:

@@ -245,19 +245,27 @@ def _sum(ctx, values):
     return out
 
 
-def update_from_owners(grads, owners, compute, zeros, assign, anchor) -> None:
-    """The optimizer step with each tensor's update computed by its owner replica only.
+def update_from_owners(grads, step, assign, anchor) -> None:
+    """The optimizer step with the units' work split by owner replica.
 
-    In replica context: the gradients are summed over replicas (as Keras' ``apply`` does), the
-    owner of unit ``k`` (a tensor, or a group of them such as a KFAC layer) computes
-    ``compute(k, reduced gradients)`` (a structure of tensors), every other replica
-    ``zeros(k)``; one all-reduce gives every replica the owners' numbers bit for bit, and
-    ``assign(values)`` writes them on every device.
+    In replica context: the gradients are summed over replicas (as Keras' ``apply`` does) and
+    ``step(reduced gradients, share)`` runs on every replica, where ``share(owners, compute,
+    zeros, when=None, otherwise=None)`` gives every replica ``[compute(k) of replica
+    owners[k]]``: the owner computes piece ``k``, every other replica ``zeros(k)`` (the same
+    structure), and one all-reduce sums them (bit for bit the owner's numbers). With ``when``
+    (the JAX backend shares part of each piece only when it holds) everything is summed on
+    every step: collectives do not run under a condition here, and the owner's numbers are
+    then what ``otherwise`` would give. ``assign(values)`` writes ``step``'s values on every
+    device.
     """
     ctx = tf.distribute.get_replica_context()
     reduced = ctx.all_reduce(tf.distribute.ReduceOp.SUM, list(grads))
-    values = _from_owners(ctx, owners, lambda k: compute(k, reduced), zeros)
-    _merge_assign(ctx, values, assign, anchor)
+
+    def share(owners, compute, zeros, when=None, otherwise=None):
+        del when, otherwise
+        return _from_owners(ctx, owners, compute, zeros)
+
+    _merge_assign(ctx, step(reduced, share), assign, anchor)
 
 
 def _assign_on_devices(strategy, structure, flat, assign, anchor) -> None:
