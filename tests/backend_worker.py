@@ -187,6 +187,15 @@ def data_parallel_split(out):
             weight_decay=1e-3,
             split_preconditioner=split,
         ),
+        # Every kernel with a diagonal mode, three of them row-sparse (first mode diagonal).
+        "tnt_rs": lambda split: keras_tnt.TNT(
+            learning_rate=1e-3,
+            damping=0.1,
+            inverse_update_period=4,
+            weight_decay=1e-3,
+            max_factor_dim=40,
+            split_preconditioner=split,
+        ),
         "shampoo": lambda split: keras_tnt.Shampoo(
             learning_rate=1e-3, damping=1e-3, inverse_update_period=4, split_preconditioner=split
         ),

@@ -300,9 +300,10 @@ def test_jax_data_parallel_on_two_devices_is_the_single_device_run(tmp_path):
 
 def test_jax_split_across_two_devices_is_the_unsplit_run_bit_for_bit(tmp_path):
     """Under keras.distribution.DataParallel on two CPU devices the preconditioner work is split
-    (jax.shard_map: each device computes the units it owns, one psum shares them): TNT,
-    Shampoo and KFAC end bit for bit where the unsplit run ends, equal to one device to 1e-10,
-    and each device's replica_work() shows its share of what one device does alone."""
+    (jax.shard_map: each device computes the units it owns, one psum shares them): TNT (also
+    with row-sparse tensors), Shampoo and KFAC end bit for bit where the unsplit run ends,
+    equal to one device to 1e-10, and each device's replica_work() shows its share of what one
+    device does alone."""
     out = tmp_path / "split.npz"
     _worker(
         "jax",
@@ -311,7 +312,7 @@ def test_jax_split_across_two_devices_is_the_unsplit_run_bit_for_bit(tmp_path):
         XLA_FLAGS="--xla_force_host_platform_device_count=2",
     )
     r = np.load(out)
-    for name in ("tnt", "shampoo", "kfac"):
+    for name in ("tnt", "tnt_rs", "shampoo", "kfac"):
         keys = sorted(k.split("/")[2] for k in r.files if k.startswith(f"{name}/split/"))
         keys.remove("work")
         assert len(keys) > 20, name

@@ -21,12 +21,25 @@ from tests.conftest import mirrored
 from tests.conftest import replica_values
 
 
-def _run(optimizer_cls, split, epochs=2, replicas=2, examples=320, reduction=None, **kwargs):
+def _run(
+    optimizer_cls,
+    split,
+    epochs=2,
+    replicas=2,
+    examples=320,
+    reduction=None,
+    nan_at=None,
+    **kwargs,
+):
     """A float64 64-64-64-64-64 digits autoencoder (4 equal layers), under MirroredStrategy,
-    on the first ``examples`` digits in batches of 80: a warm start and ``epochs`` of fit."""
+    on the first ``examples`` digits in batches of 80: a warm start and ``epochs`` of fit.
+    ``nan_at``: an index of the inputs set to NaN (that batch's gradients are not finite)."""
     from sklearn.datasets import load_digits
 
     x = (load_digits().data / 16.0)[:examples]
+    if nan_at is not None:
+        x = x.copy()
+        x[nan_at] = np.nan
     strategy = mirrored() if replicas == 2 else tf.distribute.get_strategy()
     with strategy.scope():
         inputs = keras.Input((64,), dtype="float64")
@@ -153,6 +166,23 @@ def test_split_is_the_unsplit_run_bit_for_bit(optimizer_cls, kwargs):
         assert kinds[0] == ("layer0/kernel", ["full", "full"])
         assert kinds[1] == ("layer0/bias", ["diagonal"])
         assert ("layer2/bias", []) in kinds
+
+
+@pytest.mark.parametrize("optimizer_cls", [keras_tnt.TNT, keras_tnt.KFAC])
+def test_split_skips_a_batch_with_non_finite_gradients_as_unsplit(optimizer_cls):
+    """A batch whose gradients hold NaN moves nothing (each replica infers that from the
+    owners' skip flags and keeps its momenta); split and unsplit end bit for bit alike, finite."""
+    damping = {"damping": 0.3} if optimizer_cls is keras_tnt.KFAC else {"damping": 0.1}
+    runs = [
+        _run(optimizer_cls, split, epochs=1, nan_at=(100, 5), **damping) for split in (True, False)
+    ]
+    split, unsplit = runs
+    assert split.optimizer.skipped_updates == unsplit.optimizer.skipped_updates > 0
+    assert sum(w[k] for w in split.optimizer.replica_work() for k in _WORK) > 0  # it did split
+    variables = split.optimizer.variables + split.weights
+    for a, b, v in zip(_state(split), _state(unsplit), variables, strict=True):
+        assert np.all(np.isfinite(a)), v.path
+        np.testing.assert_array_equal(a, b, err_msg=v.path)
 
 
 def test_two_replicas_with_sampled_targets_are_the_one_device_run():
