@@ -16,6 +16,12 @@ counts are exact, and TNT's and Adam's are comparable with each other. Usage::
 
     python -m benchmarks.profile_step                                  # digits autoencoder
     python -m benchmarks.profile_step --problem=digits_transformer --top=25
+    python -m benchmarks.profile_step --problem=embedding --steps=40   # benchmarks.memory's
+
+``--problem=mnist_autoencoder`` profiles the paper's MNIST autoencoder at batch 1000 (as
+:mod:`benchmarks.step_time` times it). ``--problem=embedding`` profiles the
+``Embedding(50_000, 512)`` classifier of :mod:`benchmarks.memory` (32 tokens, batch 64,
+synthetic tokens), whose TNT step is row-sparse.
 """
 
 from __future__ import annotations
@@ -33,11 +39,13 @@ from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
 import keras_tnt  # noqa: E402
+from benchmarks import memory  # noqa: E402
 from models import registry  # noqa: E402
 from models import runtime  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("problem", "digits_autoencoder", "digits_autoencoder or digits_transformer.")
+PROBLEMS = ("digits_autoencoder", "digits_transformer", "embedding", "mnist_autoencoder")
+flags.DEFINE_enum("problem", "digits_autoencoder", PROBLEMS, "Which model to profile.")
 flags.DEFINE_integer("steps", 200, "Profiled steps per optimizer.")
 flags.DEFINE_integer("top", 15, "Operation types listed.")
 flags.DEFINE_integer("t1", 1, "TNT's T1.")
@@ -47,9 +55,17 @@ LR = 1e-5  # finite on a repeated batch; the time does not depend on it
 
 
 def _data(problem):
+    import numpy as np
     import tensorflow as tf
     from sklearn.datasets import load_digits
 
+    if problem == "embedding":
+        rng = np.random.default_rng(0)
+        x = rng.integers(0, memory.VOCABULARY, size=(64, 32)).astype("int32")
+        return tf.data.Dataset.from_tensors((x, rng.integers(0, 10, size=64))).repeat()
+    if problem == "mnist_autoencoder":  # synthetic pixels; the time does not depend on them
+        x = np.random.default_rng(0).uniform(0, 1, size=(1000, 784)).astype("float32")
+        return tf.data.Dataset.from_tensors((x, x)).repeat()
     batch = registry.get(problem).batch_size
     digits = load_digits()
     if problem == "digits_autoencoder":
@@ -79,13 +95,16 @@ def profile(problem: str, which: str, steps: int) -> dict:
 
     data = _data(problem)
     keras.utils.set_random_seed(0)
-    spec = registry.get(problem)
-    model = spec.build()
+    if problem == "embedding":
+        model, _ = memory.build("embedding")
+        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    else:
+        model, loss = registry.get(problem).build(), registry.get(problem).loss()
     if which == "tnt":
         optimizer = keras_tnt.TNT(LR, 0.1, 0.9, 0.9, FLAGS.t1, FLAGS.t2)
     else:
         optimizer = keras.optimizers.Adam(LR)
-    model.compile(optimizer=optimizer, loss=spec.loss())
+    model.compile(optimizer=optimizer, loss=loss)
     if which == "tnt":
         model.warm_start(data, steps=5, verbose=0)
     model.fit(data, steps_per_epoch=3, epochs=1, verbose=0)
@@ -141,8 +160,6 @@ def main(argv):
         raise app.UsageError(
             "benchmarks.profile_step reads TensorFlow's profiler: KERAS_BACKEND=tensorflow."
         )
-    if FLAGS.problem not in ("digits_autoencoder", "digits_transformer"):
-        raise app.UsageError("--problem: digits_autoencoder or digits_transformer.")
     results = {w: profile(FLAGS.problem, w, FLAGS.steps) for w in ("adam", "tnt")}
     a, t = results["adam"], results["tnt"]
     print(

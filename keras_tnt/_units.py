@@ -73,18 +73,21 @@ class UnitStepMixin:
             for u in units
         }
 
-    def _refresh(self, u, reads=None):
+    def _refresh(self, u, reads=None, finite=None):
         """``(preconditioners, failed)``: unit ``u``'s refreshed preconditioners (a factor whose
         refresh fails keeps its previous value and counts in ``failed``); ``reads`` as
-        :meth:`_refresh_reads` gives them (None: read here)."""
-        return self._refresh_all([u], reads)[u]
+        :meth:`_refresh_reads` gives them (None: read here). ``finite``: whether the unit's
+        gradients are finite (a bool tensor; where not, every preconditioner keeps its value
+        and nothing counts as failed), or None for finite."""
+        return self._refresh_all([u], reads, None if finite is None else {u: finite})[u]
 
-    def _refresh_all(self, units, reads=None) -> dict:
+    def _refresh_all(self, units, reads=None, finite=None) -> dict:
         """``{unit: (preconditioners, failed)}``: :meth:`_refresh` of every unit of ``units``,
         with the inputs of equal shape, dtype and parameter transformed as one batch (one
         batched factorisation for all ``d x d`` factors of the step, whichever tensor or layer
         they belong to). A member's numbers do not depend on the batch it is in, so a unit
-        refreshed alone (by its owner replica) gets them bit for bit."""
+        refreshed alone (by its owner replica) gets them bit for bit. ``finite``: ``{unit:
+        bool tensor}`` as in :meth:`_refresh`, or None."""
         if reads is None:
             reads = self._refresh_reads(units)
         inputs = {u: self._refresh_inputs(u, reads[u][0]) for u in units}
@@ -100,21 +103,54 @@ class UnitStepMixin:
                 results[u, j] = (value, flag)
         return {
             u: self._refreshed(
-                u, inputs[u], [results[u, j] for j in range(len(inputs[u]))], reads[u][1]
+                u,
+                inputs[u],
+                [results[u, j] for j in range(len(inputs[u]))],
+                reads[u][1],
+                None if finite is None else finite[u],
             )
             for u in units
         }
 
-    def _refreshed(self, u, inputs, results, current):
+    def _refreshed(self, u, inputs, results, current, finite=None):
         """``(preconditioners, failed)`` of unit ``u`` from its refresh inputs, their
         transforms ``[(value, ok)]`` and the ``current`` values of its preconditioner slots:
-        a transform that failed keeps its slot's value."""
+        a transform that failed keeps its slot's value; ``finite`` as in :meth:`_refresh`.
+
+        The selection happens here, in the refresh's branch, so a step that does not refresh
+        passes every slot through untouched (no pass over the factors)."""
         count_dtype = backend.count_dtype()
         preconditioners, failed = [], ops.zeros((), count_dtype)
         for (value, ok), slot in zip(results, current):
-            preconditioners.append(ops.where(ok, value, slot))
+            preconditioners.append(ops.where(self._kept(ok, finite), value, slot))
             failed = failed + ops.cast(ops.logical_not(ok), count_dtype)
+        if finite is not None:
+            failed = ops.where(finite, failed, ops.zeros((), count_dtype))
         return preconditioners, failed
+
+    @staticmethod
+    def _kept(ok, finite):
+        """Whether a transform's value replaces its slot: it succeeded (``ok``) and the unit's
+        gradients are ``finite`` (None: finite)."""
+        return ok if finite is None else ops.logical_and(ok, finite)
+
+    def _finite(self, members, gradients) -> list:
+        """Per member of a unit: whether its gradient, in its variable's dtype, is finite (an
+        ``IndexedSlices``' values only: the rows it does not hold are zero)."""
+        return [
+            ops.all(
+                ops.isfinite(ops.cast(backend.stored_values(g), self._trainable_variables[i].dtype))
+            )
+            for i, g in zip(members, gradients)
+        ]
+
+    @staticmethod
+    def _all(flags):
+        """The logical and of a list of bool tensors."""
+        out = flags[0]
+        for flag in flags[1:]:
+            out = ops.logical_and(out, flag)
+        return out
 
     def _refresh_due(self):
         """Whether this step refreshes the preconditioners (bool tensor)."""
@@ -165,10 +201,18 @@ class UnitStepMixin:
         if owners is None:
 
             def compute_all(reduced):
-                refreshed = self._grouped_refresh(list(work))
+                per_item = gradients(items, reduced)
+                finites = {
+                    u: self._finite(work[u], gs)
+                    for item, grads in zip(items, per_item)
+                    for u, gs in zip(item, grads)
+                }
+                refreshed = self._grouped_refresh(
+                    list(work), {u: self._all(f) for u, f in finites.items()}
+                )
                 return [
-                    self._batch_values(item, work, grads, learning_rate, refreshed)
-                    for item, grads in zip(items, gradients(items, reduced))
+                    self._batch_values(item, work, grads, learning_rate, refreshed, finites)
+                    for item, grads in zip(items, per_item)
                 ]
 
             backend.update_everywhere(grads, compute_all, assign, self._curvature_updates)
@@ -315,23 +359,34 @@ class UnitStepMixin:
                 out.append(groups[key])
         return out
 
-    def _batch_values(self, item, work, gradients, learning_rate, refreshed=None) -> list:
+    def _batch_values(
+        self, item, work, gradients, learning_rate, refreshed=None, finites=None
+    ) -> list:
         """``[_unit_values of each unit of item]``: ``work[u]`` are unit ``u``'s members with a
         gradient, ``gradients`` theirs, per unit; ``refreshed`` as in :meth:`_unit_values`
-        (``{unit: ...}``), or None: refreshed here when due, one condition for the batch."""
+        (``{unit: ...}``), or None: refreshed here when due, one condition for the batch;
+        ``finites``: ``{unit: its members' finite flags}`` (:meth:`_finite`), or None."""
+        if finites is None:
+            finites = {u: self._finite(work[u], g) for u, g in zip(item, gradients)}
         if refreshed is None and len(item) > 1:
-            refreshed = self._grouped_refresh(item)
+            refreshed = self._grouped_refresh(item, {u: self._all(finites[u]) for u in item})
         return [
             self._unit_values(
-                u, work[u], g, learning_rate, None if refreshed is None else refreshed.get(u)
+                u,
+                work[u],
+                g,
+                learning_rate,
+                None if refreshed is None else refreshed.get(u),
+                finites[u],
             )
             for u, g in zip(item, gradients)
         ]
 
-    def _grouped_refresh(self, units) -> dict:
+    def _grouped_refresh(self, units, finite=None) -> dict:
         """``{unit: (preconditioners, failed)}`` for every unit of ``units`` with
         preconditioners: refreshed when due, else as they are, under one ``cond`` (a branch per
-        unit costs TensorFlow about 0.15 s of tracing each)."""
+        unit costs TensorFlow about 0.15 s of tracing each); ``finite`` as in
+        :meth:`_refresh_all`."""
         factored = [u for u in units if self._unit_preconditioners(u)]
         if not factored:
             return {}
@@ -339,7 +394,7 @@ class UnitStepMixin:
         reads = self._refresh_reads(factored)
 
         def refresh():
-            refreshed = self._refresh_all(factored, reads)
+            refreshed = self._refresh_all(factored, reads, finite)
             return [refreshed[u] for u in factored]
 
         values = ops.cond(
@@ -347,7 +402,7 @@ class UnitStepMixin:
         )
         return dict(zip(factored, values))
 
-    def _unit_values(self, u, members, gradients, learning_rate, refreshed=None):
+    def _unit_values(self, u, members, gradients, learning_rate, refreshed=None, finites=None):
         """``(weights, momenta, preconditioners, failed, skipped, grafts)`` of unit ``u``'s
         step, the weights, momenta and skipped flags one per member of ``members`` (those with
         a gradient), ``grafts`` the new graft second moments of the members (empty unless
@@ -356,27 +411,25 @@ class UnitStepMixin:
         them).
 
         ``refreshed``: this step's ``(preconditioners, failed)`` of the unit, computed already
-        (:meth:`_grouped_refresh`), or None: refreshed here when due.
+        with the unit's finite flag (:meth:`_grouped_refresh`), or None: refreshed here when
+        due. ``finites``: the members' :meth:`_finite` flags, or None: computed here.
 
         A member whose gradient is not finite keeps its momentum; then no member of the unit
-        moves and its preconditioners keep their values (selected, not branched: the finite
-        path computes bit for bit what it would alone).
+        moves and its preconditioners keep their values (selected inside the refresh, not
+        branched: the finite path computes bit for bit what it would alone).
         """
         count_dtype = backend.count_dtype()
         zero = ops.zeros((), count_dtype)
         variables = [self._trainable_variables[i] for i in members]
-        momenta, skipped, finites, cast = {}, [], [], []
-        for i, var, gradient in zip(members, variables, gradients):
-            dtype = var.dtype
-            gradient = ops.cast(gradient, dtype)
-            finite = ops.all(ops.isfinite(gradient))
+        if finites is None:
+            finites = self._finite(members, gradients)
+        momenta, skipped, cast = {}, [], []
+        for i, var, gradient, finite in zip(members, variables, gradients, finites):
+            gradient = ops.cast(gradient, var.dtype)
             momenta[i] = self._momentum(i, gradient, finite)
             skipped.append(ops.cast(ops.logical_not(finite), count_dtype))
-            finites.append(finite)
             cast.append(gradient)
-        ok = finites[0]
-        for finite in finites[1:]:
-            ok = ops.logical_and(ok, finite)
+        ok = self._all(finites)
         slots = self._unit_preconditioners(u)
         preconditioners, failed = [], zero
         if slots:
@@ -384,13 +437,12 @@ class UnitStepMixin:
                 reads = self._refresh_reads([u])
                 current = reads[u][1]
                 refreshed = ops.cond(
-                    self._refresh_due(), lambda: self._refresh(u, reads), lambda: (current, zero)
+                    self._refresh_due(),
+                    lambda: self._refresh(u, reads, ok),
+                    lambda: (current, zero),
                 )
-            else:  # refreshed by the caller (_grouped_refresh), which read the statistics
-                current = [ops.convert_to_tensor(p) for p in slots]
-            new, failed = refreshed
-            preconditioners = [ops.where(ok, a, c) for a, c in zip(new, current)]
-            failed = ops.where(ok, failed, zero)
+            preconditioners, failed = refreshed
+            preconditioners = list(preconditioners)
             directions = self._directions(u, momenta, preconditioners)
         else:
             directions = momenta

@@ -478,14 +478,12 @@ class TNT(KroneckerOptimizer):
         decays = self.weight_decay is not None and self._use_weight_decay(var)
         return (tuple(var.shape), self._modes[u], self._diagonal[u], str(var.dtype), decays)
 
-    def _batch_values(self, item, work, gradients, learning_rate, refreshed=None):
+    def _batch_values(self, item, work, gradients, learning_rate, refreshed=None, finites=None):
         """The values of :meth:`_unit_values` for equal-shape tensors, computed as one batch:
         one stacked momentum, finiteness check, selection, direction and weight update for all,
         each tensor's own numbers (its skip, its factors)."""
         if len(item) == 1:
-            return super()._batch_values(item, work, gradients, learning_rate, refreshed)
-        if refreshed is None:
-            refreshed = self._grouped_refresh(item)
+            return super()._batch_values(item, work, gradients, learning_rate, refreshed, finites)
         var = self._trainable_variables[item[0]]
         dtype = var.dtype
         sdtype = statistics_dtype(dtype)
@@ -496,18 +494,21 @@ class TNT(KroneckerOptimizer):
             return ops.reshape(value, (-1,) + (1,) * (len(var.shape)))
 
         g = ops.stack([ops.cast(grads[0], dtype) for grads in gradients])
-        finite = ops.all(ops.isfinite(g), axis=tuple(range(1, len(g.shape))))
+        if finites is None:
+            finite = ops.all(ops.isfinite(g), axis=tuple(range(1, len(g.shape))))
+        else:
+            finite = ops.stack([finites[u][0] for u in item])
+        if refreshed is None:
+            refreshed = self._grouped_refresh(item, dict(zip(item, ops.unstack(finite))))
         current = ops.stack([backend.read_value(self._momenta[u]) for u in item])
         beta = ops.convert_to_tensor(self.momentum, dtype=dtype)
         momenta = ops.where(each(finite), beta * current + g, current)
-        preconditioners = []
-        for j in range(len(modes)):
-            new = ops.stack([backend.read_value(refreshed[u][0][j]) for u in item])
-            old = ops.stack([backend.read_value(self._preconditioners[u][j]) for u in item])
-            flag = ops.reshape(finite, (-1,) + (1,) * (len(new.shape) - 1))
-            preconditioners.append(ops.where(flag, new, old))
-        zero = ops.zeros((len(item),), count_dtype)
-        failed = ops.where(finite, ops.stack([refreshed[u][1] for u in item]), zero)
+        # Selected against `finite` inside the refresh (_refreshed).
+        preconditioners = [
+            ops.stack([backend.read_value(refreshed[u][0][j]) for u in item])
+            for j in range(len(modes))
+        ]
+        failed = ops.stack([refreshed[u][1] for u in item])
         directions = kronecker.batch_precondition(ops.cast(momenta, sdtype), preconditioners, modes)
         lr = ops.cast(learning_rate, dtype)
         old = ops.stack([backend.read_value(self._trainable_variables[u]) for u in item])
@@ -532,25 +533,25 @@ class TNT(KroneckerOptimizer):
             for n in range(len(item))
         ]
 
-    def _refreshed(self, u, inputs, results, current):
+    def _refreshed(self, u, inputs, results, current, finite=None):
         """A row-sparse tensor also keeps the damped factors ``U_i + εI`` of its new inverses
         (the slots after the inverses in ``current``)."""
-        preconditioners, failed = super()._refreshed(u, inputs, results, current)
+        preconditioners, failed = super()._refreshed(u, inputs, results, current, finite)
         damped = current[len(self._preconditioners[u]) :]
         for (factor, _), (_, ok), slot in zip(inputs, results, damped):
             damping = ops.convert_to_tensor(self.damping, dtype=factor.dtype)
             if len(factor.shape) == 2:
                 damping = damping * ops.eye(factor.shape[0], dtype=factor.dtype)
-            preconditioners.append(ops.where(ok, factor + damping, slot))
+            preconditioners.append(ops.where(self._kept(ok, finite), factor + damping, slot))
         return preconditioners, failed
 
     def _local_momenta(self, u):
         # A row-sparse tensor's slot holds its direction, which only its owner computes.
         return not self._row_sparse[u]
 
-    def _unit_values(self, u, members, gradients, learning_rate, refreshed=None):
+    def _unit_values(self, u, members, gradients, learning_rate, refreshed=None, finites=None):
         if not self._row_sparse[u]:
-            return super()._unit_values(u, members, gradients, learning_rate, refreshed)
+            return super()._unit_values(u, members, gradients, learning_rate, refreshed, finites)
         return self._row_sparse_values(u, gradients[0], learning_rate, refreshed)
 
     def _row_sparse_values(self, u, gradient, learning_rate, refreshed):
@@ -590,12 +591,14 @@ class TNT(KroneckerOptimizer):
         if refreshed is None:
             reads = self._refresh_reads([u])
             current = reads[u][1]
-            refreshed = ops.cond(due, lambda: self._refresh(u, reads), lambda: (current, zero))
-        else:  # refreshed by the caller (_grouped_refresh), which read the statistics
+            refreshed = ops.cond(
+                due, lambda: self._refresh(u, reads, finite), lambda: (current, zero)
+            )
+        else:  # refreshed by the caller (_grouped_refresh), which read the statistics and
+            # selected with _finite's flag (the slices' values before their rows are summed)
             current = [ops.convert_to_tensor(p) for p in self._unit_preconditioners(u)]
-        new, failed = refreshed
-        preconditioners = [ops.where(finite, a, c) for a, c in zip(new, current)]
-        failed = ops.where(finite, failed, zero)
+        preconditioners, failed = refreshed
+        preconditioners = list(preconditioners)
         inverses = preconditioners[:k]
 
         def complete(damped):  # every damped factor set (U + εI has a positive diagonal)
@@ -639,15 +642,22 @@ class TNT(KroneckerOptimizer):
             momentum = plus_gradient(previous, None)
             return momentum, kronecker.precondition(momentum, inverses, modes)
 
-        slot, direction = ops.cond(starts, directions, momenta)
-        slot = ops.where(finite, slot, previous)
         lr = ops.cast(learning_rate, dtype)
         old = ops.convert_to_tensor(var)
-        w = old
-        if self.weight_decay is not None and self._use_weight_decay(var):
-            w = w - w * ops.convert_to_tensor(self.weight_decay, dtype=dtype) * lr
-        weights = ops.where(finite, w - lr * ops.cast(direction, dtype), old)
-        momentum = ops.cast(slot, self._momenta[u].dtype)
+        slot_dtype = self._momenta[u].dtype
+
+        def stepped():  # (slot, weights)
+            slot, direction = ops.cond(starts, directions, momenta)
+            w = old
+            if self.weight_decay is not None and self._use_weight_decay(var):
+                w = w - w * ops.convert_to_tensor(self.weight_decay, dtype=dtype) * lr
+            return ops.cast(slot, slot_dtype), w - lr * ops.cast(direction, dtype)
+
+        # A non-finite gradient keeps the slot and the weights (the table's size: no pass over
+        # it on TensorFlow, backend.step_or_keep).
+        momentum, weights = backend.step_or_keep(
+            finite, stepped, lambda: (ops.cast(previous, slot_dtype), old)
+        )
         skipped = ops.cast(ops.logical_not(finite), count_dtype)
         return [weights], [momentum], preconditioners, failed, [skipped], []  # no graft
 

@@ -16,9 +16,9 @@ backend module provides the same names:
   update's units of work are split across replicas, and the two ways of running it (every
   replica computes every unit; each unit's owner computes it and shares it by an all-reduce).
 * ``row_slices(gradient)``, ``scatter_rows(x, rows, values)``, ``stored_values(gradient)``: a
-  gradient that touches few
-  rows (TensorFlow's ``IndexedSlices``) as its distinct rows and their values, for TNT's
-  row-sparse step.
+  gradient that touches few rows (TensorFlow's ``IndexedSlices``) as its distinct rows and
+  their values, for TNT's row-sparse step; ``step_or_keep(finite, step, keep)``: a large
+  tensor's step or its kept values, by a condition (TensorFlow) or a fused select (JAX).
 * ``has_accelerator()``: whether a GPU or TPU is visible (Shampoo picks its root method).
 * ``cholesky(x)``, ``extract_patches(layer, inputs)``: the few kernels ``keras.ops`` does not
   give as the math needs them.

@@ -48,6 +48,7 @@ __all__ = [
     "replica_work",
     "row_slices",
     "scatter_rows",
+    "step_or_keep",
     "stored_values",
     "update_everywhere",
     "split_replicas",
@@ -97,6 +98,13 @@ def row_slices(x):
 
 def scatter_rows(x, rows, values):
     return x.at[rows].add(values)
+
+
+def step_or_keep(finite, step, keep):
+    """``step()`` where the scalar bool ``finite`` holds, else ``keep()``, selected element by
+    element: XLA fuses the select into the step's own loops, where a conditional would stop
+    that fusion (and copy what it passes through)."""
+    return jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), step(), keep())
 
 
 def stored_values(x):

@@ -39,6 +39,7 @@ __all__ = [
     "replica_work",
     "row_slices",
     "scatter_rows",
+    "step_or_keep",
     "stored_values",
     "update_everywhere",
     "split_replicas",
@@ -112,6 +113,13 @@ def row_slices(x):
 def scatter_rows(x, rows, values):
     """``x`` with ``values`` added to its rows ``rows`` (distinct)."""
     return tf.tensor_scatter_nd_add(x, rows[:, None], values)
+
+
+def step_or_keep(finite, step, keep):
+    """``step()`` if the scalar bool ``finite`` holds, else ``keep()`` (equal structures of
+    tensors). Only the branch taken runs: a select would pass over every element of both,
+    which for an embedding table costs more than the step's own work."""
+    return tf.cond(finite, step, keep)
 
 
 def stored_values(x):
