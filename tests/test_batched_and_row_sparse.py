@@ -395,6 +395,9 @@ def test_a_two_mode_tensor_without_factors_takes_the_momentum_step(float64):
 
 
 def test_a_non_finite_row_sparse_gradient_moves_nothing(float64):
+    """The bad step is a refresh step (t < T2 refreshes every T1 = 1 steps) after new
+    statistics: its inverses and damped factors are discarded too, where a finite step changes
+    them."""
     import tensorflow as tf
 
     rng = np.random.default_rng(7)
@@ -404,6 +407,7 @@ def test_a_non_finite_row_sparse_gradient_moves_nothing(float64):
     g, _ = _slices(rng, 10, 3, [1, 2])
     opt.update_curvature([g], [table])
     opt.apply([g], [table])
+    opt.update_curvature([_slices(rng, 10, 3, [3, 5, 6])[0]], [table])
     kept = [v for v in opt.variables if v is not opt.iterations and "skipped" not in v.path]
     before = [np.array(v) for v in kept]
     weights = np.array(table)
@@ -413,6 +417,14 @@ def test_a_non_finite_row_sparse_gradient_moves_nothing(float64):
     assert int(opt.skipped_updates) == 1
     for v, value in zip(kept, before, strict=True):
         np.testing.assert_array_equal(np.array(v), value, err_msg=v.path)
+    assert int(opt.failed_inversions) == 0
+    inverses = [np.array(a) for a in opt.inverses(table)]
+    opt.apply([g], [table])  # finite: this step's refresh moves the inverses
+    moved = [
+        not np.array_equal(np.array(a), b)
+        for a, b in zip(opt.inverses(table), inverses, strict=True)
+    ]
+    assert moved and all(moved)
 
 
 def _embedding_model(cls, seed=3):
