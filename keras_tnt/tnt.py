@@ -554,6 +554,30 @@ class TNT(KroneckerOptimizer):
             return super()._unit_values(u, members, gradients, learning_rate, refreshed, finites)
         return self._row_sparse_values(u, gradients[0], learning_rate, refreshed)
 
+    def _finite(self, members, gradients):
+        """A row-sparse tensor's flag is its step's own (:meth:`_row_sparse_gradient`: its rows
+        summed, in the statistics dtype), so that its refresh and its step skip together."""
+        flags = []
+        for i, g in zip(members, gradients):
+            if self._row_sparse[i]:
+                flags.append(self._row_sparse_gradient(i, g)[2])
+            else:
+                flags.extend(super()._finite([i], [g]))
+        return flags
+
+    def _row_sparse_gradient(self, u, gradient):
+        """``(slices, dense, finite)`` of a row-sparse tensor's gradient: ``(rows, values)`` of an
+        ``IndexedSlices`` (its rows summed) and None, or None and the dense gradient, in the
+        statistics dtype; ``finite``: whether those numbers are finite."""
+        sdtype = statistics_dtype(self._trainable_variables[u].dtype)
+        slices = backend.row_slices(gradient)
+        if slices is None:
+            dense = ops.cast(gradient, sdtype)
+            return None, dense, ops.all(ops.isfinite(dense))
+        rows, values = slices
+        values = ops.cast(values, sdtype)
+        return (rows, values), None, ops.all(ops.isfinite(values))
+
     def _row_sparse_values(self, u, gradient, learning_rate, refreshed):
         r"""The step of a tensor whose first factor is diagonal, in the values of
         :meth:`_unit_values` (docs/algorithm.md §2, "Row-sparse tensors").
@@ -579,14 +603,11 @@ class TNT(KroneckerOptimizer):
         zero = ops.zeros((), count_dtype)
         modes = self._modes[u]
         k = len(modes)
-        slices = backend.row_slices(gradient)
-        if slices is None:
-            dense = ops.cast(gradient, sdtype)
-            finite = ops.all(ops.isfinite(dense))
-        else:
+        # The same numbers as _finite's flag, which a grouped refresh was given (TensorFlow's
+        # graph optimiser computes the repeated operations once).
+        slices, dense, finite = self._row_sparse_gradient(u, gradient)
+        if slices is not None:
             rows, values = slices
-            values = ops.cast(values, sdtype)
-            finite = ops.all(ops.isfinite(values))
         due = self._refresh_due()
         if refreshed is None:
             reads = self._refresh_reads([u])
@@ -594,8 +615,7 @@ class TNT(KroneckerOptimizer):
             refreshed = ops.cond(
                 due, lambda: self._refresh(u, reads, finite), lambda: (current, zero)
             )
-        else:  # refreshed by the caller (_grouped_refresh), which read the statistics and
-            # selected with _finite's flag (the slices' values before their rows are summed)
+        else:  # refreshed by the caller (_grouped_refresh), which read the statistics
             current = [ops.convert_to_tensor(p) for p in self._unit_preconditioners(u)]
         preconditioners, failed = refreshed
         preconditioners = list(preconditioners)

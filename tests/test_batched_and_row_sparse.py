@@ -394,10 +394,12 @@ def test_a_two_mode_tensor_without_factors_takes_the_momentum_step(float64):
     np.testing.assert_allclose(np.array(table), 1 - 0.5 * 2.0)
 
 
-def test_a_non_finite_row_sparse_gradient_moves_nothing(float64):
+@pytest.mark.parametrize("bad", ["nan", "summed_overflow"])
+def test_a_non_finite_row_sparse_gradient_moves_nothing(float64, bad):
     """The bad step is a refresh step (t < T2 refreshes every T1 = 1 steps) after new
     statistics: its inverses and damped factors are discarded too, where a finite step changes
-    them."""
+    them. ``summed_overflow``: every value is finite, but a row given twice sums to inf (as the
+    dense gradient would): the step and its refresh are skipped together."""
     import tensorflow as tf
 
     rng = np.random.default_rng(7)
@@ -411,7 +413,11 @@ def test_a_non_finite_row_sparse_gradient_moves_nothing(float64):
     kept = [v for v in opt.variables if v is not opt.iterations and "skipped" not in v.path]
     before = [np.array(v) for v in kept]
     weights = np.array(table)
-    bad = tf.IndexedSlices(tf.constant([[1.0, np.nan, 0.0]]), tf.constant([4]), (10, 3))
+    if bad == "nan":
+        bad = tf.IndexedSlices(tf.constant([[1.0, np.nan, 0.0]]), tf.constant([4]), (10, 3))
+    else:
+        values = tf.constant(np.array([[1e308, 0.0, 0.0], [1e308, 0.0, 0.0]]))
+        bad = tf.IndexedSlices(values, tf.constant([4, 4]), (10, 3))
     opt.apply([bad], [table])
     np.testing.assert_array_equal(np.array(table), weights)
     assert int(opt.skipped_updates) == 1
