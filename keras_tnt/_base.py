@@ -356,25 +356,34 @@ class KroneckerOptimizer(UnitStepMixin, SavedStateMixin, keras.optimizers.Optimi
             skipped = ops.logical_and(gate, skipped)
 
         def fold():
-            out = []
-            for (count, stats), values in zip(slots, compute()):
-                n = ops.convert_to_tensor(count)
-                first = ops.equal(n, 0)
-                new_stats, weights = [], {}  # the weights once per slot and dtype
-                for var, value in zip(stats, values):
-                    sdtype = var.dtype
-                    if sdtype in weights:
-                        keep, new = weights[sdtype]
-                    elif warm_start:
+            # Every slot's averaging weights at once, per statistics dtype: one vector
+            # operation instead of one per slot (the slots' counts differ only where a
+            # variable had no gradient).
+            weights, counts = {}, []  # dtype -> ([keep per slot], [new per slot]); [counts]
+
+            def weights_of(sdtype):
+                if sdtype not in weights:
+                    if not counts:
+                        counts.append(ops.stack([backend.read_value(c) for c, _ in slots]))
+                    n = counts[0]
+                    first = ops.equal(n, 0)
+                    if warm_start:
                         j = ops.cast(n + 1, sdtype)
-                        keep, new = weights[sdtype] = (j - 1) / j, 1 / j
+                        keep, new = (j - 1) / j, 1 / j
                     else:
                         rho = ops.convert_to_tensor(self.statistics_decay, dtype=sdtype)
                         keep = ops.where(first, ops.zeros_like(rho), rho)
                         new = ops.where(first, ops.ones_like(rho), 1 - rho)
-                        weights[sdtype] = keep, new
+                    weights[sdtype] = ops.unstack(keep), ops.unstack(new)
+                return weights[sdtype]
+
+            out = []
+            for s, ((_, stats), values) in enumerate(zip(slots, compute())):
+                new_stats = []
+                for var, value in zip(stats, values):
+                    keep, new = weights_of(var.dtype)
                     new_stats.append(
-                        keep * ops.convert_to_tensor(var) + new * ops.cast(value, sdtype)
+                        keep[s] * ops.convert_to_tensor(var) + new[s] * ops.cast(value, var.dtype)
                     )
                 out.append(new_stats)
             return out
@@ -384,13 +393,14 @@ class KroneckerOptimizer(UnitStepMixin, SavedStateMixin, keras.optimizers.Optimi
 
         new_values = ops.cond(run, fold, keep)
         count_dtype = backend.count_dtype()
+        runs = ops.cast(run, count_dtype)
         for (count, stats), values in zip(slots, new_values):
             for var, value in zip(stats, values):
                 self.assign(var, value)
-            self.assign_add(count, ops.cast(run, count_dtype))
-        self.assign_add(self._curvature_updates, ops.cast(run, count_dtype))
+            self.assign_add(count, runs)
+        self.assign_add(self._curvature_updates, runs)
         if warm_start:
-            self.assign_add(self._warm_start_batches, ops.cast(run, count_dtype))
+            self.assign_add(self._warm_start_batches, runs)
         self.assign_add(self._skipped_curvature, ops.cast(skipped, count_dtype))
 
     # ------------------------------------------------------------------ apply

@@ -68,7 +68,7 @@ class UnitStepMixin:
         return {
             u: (
                 [backend.read_value(v) for v in self._refresh_variables(u)],
-                [ops.convert_to_tensor(p) for p in self._unit_preconditioners(u)],
+                [backend.read_value(p) for p in self._unit_preconditioners(u)],
             )
             for u in units
         }
@@ -97,42 +97,40 @@ class UnitStepMixin:
                 key = (tuple(value.shape), str(value.dtype), parameter)
                 groups.setdefault(key, []).append((u, j, value))
         results = {}
+        count_dtype = backend.count_dtype()
         for (_, _, parameter), members in groups.items():
             new, ok = self._transform(ops.stack([v for _, _, v in members]), parameter)
-            for (u, j, _), value, flag in zip(members, ops.unstack(new), ops.unstack(ok)):
-                results[u, j] = (value, flag)
+            # Per member, as vectors: whether its value replaces its slot (the transform
+            # succeeded and its unit's gradients are finite) and whether it counts as failed.
+            failed = ops.logical_not(ok)
+            if finite is not None:
+                flags = ops.stack([finite[u] for u, _, _ in members])
+                ok, failed = ops.logical_and(ok, flags), ops.logical_and(failed, flags)
+            kept, failed = ops.unstack(ok), ops.unstack(ops.cast(failed, count_dtype))
+            for (u, j, _), value, keep, fail in zip(members, ops.unstack(new), kept, failed):
+                results[u, j] = (value, keep, fail)
         return {
             u: self._refreshed(
-                u,
-                inputs[u],
-                [results[u, j] for j in range(len(inputs[u]))],
-                reads[u][1],
-                None if finite is None else finite[u],
+                u, inputs[u], [results[u, j] for j in range(len(inputs[u]))], reads[u][1]
             )
             for u in units
         }
 
-    def _refreshed(self, u, inputs, results, current, finite=None):
+    def _refreshed(self, u, inputs, results, current):
         """``(preconditioners, failed)`` of unit ``u`` from its refresh inputs, their
-        transforms ``[(value, ok)]`` and the ``current`` values of its preconditioner slots:
-        a transform that failed keeps its slot's value; ``finite`` as in :meth:`_refresh`.
+        transforms ``[(value, keep, failed)]`` and the ``current`` values of its preconditioner
+        slots: a value replaces its slot where ``keep`` (its transform succeeded and the unit's
+        gradients are finite), ``failed`` (0 or 1) counts a failed transform of a finite step.
 
         The selection happens here, in the refresh's branch, so a step that does not refresh
         passes every slot through untouched (no pass over the factors)."""
-        count_dtype = backend.count_dtype()
-        preconditioners, failed = [], ops.zeros((), count_dtype)
-        for (value, ok), slot in zip(results, current):
-            preconditioners.append(ops.where(self._kept(ok, finite), value, slot))
-            failed = failed + ops.cast(ops.logical_not(ok), count_dtype)
-        if finite is not None:
-            failed = ops.where(finite, failed, ops.zeros((), count_dtype))
+        preconditioners, failed = [], None
+        for (value, keep, fail), slot in zip(results, current):
+            preconditioners.append(ops.where(keep, value, slot))
+            failed = fail if failed is None else failed + fail
+        if failed is None:
+            failed = ops.zeros((), backend.count_dtype())
         return preconditioners, failed
-
-    @staticmethod
-    def _kept(ok, finite):
-        """Whether a transform's value replaces its slot: it succeeded (``ok``) and the unit's
-        gradients are ``finite`` (None: finite)."""
-        return ok if finite is None else ops.logical_and(ok, finite)
 
     def _finite(self, members, gradients) -> list:
         """Per member of a unit: whether its gradient, in its variable's dtype, is finite (an

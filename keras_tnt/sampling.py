@@ -105,7 +105,8 @@ class TargetSampler:
 
 
 def _u32(value):
-    return ops.convert_to_tensor(value & 0xFFFFFFFF, "uint32")
+    # A NumPy word: one uint32 constant (a Python integer converts through a cast).
+    return ops.convert_to_tensor(np.uint32(value & 0xFFFFFFFF), "uint32")
 
 
 def _mix(x):

@@ -533,16 +533,16 @@ class TNT(KroneckerOptimizer):
             for n in range(len(item))
         ]
 
-    def _refreshed(self, u, inputs, results, current, finite=None):
+    def _refreshed(self, u, inputs, results, current):
         """A row-sparse tensor also keeps the damped factors ``U_i + εI`` of its new inverses
         (the slots after the inverses in ``current``)."""
-        preconditioners, failed = super()._refreshed(u, inputs, results, current, finite)
+        preconditioners, failed = super()._refreshed(u, inputs, results, current)
         damped = current[len(self._preconditioners[u]) :]
-        for (factor, _), (_, ok), slot in zip(inputs, results, damped):
+        for (factor, _), (_, keep, _), slot in zip(inputs, results, damped):
             damping = ops.convert_to_tensor(self.damping, dtype=factor.dtype)
             if len(factor.shape) == 2:
                 damping = damping * ops.eye(factor.shape[0], dtype=factor.dtype)
-            preconditioners.append(ops.where(self._kept(ok, finite), factor + damping, slot))
+            preconditioners.append(ops.where(keep, factor + damping, slot))
         return preconditioners, failed
 
     def _local_momenta(self, u):
