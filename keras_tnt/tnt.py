@@ -565,18 +565,33 @@ class TNT(KroneckerOptimizer):
                 flags.extend(super()._finite([i], [g]))
         return flags
 
+    def _backend_update_step(self, grads, trainable_variables, learning_rate):
+        try:
+            super()._backend_update_step(grads, trainable_variables, learning_rate)
+        finally:  # what _row_sparse_gradient kept for this step
+            self.__dict__.pop("_row_sparse_kept", None)
+
     def _row_sparse_gradient(self, u, gradient):
         """``(slices, dense, finite)`` of a row-sparse tensor's gradient: ``(rows, values)`` of an
         ``IndexedSlices`` (its rows summed) and None, or None and the dense gradient, in the
-        statistics dtype; ``finite``: whether those numbers are finite."""
+        statistics dtype; ``finite``: whether those numbers are finite.
+
+        Kept for the rest of the step (:meth:`_finite` asks first, the step after it): the
+        rows are summed once, for this very gradient object."""
+        kept = self.__dict__.setdefault("_row_sparse_kept", {})
+        if u in kept and kept[u][0] is gradient:
+            return kept[u][1]
         sdtype = statistics_dtype(self._trainable_variables[u].dtype)
         slices = backend.row_slices(gradient)
         if slices is None:
             dense = ops.cast(gradient, sdtype)
-            return None, dense, ops.all(ops.isfinite(dense))
-        rows, values = slices
-        values = ops.cast(values, sdtype)
-        return (rows, values), None, ops.all(ops.isfinite(values))
+            out = None, dense, ops.all(ops.isfinite(dense))
+        else:
+            rows, values = slices
+            values = ops.cast(values, sdtype)
+            out = (rows, values), None, ops.all(ops.isfinite(values))
+        kept[u] = (gradient, out)
+        return out
 
     def _row_sparse_values(self, u, gradient, learning_rate, refreshed):
         r"""The step of a tensor whose first factor is diagonal, in the values of
@@ -603,8 +618,7 @@ class TNT(KroneckerOptimizer):
         zero = ops.zeros((), count_dtype)
         modes = self._modes[u]
         k = len(modes)
-        # The same numbers as _finite's flag, which a grouped refresh was given (TensorFlow's
-        # graph optimiser computes the repeated operations once).
+        # The numbers _finite's flag came from (a grouped refresh was given that flag).
         slices, dense, finite = self._row_sparse_gradient(u, gradient)
         if slices is not None:
             rows, values = slices
