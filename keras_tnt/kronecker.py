@@ -202,7 +202,8 @@ def normalize_factors(statistics: Sequence, modes: Sequence[int]) -> list:
     r"""Eq. (5): ``U_i = H_i / (c^{k-1} prod_{j!=i} d_j)`` with ``c = (tr(H_1)/prod d)^{1/k}``.
 
     For ``k = 1`` the factor is returned unchanged. When ``tr(H_1) = 0`` (no statistics yet)
-    every factor is returned as zeros rather than 0/0. A diagonal factor (a vector) has the
+    every factor is returned as zeros rather than 0/0; a NaN trace gives NaN factors (their
+    refresh fails and keeps the previous inverses). A diagonal factor (a vector) has the
     trace of its sum and is scaled the same way, so that the normalisation, and with it the
     meaning of the damping, is the one of the full factor whose diagonal it keeps.
     """

@@ -566,9 +566,11 @@ class TNT(KroneckerOptimizer):
         return flags
 
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
+        # What _row_sparse_gradient keeps for this step only (never across traces).
+        self.__dict__["_row_sparse_kept"] = {}
         try:
             super()._backend_update_step(grads, trainable_variables, learning_rate)
-        finally:  # what _row_sparse_gradient kept for this step
+        finally:
             self.__dict__.pop("_row_sparse_kept", None)
 
     def _row_sparse_gradient(self, u, gradient):
@@ -576,10 +578,10 @@ class TNT(KroneckerOptimizer):
         ``IndexedSlices`` (its rows summed) and None, or None and the dense gradient, in the
         statistics dtype; ``finite``: whether those numbers are finite.
 
-        Kept for the rest of the step (:meth:`_finite` asks first, the step after it): the
-        rows are summed once, for this very gradient object."""
-        kept = self.__dict__.setdefault("_row_sparse_kept", {})
-        if u in kept and kept[u][0] is gradient:
+        Inside :meth:`_backend_update_step` kept for the rest of the step (:meth:`_finite` asks
+        first, the step after it): the rows are summed once, for this very gradient object."""
+        kept = self.__dict__.get("_row_sparse_kept")
+        if kept is not None and u in kept and kept[u][0] is gradient:
             return kept[u][1]
         sdtype = statistics_dtype(self._trainable_variables[u].dtype)
         slices = backend.row_slices(gradient)
@@ -590,7 +592,8 @@ class TNT(KroneckerOptimizer):
             rows, values = slices
             values = ops.cast(values, sdtype)
             out = (rows, values), None, ops.all(ops.isfinite(values))
-        kept[u] = (gradient, out)
+        if kept is not None:
+            kept[u] = (gradient, out)
         return out
 
     def _row_sparse_values(self, u, gradient, learning_rate, refreshed):

@@ -384,6 +384,29 @@ def test_a_failed_factor_keeps_its_inverse_in_the_row_sparse_step(float64):
     assert int(opt.failed_inversions) == 2
 
 
+def test_the_per_variable_hook_steps_a_row_sparse_tensor_in_two_traces(float64):
+    """Keras' per-variable ``update_step`` (not ``apply``) on a row-sparse tensor, traced twice
+    with the same gradient object: each trace computes its own rows (nothing of the first
+    trace's graph is reused in the second), and both steps move the table as the dense step."""
+    import tensorflow as tf
+
+    rows, width, lr = 12, 4, 0.1
+    w0 = np.ones((rows, width))
+    table = keras.Variable(w0, name="table")
+    opt = keras_tnt.TNT(learning_rate=lr, max_factor_dim=8, momentum=0.0)
+    opt.build([table])
+    assert opt._row_sparse == [True]
+    f = np.random.default_rng(3).standard_normal((rows, width))
+    opt.update_curvature([tensor(f)], [table])
+    g = tf.constant(np.full((rows, width), 0.5))
+    tf.function(lambda: opt.update_step(g, table, lr))()
+    after_one = np.array(table)
+    tf.function(lambda: opt.update_step(g, table, lr))()
+    # momentum 0: each step moves by the same preconditioned gradient
+    np.testing.assert_allclose(np.array(table) - after_one, after_one - w0, rtol=1e-12)
+    assert not np.allclose(after_one, w0)
+
+
 def test_a_two_mode_tensor_without_factors_takes_the_momentum_step(float64):
     (table,) = [keras.Variable(np.ones((20, 3)), name="table")]
     opt = keras_tnt.TNT(learning_rate=0.5, max_factor_dim=8, factor_overrides={"table": "none"})

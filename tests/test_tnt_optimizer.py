@@ -853,3 +853,21 @@ def test_wrong_number_of_gradients_raises():
     opt.update_curvature([keras.ops.ones((3, 2)), keras.ops.ones((2,))])
     with pytest.raises(ValueError, match="Received a list of 1 gradients, but the optimizer is"):
         opt.apply([keras.ops.ones((3, 2))])
+
+
+def test_nan_statistics_fail_the_refresh_and_keep_the_inverses():
+    """With ρ = 0 a finite gradient whose contraction overflows (inf on the diagonal) followed by
+    any batch gives NaN statistics (0 · inf); the refresh then fails for every factor, counted,
+    and the inverses keep their values, whichever factor holds the NaN (the first factor's
+    trace, which normalises all of them, included: not zero factors and inverses I/ε)."""
+    w = keras.Variable(np.ones((2, 3), "float32"))
+    opt = keras_tnt.TNT(learning_rate=0.1, statistics_decay=0.0, damping=1e-3)
+    opt.build([w])
+    opt.update_curvature([np.full((2, 3), 1e20, "float32")], [w])
+    opt.update_curvature([np.ones((2, 3), "float32")], [w])
+    assert all(np.isnan(np.array(h)).any() for h in opt.statistics(w))
+    before = [np.array(a) for a in opt.inverses(w)]
+    opt.apply([np.ones((2, 3), "float32")], [w])
+    assert opt.failed_inversions == 2
+    for a, b in zip(opt.inverses(w), before, strict=True):
+        np.testing.assert_array_equal(np.array(a), b)
