@@ -435,7 +435,12 @@ def run_problem(problem):
         # pass, iterative roots) and KFAC (per-layer factors) report measured times only.
         is_tnt = type(c.model.optimizer) is keras_tnt.TNT
         # The count covers Dense and Conv2D layers: not the embedding table or attention.
-        counted = is_tnt and problem in ("autoencoder", "resnet32", "autoencoder_2replicas")
+        counted = is_tnt and problem in (
+            "autoencoder",
+            "resnet32",
+            "autoencoder_2replicas",
+            "digits_autoencoder",
+        )
         macs = arithmetic(c.model, batch, c.t1, c.t2) if counted else {"ratio": float("nan")}
         nbytes = optimizer_bytes(c.model.optimizer)
         print(

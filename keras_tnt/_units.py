@@ -199,6 +199,8 @@ class UnitStepMixin:
         if owners is None:
 
             def compute_all(reduced):
+                # Read once for every unit (a variable, unless a schedule gives a tensor).
+                lr = backend.read_value(learning_rate)
                 per_item = gradients(items, reduced)
                 finites = {
                     u: self._finite(work[u], gs)
@@ -209,7 +211,7 @@ class UnitStepMixin:
                     list(work), {u: self._all(f) for u, f in finites.items()}
                 )
                 return [
-                    self._batch_values(item, work, grads, learning_rate, refreshed, finites)
+                    self._batch_values(item, work, grads, lr, refreshed, finites)
                     for item, grads in zip(items, per_item)
                 ]
 
@@ -267,7 +269,7 @@ class UnitStepMixin:
 
         def kept():
             return [
-                [[ops.convert_to_tensor(p) for p in self._unit_preconditioners(u)] for u in item]
+                [[backend.read_value(p) for p in self._unit_preconditioners(u)] for u in item]
                 for item in items
             ]
 
@@ -329,7 +331,7 @@ class UnitStepMixin:
     def _momentum(self, i, gradient, finite):
         """Variable ``i``'s new momentum ``β m + g`` from its ``gradient`` (in the variable's
         dtype); the old one where the gradient is not ``finite``."""
-        current = ops.convert_to_tensor(self._momenta[i])
+        current = backend.read_value(self._momenta[i])  # one read for both uses
         beta = ops.convert_to_tensor(self.momentum, dtype=gradient.dtype)
         return ops.where(finite, beta * current + gradient, current)
 
@@ -451,7 +453,7 @@ class UnitStepMixin:
         for i, var in zip(members, variables):
             dtype = var.dtype
             lr = ops.cast(learning_rate, dtype)
-            old = ops.convert_to_tensor(var)
+            old = backend.read_value(var)
             w = old
             if self.weight_decay is not None and self._use_weight_decay(var):
                 # Decoupled decay, as Keras applies it, but here so that a skipped update skips it.
@@ -484,7 +486,7 @@ class UnitStepMixin:
             m = momenta[i]
             if self.grafting == "adam":
                 dtype = m.dtype
-                current = ops.convert_to_tensor(self._graft_moments[i])
+                current = backend.read_value(self._graft_moments[i])
                 beta_2 = ops.convert_to_tensor(self.grafting_beta_2, dtype=dtype)
                 g = gradients[n]
                 second = ops.where(finites[n], beta_2 * current + (1 - beta_2) * g * g, current)

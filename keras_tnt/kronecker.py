@@ -215,8 +215,12 @@ def normalize_factors(statistics: Sequence, modes: Sequence[int]) -> list:
     dtype = h0.dtype
     trace = _trace(h0)
     # convert_to_tensor, not cast: ops.cast(1/3, "float64") goes through float32.
-    c = ops.power(trace / ops.cast(size, dtype), ops.convert_to_tensor(1.0 / k, dtype=dtype))
-    power = ops.power(c, ops.cast(k - 1, dtype))
+    # Constants, not casts of Python integers (a cast is an operation per tensor); c^1 is c.
+    c = ops.power(
+        trace / ops.convert_to_tensor(float(size), dtype=dtype),
+        ops.convert_to_tensor(1.0 / k, dtype=dtype),
+    )
+    power = c if k == 2 else ops.power(c, ops.convert_to_tensor(float(k - 1), dtype=dtype))
     # A zero trace (no statistics) gives zeros: h / inf, h being zero there (as every
     # denominator c^{k-1} prod_{j!=i} d_j is positive exactly when c^{k-1} is).
     power = ops.where(power > 0, power, ops.convert_to_tensor(float("inf"), dtype=dtype))

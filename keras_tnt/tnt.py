@@ -633,7 +633,7 @@ class TNT(KroneckerOptimizer):
                 due, lambda: self._refresh(u, reads, finite), lambda: (current, zero)
             )
         else:  # refreshed by the caller (_grouped_refresh), which read the statistics
-            current = [ops.convert_to_tensor(p) for p in self._unit_preconditioners(u)]
+            current = [backend.read_value(p) for p in self._unit_preconditioners(u)]
         preconditioners, failed = refreshed
         preconditioners = list(preconditioners)
         inverses = preconditioners[:k]
