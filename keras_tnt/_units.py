@@ -246,7 +246,9 @@ class UnitStepMixin:
 
         def compute(k):
             item = items[k]
-            values = self._batch_values(item, work, gradients[k], self.learning_rate)
+            # Read once for the batch, as compute_all reads it once for the step.
+            lr = backend.read_value(self.learning_rate)
+            values = self._batch_values(item, work, gradients[k], lr)
             for u, value in zip(item, values):
                 if not self._unit_preconditioners(u):
                     continue
