@@ -49,8 +49,9 @@ class KroneckerOptimizer(UnitStepMixin, SavedStateMixin, keras.optimizers.Optimi
     _curvature_words = CurvatureWords(
         "fisher_gradients", "gradient", "trainable_variables", "trainable variable"
     )
-    # The optimizer-wide counters of `_build_counters`, in no variable's plan entry.
-    _optimizer_counters = 3
+    # The optimizer-wide counters (`_add_step_counters` and `_build_counters`), in no
+    # variable's plan entry.
+    _optimizer_counters = 5
     # Whether a warm start's statistics serve the first step (no fold at t = 0 after one).
     _warm_start_serves_first_step = True
 
@@ -197,15 +198,20 @@ class KroneckerOptimizer(UnitStepMixin, SavedStateMixin, keras.optimizers.Optimi
             return
         entries = self._check_plan(var_list)  # raises before any allocation
         super().build(var_list)
+        # The layout of keras-tnt 0.2 and 0.3, whose states `_restore` converts: per saved
+        # variable, where its value goes (see SavedStateMixin._from_legacy).
+        self._start_legacy_layout()
         # The order of creation is the order of saving: it must never depend on anything but
         # var_list (optimizer state is restored by index).
         self._create_slots(var_list, entries)
         # Last, so that every layout without grafting is the one it always was.
+        start = len(self.variables)
         self._graft_moments = (
             [self.add_variable_from_reference(v, "graft_second_moment") for v in var_list]
             if self.grafting == "adam"
             else []
         )
+        self._kept_in_place(start)
         self._restore_pending()
 
     def _create_slots(self, var_list, entries) -> None:
@@ -215,11 +221,28 @@ class KroneckerOptimizer(UnitStepMixin, SavedStateMixin, keras.optimizers.Optimi
         """A scalar integer slot (int64; int32 on JAX without x64, as Keras' `iterations`)."""
         return self.add_variable((), dtype=backend.count_dtype(), name=name)
 
+    def _add_counts(self, n, name):
+        """A vector of ``n`` integer counters (one slot; a step adds to all of them at once)."""
+        counts = self.add_variable((n,), dtype=backend.count_dtype(), name=name)
+        self._legacy_target(name, counts)
+        return counts
+
+    def _add_step_counters(self):
+        """What the steps count: tensor updates skipped (a non-finite gradient) and failed
+        refreshes, one counter each for the whole optimizer (keras-tnt 0.2 and 0.3 kept one
+        per variable: a step then issued one addition per variable)."""
+        self._skipped_updates = self._add_counter("skipped_updates")
+        self._failed_inversions = self._add_counter("failed_inversions")
+        self._legacy_target("skipped", self._skipped_updates)
+        self._legacy_target("failed", self._failed_inversions)
+
     def _build_counters(self):
         """The optimizer-wide counters."""
+        start = len(self.variables)
         self._curvature_updates = self._add_counter("curvature_updates")
         self._warm_start_batches = self._add_counter("warm_start_batches")
         self._skipped_curvature = self._add_counter("skipped_curvature_updates")
+        self._kept_in_place(start)
         backend.make_work_counter(self)  # not optimizer state
 
     # ------------------------------------------------------------- read-outs
@@ -236,20 +259,17 @@ class KroneckerOptimizer(UnitStepMixin, SavedStateMixin, keras.optimizers.Optimi
     @property
     def skipped_updates(self) -> int:
         """Tensor updates skipped because their gradient was not finite."""
-        return int(sum(int(v.numpy()) for v in self._skipped))
+        return int(self._skipped_updates.numpy())
 
     @property
     def failed_inversions(self) -> int:
         """Refreshes of a factor's inverse (Shampoo: root) that failed (the previous one was
         kept)."""
-        return int(sum(int(v.numpy()) for v in self._failure_counters()))
+        return int(self._failed_inversions.numpy())
 
     @property
     def skipped_curvature_updates(self) -> int:
         return int(self._skipped_curvature.numpy())
-
-    def _failure_counters(self) -> list:
-        raise NotImplementedError
 
     def replica_work(self):
         """What each local replica did in split runs: a list with one dict per replica.
@@ -336,16 +356,17 @@ class KroneckerOptimizer(UnitStepMixin, SavedStateMixin, keras.optimizers.Optimi
                 "for you)."
             )
 
-    def _average_into(self, slots, compute, inputs, gate, warm_start):
-        """Folds one batch into ``slots``, ``[(count variable, [statistic variables])]``.
+    def _average_into(self, counts, slots, compute, inputs, gate, warm_start):
+        """Folds one batch into ``slots``, ``[(position, [statistic variables])]``.
 
-        ``compute()`` gives the batch's values, ``[[value per statistic] per slot]``; it runs
-        only when ``gate`` (a bool tensor, or None for always) holds and every tensor of
-        ``inputs`` is finite (else the batch counts as skipped). Each slot's count is the number
-        of batches its statistics hold. Warm start: the running mean over those batches.
-        Otherwise the moving average with decay ``ρ``, except that a slot's first batch sets its
-        statistics. The branches return values and every assignment happens after them, so the
-        fold also runs in JAX's stateless mode under ``jit``.
+        ``counts``: the vector of per-slot counts (each slot's at its ``position``), the number
+        of batches its statistics hold. ``compute()`` gives the batch's values, ``[[value per
+        statistic] per slot]``; it runs only when ``gate`` (a bool tensor, or None for always)
+        holds and every tensor of ``inputs`` is finite (else the batch counts as skipped). Warm
+        start: the running mean over those batches. Otherwise the moving average with decay
+        ``ρ``, except that a slot's first batch sets its statistics. The branches return values
+        and every assignment happens after them, so the fold also runs in JAX's stateless mode
+        under ``jit``.
         """
         finite = ops.all(
             ops.stack([ops.all(ops.isfinite(backend.stored_values(v))) for v in inputs])
@@ -354,18 +375,23 @@ class KroneckerOptimizer(UnitStepMixin, SavedStateMixin, keras.optimizers.Optimi
         skipped = ops.logical_not(finite)
         if gate is not None:
             skipped = ops.logical_and(gate, skipped)
+        positions = [p for p, _ in slots]
+        count_dtype = backend.count_dtype()
 
         def fold():
             # Every slot's averaging weights at once, per statistics dtype: one vector
             # operation instead of one per slot (the slots' counts differ only where a
             # variable had no gradient).
-            weights, counts = {}, []  # dtype -> ([keep per slot], [new per slot]); [counts]
+            weights, counted = {}, []  # dtype -> ([keep per slot], [new per slot]); [counts]
 
             def weights_of(sdtype):
                 if sdtype not in weights:
-                    if not counts:
-                        counts.append(ops.stack([backend.read_value(c) for c, _ in slots]))
-                    n = counts[0]
+                    if not counted:
+                        n = backend.read_value(counts)
+                        if positions != list(range(counts.shape[0])):
+                            n = ops.take(n, np.asarray(positions, "int32"))
+                        counted.append(n)
+                    n = counted[0]
                     first = ops.equal(n, 0)
                     if warm_start:
                         j = ops.cast(n + 1, sdtype)
@@ -392,12 +418,14 @@ class KroneckerOptimizer(UnitStepMixin, SavedStateMixin, keras.optimizers.Optimi
             return [[ops.convert_to_tensor(var) for var in stats] for _, stats in slots]
 
         new_values = ops.cond(run, fold, keep)
-        count_dtype = backend.count_dtype()
         runs = ops.cast(run, count_dtype)
-        for (count, stats), values in zip(slots, new_values):
+        for (_, stats), values in zip(slots, new_values):
             for var, value in zip(stats, values):
                 self.assign(var, value)
-            self.assign_add(count, runs)
+        # One addition for every slot's count: 1 where a slot took this batch.
+        mask = np.zeros(counts.shape, dtype=count_dtype)
+        mask[positions] = 1
+        self.assign_add(counts, runs * ops.convert_to_tensor(mask))
         self.assign_add(self._curvature_updates, runs)
         if warm_start:
             self.assign_add(self._warm_start_batches, runs)

@@ -49,7 +49,7 @@ def tensor_entry(var, max_factor_dim, overrides, carries_directions=False) -> di
     numbers = sum(d if f == "diagonal" else d * d for d, f in zip(modes, factors, strict=True))
     state = math.prod(shape) * itemsize(var.dtype)  # momentum
     state += 2 * numbers * itemsize(statistics_dtype(var.dtype))  # statistics and inverses
-    state += 3 * itemsize(backend.count_dtype())  # statistics count, skipped, failed
+    state += itemsize(backend.count_dtype())  # its statistics count
     entry = {
         "variable": path,
         "shape": shape,

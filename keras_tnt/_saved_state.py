@@ -11,11 +11,77 @@ from keras_tnt import backend
 
 
 class SavedStateMixin:
-    """Restores by index, all or nothing; keeps a state loaded before the build until then.
+    """Restores by index, all or nothing; keeps a state loaded before the build until then;
+    converts a state saved with the layout of keras-tnt 0.2 and 0.3.
 
     Needs ``self._unbuilt_variable_count`` (the variables an unbuilt optimizer has: iterations
-    and learning rate), set in ``__init__``.
+    and learning rate), set in ``__init__``. The build describes the old layout as it creates
+    the new one (:meth:`_start_legacy_layout`, :meth:`_kept_in_place`, :meth:`_legacy`,
+    :meth:`_legacy_target`): per variable of the old layout, in its order, where its value
+    goes.
+
+    0.4 keeps a step's counters whole: one vector of statistics counts (one per variable or
+    layer) and one counter each for skipped updates and failed refreshes, where 0.2 and 0.3
+    kept a scalar per variable for each (KFAC: per variable and per layer, and a layer flag that
+    was always 0), so that a step adds to each with one operation.
     """
+
+    def _start_legacy_layout(self):
+        """Begins the description (at the start of the build: every variable so far, Keras'
+        own, is where the old layout had it)."""
+        # Plain Python state, never tracked: [(kind, ...)] in the old order.
+        object.__setattr__(self, "_legacy_layout", [])
+        object.__setattr__(self, "_legacy_targets", {})
+        self._kept_in_place(0)
+
+    def _kept_in_place(self, start):
+        """The variables created since index ``start`` are where the old layout had them."""
+        self.__dict__["_legacy_layout"].extend(
+            ("same", k) for k in range(start, len(self.variables))
+        )
+
+    def _legacy(self, *entry):
+        """One old variable: ``("into", target, position)``: element ``position`` of the
+        vector ``target``; ``("sum", target)``: added into the counter ``target``; ``("zero",)``:
+        an old counter that was always 0 (dropped)."""
+        self.__dict__["_legacy_layout"].append(entry)
+
+    def _legacy_target(self, name, variable):
+        self.__dict__["_legacy_targets"][name] = next(
+            k for k, v in enumerate(self.variables) if v is variable
+        )
+
+    def _from_legacy(self, store):
+        """``store`` in today's layout if it holds a state of the old one (every variable's
+        shape as the old layout had it), else None."""
+        layout = self.__dict__.get("_legacy_layout")
+        if layout is None or len(store.keys()) != len(layout):
+            return None
+        targets = self.__dict__["_legacy_targets"]
+        values = [np.array(store[str(i)]) for i in range(len(layout))]
+        out = {}
+        for entry, value in zip(layout, values):
+            kind = entry[0]
+            if kind == "same":
+                if tuple(np.shape(value)) != tuple(self.variables[entry[1]].shape):
+                    return None
+                out[entry[1]] = value
+            elif np.shape(value) != ():
+                return None
+        for entry, value in zip(layout, values):
+            kind = entry[0]
+            if kind in ("into", "sum"):
+                k = targets[entry[1]]
+                target = self.variables[k]
+                if k not in out:
+                    out[k] = np.zeros(tuple(target.shape), dtype=np.dtype(target.dtype))
+                if kind == "into":
+                    out[k][entry[2]] = value
+                else:
+                    out[k] = out[k] + value
+        if sorted(out) != list(range(len(self.variables))):
+            return None
+        return {str(k): v for k, v in out.items()}
 
     def _restore_pending(self):
         """Restores a state loaded before the optimizer was built (the end of ``build``)."""
@@ -86,6 +152,11 @@ class SavedStateMixin:
             for i in range(self._unbuilt_variable_count):
                 self.variables[i].assign(store[str(i)])
             return
+        if len(store.keys()) != len(self.variables) or any(
+            tuple(v.shape) != tuple(np.shape(store[str(i)])) for i, v in enumerate(self.variables)
+        ):
+            # A state saved by keras-tnt 0.2 or 0.3 (a scalar counter per variable).
+            store = self._from_legacy(store) or store
         if len(store.keys()) != len(self.variables):
             raise ValueError(
                 f"Cannot restore optimizer '{self.name}': the saved state has "

@@ -16,8 +16,9 @@ from keras_tnt import backend
 class UnitStepMixin:
     """The update of :class:`~keras_tnt._base.KroneckerOptimizer`, by units of work.
 
-    A subclass defines its units and, per unit, its preconditioner slots, failure counter,
-    refresh and direction; and ``_momenta`` and ``_skipped`` (one slot per variable).
+    A subclass defines its units and, per unit, its preconditioner slots, refresh and
+    direction; and ``_momenta`` (one slot per variable). The step counts skipped updates and
+    failed refreshes in ``_skipped_updates`` and ``_failed_inversions``.
     """
 
     def _units(self) -> list[tuple[int, ...]]:
@@ -31,10 +32,6 @@ class UnitStepMixin:
     def _unit_preconditioners(self, u) -> list:
         """The slots the refresh of unit ``u`` writes (inverses, roots); empty: the plain
         momentum step."""
-        raise NotImplementedError
-
-    def _unit_failures(self, u):
-        """The counter of unit ``u``'s failed refreshes."""
         raise NotImplementedError
 
     def _refresh_variables(self, u) -> list:
@@ -173,7 +170,7 @@ class UnitStepMixin:
         idx = self._get_variable_index(variable)
         u = self._unit_index()[idx]
         values = self._unit_values(u, (idx,), [gradient], learning_rate)
-        self._assign_unit(u, (idx,), values)
+        self._assign_units([(u, (idx,), values)])
 
     def _backend_update_step(self, grads, trainable_variables, learning_rate):
         """Every unit with a gradient, computed by every replica or, split, by its owner only;
@@ -192,9 +189,13 @@ class UnitStepMixin:
             return [[[reduced[position[i]] for i in work[u]] for u in item] for item in items]
 
         def assign(values):
-            for item, item_values in zip(items, values):
-                for u, value in zip(item, item_values):
-                    self._assign_unit(u, work[u], value)
+            self._assign_units(
+                [
+                    (u, work[u], value)
+                    for item, item_values in zip(items, values)
+                    for u, value in zip(item, item_values)
+                ]
+            )
 
         if owners is None:
 
@@ -252,7 +253,7 @@ class UnitStepMixin:
             for u, value in zip(item, values):
                 if not self._unit_preconditioners(u):
                     continue
-                ok = ops.logical_not(ops.any(ops.stack([ops.cast(s, "bool") for s in value[4]])))
+                ok = self._all(value[4])
                 refresh = ops.logical_and(ok, self._refresh_due())
                 count = self._factorizations(u)
                 backend.count_replica_work(
@@ -288,16 +289,15 @@ class UnitStepMixin:
             for u, ((weights, momenta, failed, skipped, grafts), preconditioners) in zip(
                 item, parts
             ):
+                finites = [ops.equal(s, 0) for s in skipped]  # as the owner found them
                 if not momenta:  # computed here: the owner's numbers
                     momenta = [
                         self._momentum(
-                            i,
-                            ops.cast(gradient_of[i], self._trainable_variables[i].dtype),
-                            ops.equal(s, 0),
+                            i, ops.cast(gradient_of[i], self._trainable_variables[i].dtype), f
                         )
-                        for i, s in zip(work[u], skipped)
+                        for i, f in zip(work[u], finites)
                     ]
-                values.append((weights, momenta, preconditioners, failed, skipped, grafts))
+                values.append((weights, momenta, preconditioners, failed, finites, grafts))
             out.append(values)
         return out
 
@@ -307,8 +307,11 @@ class UnitStepMixin:
         return True
 
     def _owner_part(self, u, values):
-        """What the owner of unit ``u`` shares of its :meth:`_unit_values` ``values``."""
-        weights, momenta, _, failed, skipped, grafts = values
+        """What the owner of unit ``u`` shares of its :meth:`_unit_values` ``values`` (its
+        members' finite flags as skip counts, 0 or 1, which the all-reduce can sum)."""
+        weights, momenta, _, failed, finites, grafts = values
+        n = backend.count_dtype()
+        skipped = [ops.cast(ops.logical_not(f), n) for f in finites]
         return weights, [] if self._local_momenta(u) else momenta, failed, skipped, grafts
 
     def _owner_part_zeros(self, u, members):
@@ -405,12 +408,12 @@ class UnitStepMixin:
         return dict(zip(factored, values))
 
     def _unit_values(self, u, members, gradients, learning_rate, refreshed=None, finites=None):
-        """``(weights, momenta, preconditioners, failed, skipped, grafts)`` of unit ``u``'s
-        step, the weights, momenta and skipped flags one per member of ``members`` (those with
-        a gradient), ``grafts`` the new graft second moments of the members (empty unless
-        ``grafting="adam"``). Computes, assigns nothing (:meth:`_assign_unit` does, which JAX's
-        stateless mode needs, and which lets the replica that owns a unit compute it for all of
-        them).
+        """``(weights, momenta, preconditioners, failed, finites, grafts)`` of unit ``u``'s
+        step, the weights, momenta and finite flags (whether its gradient was finite: else its
+        update is skipped) one per member of ``members`` (those with a gradient), ``grafts``
+        the new graft second moments of the members (empty unless ``grafting="adam"``).
+        Computes, assigns nothing (:meth:`_assign_units` does, which JAX's stateless mode
+        needs, and which lets the replica that owns a unit compute it for all of them).
 
         ``refreshed``: this step's ``(preconditioners, failed)`` of the unit, computed already
         with the unit's finite flag (:meth:`_grouped_refresh`), or None: refreshed here when
@@ -425,11 +428,10 @@ class UnitStepMixin:
         variables = [self._trainable_variables[i] for i in members]
         if finites is None:
             finites = self._finite(members, gradients)
-        momenta, skipped, cast = {}, [], []
+        momenta, cast = {}, []
         for i, var, gradient, finite in zip(members, variables, gradients, finites):
             gradient = ops.cast(gradient, var.dtype)
             momenta[i] = self._momentum(i, gradient, finite)
-            skipped.append(ops.cast(ops.logical_not(finite), count_dtype))
             cast.append(gradient)
         ok = self._all(finites)
         slots = self._unit_preconditioners(u)
@@ -462,7 +464,7 @@ class UnitStepMixin:
                 wd = ops.convert_to_tensor(self.weight_decay, dtype=dtype)
                 w = w - w * wd * lr
             weights.append(ops.where(ok, w - lr * ops.cast(directions[i], dtype), old))
-        return weights, [momenta[i] for i in members], preconditioners, failed, skipped, grafts
+        return weights, [momenta[i] for i in members], preconditioners, failed, finites, grafts
 
     def _grafted(self, members, gradients, finites, momenta, directions):
         r"""``({variable index: grafted direction}, [new graft second moment per member])``.
@@ -508,21 +510,32 @@ class UnitStepMixin:
             out[i] = direction * ops.cast(ratio, sdtype)
         return out, grafts
 
-    def _assign_unit(self, u, members, values):
-        weights, momenta, preconditioners, failed, skipped, grafts = values
-        for i, m in zip(members, momenta):
-            self.assign(self._momenta[i], m)
-        for i, v in zip(members, grafts):
-            self.assign(self._graft_moments[i], v)
-        slots = self._unit_preconditioners(u)
-        for slot, value in zip(slots, preconditioners):
-            self.assign(slot, value)
-        if slots:
-            self.assign_add(self._unit_failures(u), failed)
-        for i, flag in zip(members, skipped):
-            self.assign_add(self._skipped[i], flag)
-        for i, w in zip(members, weights):
-            self.assign(self._trainable_variables[i], w)
+    def _assign_units(self, assigned):
+        """Assigns the steps of units, ``[(unit, members, values)]`` with ``values`` as
+        :meth:`_unit_values` gives them, and adds their failed refreshes and skipped updates to
+        the two counters, one addition each."""
+        failures, finites = [], []
+        for u, members, values in assigned:
+            weights, momenta, preconditioners, failed, flags, grafts = values
+            for i, m in zip(members, momenta):
+                self.assign(self._momenta[i], m)
+            for i, v in zip(members, grafts):
+                self.assign(self._graft_moments[i], v)
+            slots = self._unit_preconditioners(u)
+            for slot, value in zip(slots, preconditioners):
+                self.assign(slot, value)
+            if slots:
+                failures.append(failed)
+            finites.extend(flags)
+            for i, w in zip(members, weights):
+                self.assign(self._trainable_variables[i], w)
+        if failures:
+            total = failures[0] if len(failures) == 1 else ops.sum(ops.stack(failures))
+            self.assign_add(self._failed_inversions, total)
+        if finites:
+            flags = finites[0] if len(finites) == 1 else ops.stack(finites)
+            skipped = ops.sum(ops.cast(ops.logical_not(flags), backend.count_dtype()))
+            self.assign_add(self._skipped_updates, skipped)
 
     # ------------------------------------------------------ who computes what
 

@@ -64,7 +64,6 @@ from keras_tnt._capture import capture_layers  # noqa: F401 (part of the KFAC AP
 from keras_tnt._layers import LayerBlock
 from keras_tnt._variables import first_override
 from keras_tnt._variables import itemsize
-from keras_tnt._variables import slot_prefix
 from keras_tnt._variables import statistics_dtype
 from keras_tnt._variables import variable_path
 
@@ -153,8 +152,9 @@ class KFAC(KroneckerOptimizer):
     _curvature_words = CurvatureWords(
         "layer_statistics", "(inputs, preactivation_gradients) pair", "layers", "factored layer"
     )
-    # The three optimizer-wide counters and KFAC's one `failed_inversions` counter.
-    _optimizer_counters = 4
+    # The optimizer-wide counters (skipped updates, failed inversions and the three of the
+    # base); each layer's count is in the plan entry of its kernel.
+    _optimizer_counters = 5
     # The factors are folded at every t % T1 == 0, t = 0 after a warm start included.
     _warm_start_serves_first_step = False
 
@@ -252,8 +252,8 @@ class KFAC(KroneckerOptimizer):
                     "modes": (),
                     "factors": [],
                     "override": override if override == "none" else None,
-                    # momentum and the skipped-step counter
-                    "state_bytes": math.prod(shape) * itemsize(var.dtype) + counter,
+                    # momentum
+                    "state_bytes": math.prod(shape) * itemsize(var.dtype),
                 }
             )
         for block in blocks:
@@ -268,8 +268,8 @@ class KFAC(KroneckerOptimizer):
                 layer=block.layer.name,
                 note=f"A x G of layer {block.layer.name}",
             )
-            # factors and inverses, and the layer's two counters (batches folded, flag)
-            kernel["state_bytes"] += 2 * numbers * size + 2 * counter
+            # factors and inverses, and the layer's count of batches folded
+            kernel["state_bytes"] += 2 * numbers * size + counter
             if block.bias_index is not None:
                 entries[block.bias_index].update(
                     override=block.override,
@@ -308,17 +308,21 @@ class KFAC(KroneckerOptimizer):
 
     def _create_slots(self, var_list, entries):
         del entries
+        start = len(self.variables)
         self._momenta = [self.add_variable_from_reference(v, "momentum") for v in var_list]
-        self._skipped = [self._add_counter(f"{slot_prefix(v)}_skipped") for v in var_list]
-        self._failed_inversions = self._add_counter("failed_inversions")
+        self._kept_in_place(start)
+        # 0.2 and 0.3 kept a skipped counter per variable here.
+        for _ in var_list:
+            self._legacy("sum", "skipped")
+        self._legacy("sum", "failed")
+        self._add_step_counters()
         self._build_counters()
         self._blocks, reasons = self._find_blocks(var_list)
         self._unfactored = _layers.unfactored_layers(self._layers, var_list, self._blocks, reasons)
         self._factors = []
         self._factor_inverses = []
-        self._block_counts = []
-        self._block_flags = []
-        for block in self._blocks:
+        for b, block in enumerate(self._blocks):
+            start = len(self.variables)
             sdtype = statistics_dtype(var_list[block.kernel_index].dtype)
             name = block.layer.name
             shapes = [
@@ -337,20 +341,19 @@ class KFAC(KroneckerOptimizer):
                     for shape, f in zip(shapes, "AG")
                 ]
             )
-            # Batches folded into the layer's factors (the first one sets them).
-            self._block_counts.append(self._add_counter(f"{name}_factor_count"))
-            # In 0.2, a flag between the updates of a layer's kernel and bias; a layer now
-            # moves as one unit. Kept (always 0) so that saved states keep their layout.
-            self._block_flags.append(self._add_counter(f"{name}_flag"))
-
-    def _failure_counters(self):
-        return [self._failed_inversions]
+            # 0.2 and 0.3 kept the layer's count here, and a flag between the updates of its
+            # kernel and bias (always 0 since a layer moves as one unit).
+            self._kept_in_place(start)
+            self._legacy("into", "factor_counts", b)
+            self._legacy("zero")
+        # Batches folded into each layer's factors (the first one sets them).
+        self._block_counts = self._add_counts(len(self._blocks), "factor_counts")
 
     # ------------------------------------------------------------- read-outs
 
     def factor_count(self, layer) -> int:
         """How many batches have been folded into the factors of one factored layer."""
-        return int(self._block_counts[self._block_index(layer)].numpy())
+        return int(self._block_counts.numpy()[self._block_index(layer)])
 
     def factors(self, layer) -> list:
         """The factors ``[A, G]`` of a factored layer."""
@@ -424,9 +427,9 @@ class KFAC(KroneckerOptimizer):
         def fold(sums, gate):
             total = ops.maximum(sums[-1], ops.ones((), dtype=sums[-1].dtype))
             factors = [f / ops.cast(total, f.dtype) for f in sums[:-1]]
-            slots = [(self._block_counts[b], self._factors[b]) for b in blocks]
+            slots = [(b, self._factors[b]) for b in blocks]
             values = [factors[2 * k : 2 * k + 2] for k in range(len(blocks))]
-            self._average_into(slots, lambda: values, factors, gate, warm_start)
+            self._average_into(self._block_counts, slots, lambda: values, factors, gate, warm_start)
 
         backend.fold_across_replicas(local, self._curvature_updates, fold, condition=condition)
 
@@ -452,9 +455,6 @@ class KFAC(KroneckerOptimizer):
 
     def _unit_preconditioners(self, u):
         return self._factor_inverses[u] if u < len(self._blocks) else []
-
-    def _unit_failures(self, u):
-        return self._failed_inversions
 
     def _refresh_due(self):
         """``(t <= T2 and t % T1 == 0) or t % T2 == 0`` (bool tensor)."""

@@ -240,12 +240,10 @@ class TNT(KroneckerOptimizer):
         self._momenta = []
         self._statistics = []
         self._preconditioners = []
-        self._counts = []
-        self._skipped = []
-        self._variable_failures = []
         self._row_sparse = []
         self._damped = []
-        for var, entry in zip(var_list, entries):
+        for index, (var, entry) in enumerate(zip(var_list, entries)):
+            start = len(self.variables)
             modes = entry["modes"]
             diagonal = tuple(f == "diagonal" for f in entry["factors"])
             shapes = [(d,) if diag else (d, d) for d, diag in zip(modes, diagonal)]
@@ -281,14 +279,15 @@ class TNT(KroneckerOptimizer):
                 if row_sparse
                 else []
             )
-            # Batches folded into this variable's statistics (the first one sets them).
-            self._counts.append(self._add_counter(f"{prefix}_statistics_count"))
-            self._skipped.append(self._add_counter(f"{prefix}_skipped"))
-            self._variable_failures.append(self._add_counter(f"{prefix}_failed"))
+            # 0.2 and 0.3 kept three counters here: its statistics count, skipped, failed.
+            self._kept_in_place(start)
+            self._legacy("into", "statistics_counts", index)
+            self._legacy("sum", "skipped")
+            self._legacy("sum", "failed")
+        # Batches folded into each variable's statistics (the first one sets them).
+        self._counts = self._add_counts(len(var_list), "statistics_counts")
+        self._add_step_counters()
         self._build_counters()
-
-    def _failure_counters(self):
-        return self._variable_failures
 
     # ------------------------------------------------------------- read-outs
 
@@ -303,7 +302,7 @@ class TNT(KroneckerOptimizer):
 
     def statistics_count(self, variable) -> int:
         """How many batches have been folded into the statistics of one trainable variable."""
-        return int(self._counts[self._get_variable_index(variable)].numpy())
+        return int(self._counts.numpy()[self._get_variable_index(variable)])
 
     # ------------------------------------------------------------- curvature
 
@@ -346,7 +345,7 @@ class TNT(KroneckerOptimizer):
             # (An IndexedSlices is made dense for the division.)
             grads = [ops.convert_to_tensor(g) / self.loss_scale_factor for g in grads]
         factored = [i for i in indices if self._modes[i]]  # not plain momentum
-        slots = [(self._counts[i], self._statistics[i]) for i in factored]
+        slots = [(i, self._statistics[i]) for i in factored]
         position = {i: k for k, i in enumerate(indices)}
         owners = self._owners()
         items = self._batched(factored, owners)
@@ -365,6 +364,7 @@ class TNT(KroneckerOptimizer):
 
             def fold(local_grads, gate):
                 self._average_into(
+                    self._counts,
                     slots,
                     lambda: in_order([contract(item, local_grads) for item in items]),
                     local_grads,
@@ -389,7 +389,9 @@ class TNT(KroneckerOptimizer):
 
         def fold_shared(local_grads, gate, shared):
             contractions = in_order(shared)
-            self._average_into(slots, lambda: contractions, local_grads, gate, warm_start)
+            self._average_into(
+                self._counts, slots, lambda: contractions, local_grads, gate, warm_start
+            )
 
         backend.fold_across_replicas(
             grads,
@@ -441,9 +443,6 @@ class TNT(KroneckerOptimizer):
     def _factorizations(self, u):
         return len(self._preconditioners[u])
 
-    def _unit_failures(self, u):
-        return self._variable_failures[u]
-
     def _refresh_due(self):
         """Refresh every T1 steps while t < T2, then every T2 steps (bool tensor)."""
         t = self.iterations
@@ -488,7 +487,6 @@ class TNT(KroneckerOptimizer):
         dtype = var.dtype
         sdtype = statistics_dtype(dtype)
         modes = self._modes[item[0]]
-        count_dtype = backend.count_dtype()
 
         def each(value):  # a per-tensor flag against a stacked value
             return ops.reshape(value, (-1,) + (1,) * (len(var.shape)))
@@ -516,10 +514,8 @@ class TNT(KroneckerOptimizer):
         if self.weight_decay is not None and self._use_weight_decay(var):
             w = w - w * ops.convert_to_tensor(self.weight_decay, dtype=dtype) * lr
         weights = ops.where(each(finite), w - lr * ops.cast(directions, dtype), old)
-        skipped = ops.cast(ops.logical_not(finite), count_dtype)
-        weights, momenta, failed, skipped = (
-            ops.unstack(x) for x in (weights, momenta, failed, skipped)
-        )
+        flags = ops.unstack(finite) if finites is None else [finites[u][0] for u in item]
+        weights, momenta, failed = (ops.unstack(x) for x in (weights, momenta, failed))
         preconditioners = [ops.unstack(p) for p in preconditioners]
         return [
             (
@@ -527,7 +523,7 @@ class TNT(KroneckerOptimizer):
                 [momenta[n]],
                 [p[n] for p in preconditioners],
                 failed[n],
-                [skipped[n]],
+                [flags[n]],
                 [],  # no graft: grafting steps every tensor alone (_batch_key)
             )
             for n in range(len(item))
@@ -695,8 +691,7 @@ class TNT(KroneckerOptimizer):
         momentum, weights = backend.step_or_keep(
             finite, stepped, lambda: (ops.cast(previous, slot_dtype), old)
         )
-        skipped = ops.cast(ops.logical_not(finite), count_dtype)
-        return [weights], [momentum], preconditioners, failed, [skipped], []  # no graft
+        return [weights], [momentum], preconditioners, failed, [finite], []  # no graft
 
     def _directions(self, u, momenta, preconditioners):
         """``m ×_1 A_1 ×_2 ... ×_k A_k`` of tensor ``u``."""

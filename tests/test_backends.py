@@ -289,7 +289,7 @@ def test_jax_data_parallel_on_two_devices_is_the_single_device_run(tmp_path):
     r = np.load(out)
     assert set(r["devices"]) == {2}  # every optimizer variable lives on both devices
     single = sorted((k for k in r.files if k.startswith("single/")), key=lambda k: k.split("/")[1])
-    assert len(single) > 60
+    assert len(single) > 45  # weights, the step counter, momenta, factors, counts...
     assert r["single/loss"][-1] < 0.7 * r["single/loss"][0]
     for key in single:
         a, b = r[key].astype(float), r["parallel/" + key.split("/", 1)[1]].astype(float)

@@ -146,8 +146,9 @@ def test_plan_bytes_are_the_allocated_bytes_and_the_default_keeps_vgg_widths_ful
     opt.build(variables)
     for i, entry in enumerate(entries):
         slots = [opt._momenta[i], *opt._statistics[i], *opt._preconditioners[i]]
-        slots += [*opt._damped[i], opt._counts[i], opt._skipped[i], opt._variable_failures[i]]
+        slots += [*opt._damped[i]]
         allocated = sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in slots)
+        allocated += np.dtype(opt._counts.dtype).itemsize  # its element of the counts vector
         assert entry["state_bytes"] == allocated, entry["variable"]
     # The bound's diagonal factors: 4097 + 5000 numbers instead of 4097² + 5000².
     assert [tuple(h.shape) for h in opt.statistics(wide)] == [(4096, 4096), (4097,)]
@@ -321,10 +322,9 @@ def test_kfac_plan_bound_and_bytes_are_the_allocated_bytes():
         opt.build(small.trainable_variables)
     assert [tuple(f.shape) for f in opt.factors(small.layers[1])] == [(13,), (9,)]
     assert [tuple(f.shape) for f in opt.factors(small.layers[2])] == [(10,), (7, 7)]
-    slots = [*opt._momenta, *opt._skipped]
+    slots = [*opt._momenta, opt._block_counts]
     for b in range(len(opt.blocks)):
         slots += [*opt._factors[b], *opt._factor_inverses[b]]
-        slots += [opt._block_counts[b], opt._block_flags[b]]
     allocated = sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in slots)
     assert sum(e["state_bytes"] for e in entries) == allocated
     assert "A x G of layer kfac_plan_dense0" in opt.describe_plan()
