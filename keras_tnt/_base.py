@@ -35,12 +35,13 @@ CurvatureWords = collections.namedtuple("CurvatureWords", ["values", "value", "k
 class KroneckerOptimizer(UnitStepMixin, SavedStateMixin, keras.optimizers.Optimizer):
     """The shared machinery of the Kronecker-factored optimizers (not used directly).
 
-    A subclass creates its slots in :meth:`_create_slots` (calling :meth:`_build_counters` at
-    its place in the saved order) and defines its plan (:meth:`_plan_entries`), its statistics
-    fold (:meth:`_fold`), its failure counters and its units (:class:`~keras_tnt._units.
-    UnitStepMixin`: :meth:`_units`, :meth:`_unit_costs`, :meth:`_unit_preconditioners`,
-    :meth:`_unit_failures`, :meth:`_refresh`, :meth:`_refresh_due`, :meth:`_directions`).
-    Saving and restoring: :class:`~keras_tnt._saved_state.SavedStateMixin`.
+    A subclass creates its slots in :meth:`_create_slots` (calling :meth:`_add_step_counters`
+    and :meth:`_build_counters` at their place in the saved order, and describing the layout of
+    keras-tnt 0.2 and 0.3 as it goes) and defines its plan (:meth:`_plan_entries`), its
+    statistics fold (:meth:`_fold`) and its units (:class:`~keras_tnt._units.UnitStepMixin`:
+    :meth:`_units`, :meth:`_unit_costs`, :meth:`_unit_preconditioners`, :meth:`_refresh`,
+    :meth:`_refresh_due`, :meth:`_directions`). Saving and restoring:
+    :class:`~keras_tnt._saved_state.SavedStateMixin`.
     """
 
     # What `update_curvature` takes: one sampled-label gradient per variable ("gradients"), or
@@ -423,7 +424,7 @@ class KroneckerOptimizer(UnitStepMixin, SavedStateMixin, keras.optimizers.Optimi
             for var, value in zip(stats, values):
                 self.assign(var, value)
         # One addition for every slot's count: 1 where a slot took this batch.
-        mask = np.zeros(counts.shape, dtype=count_dtype)
+        mask = np.zeros(counts.shape, dtype=keras.backend.standardize_dtype(counts.dtype))
         mask[positions] = 1
         self.assign_add(counts, runs * ops.convert_to_tensor(mask))
         self.assign_add(self._curvature_updates, runs)

@@ -60,6 +60,9 @@ class SavedStateMixin:
         targets = self.__dict__["_legacy_targets"]
         values = [np.array(store[str(i)]) for i in range(len(layout))]
         out = {}
+        for k in targets.values():  # zeros, then the old counters added in (none: stays empty)
+            target = self.variables[k]
+            out[k] = np.zeros(tuple(target.shape), dtype=np.dtype(target.dtype))
         for entry, value in zip(layout, values):
             kind = entry[0]
             if kind == "same":
@@ -72,9 +75,6 @@ class SavedStateMixin:
             kind = entry[0]
             if kind in ("into", "sum"):
                 k = targets[entry[1]]
-                target = self.variables[k]
-                if k not in out:
-                    out[k] = np.zeros(tuple(target.shape), dtype=np.dtype(target.dtype))
                 if kind == "into":
                     out[k][entry[2]] = value
                 else:

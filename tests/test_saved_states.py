@@ -80,3 +80,67 @@ def _trains_as_it_did(model, data, reference, name):
         want = converted[str(i)]
         assert tuple(v.shape) == want.shape, v.path
         np.testing.assert_allclose(np.array(v), want, rtol=1e-12, atol=1e-14, err_msg=v.path)
+
+
+def _dense_model(name):
+    inputs = keras.Input((3,))
+    h = keras.layers.Dense(4, name=f"{name}_a")(inputs)
+    outputs = keras.layers.Dense(2, name=f"{name}_b")(h)
+    return keras_tnt.FisherModel(inputs, outputs, name=name)
+
+
+def _restored(optimizer, old):
+    optimizer.load_own_variables({str(i): v for i, v in enumerate(old)})
+    return optimizer
+
+
+def test_a_tnt_state_of_the_per_variable_layout_converts():
+    """A state laid out as 0.2 and 0.3 laid it out (per variable: momentum, statistics,
+    inverses, then its statistics count, skipped and failed counters; then the three
+    optimizer-wide counters), written by hand: every value lands where it belongs."""
+    model = _dense_model("legacy_tnt")
+    model.compile(optimizer=keras_tnt.TNT(learning_rate=0.01), loss="mse")
+    opt = model.optimizer
+    opt.build(model.trainable_variables)
+    rng = np.random.default_rng(0)
+    old, want = [np.int64(5), np.float32(0.01)], {}
+    for i in range(len(model.trainable_variables)):
+        slots = [opt._momenta[i], *opt._statistics[i], *opt._preconditioners[i]]
+        for slot in slots:
+            value = rng.normal(size=tuple(slot.shape)).astype(slot.dtype)
+            old.append(value)
+            want[slot.path] = value
+        old += [np.int64(10 + i), np.int64(i), np.int64(2 * i)]  # count, skipped, failed
+    old += [np.int64(13), np.int64(0), np.int64(4)]
+    _restored(opt, old)
+    for slot in opt.variables:
+        if slot.path in want:
+            np.testing.assert_array_equal(np.array(slot), want[slot.path], err_msg=slot.path)
+    assert int(opt.iterations.numpy()) == 5
+    counts = [opt.statistics_count(v) for v in model.trainable_variables]
+    assert counts == [10, 11, 12, 13]
+    assert opt.skipped_updates == 0 + 1 + 2 + 3 and opt.failed_inversions == 0 + 2 + 4 + 6
+    assert opt.curvature_updates == 13 and opt.skipped_curvature_updates == 4
+
+
+def test_a_kfac_state_without_factored_layers_converts():
+    """KFAC with every layer left plain (no factors, an empty vector of layer counts): a state
+    of the old layout (momenta, a skipped counter per variable, the failures, the three
+    optimizer-wide counters) still converts."""
+    model = _dense_model("legacy_kfac")
+    opt = keras_tnt.KFAC(learning_rate=0.01, factor_overrides={".*": "none"})
+    model.compile(optimizer=opt, loss="mse")
+    with pytest.warns(UserWarning, match="not Kronecker-factored"):
+        opt.build(model.trainable_variables)
+    assert tuple(opt._block_counts.shape) == (0,)
+    rng = np.random.default_rng(1)
+    momenta = [rng.normal(size=tuple(v.shape)).astype("float32") for v in opt._momenta]
+    old = [np.int64(7), np.float32(0.01), *momenta]
+    old += [np.int64(k) for k in (1, 0, 2, 0)]  # skipped, per variable
+    old += [np.int64(3), np.int64(7), np.int64(0), np.int64(1)]  # failed, then the three
+    _restored(opt, old)
+    for slot, value in zip(opt._momenta, momenta, strict=True):
+        np.testing.assert_array_equal(np.array(slot), value)
+    assert int(opt.iterations.numpy()) == 7 and opt.skipped_updates == 3
+    assert opt.failed_inversions == 3 and opt.curvature_updates == 7
+    assert opt.skipped_curvature_updates == 1
