@@ -53,20 +53,27 @@ def model(name):
     return net
 
 
-def main():
-    x, y = data()
+def write(optimizers, build, data, prefix, next_name):
+    """For each name of ``optimizers``: ``build(name)`` trained 6 steps on ``data``, saved as
+    ``{prefix}{name}.keras``; its weights and optimizer variables after 3 more steps, all in
+    ``next_name`` (an .npz)."""
+    x, y = data
     nexts = {}
-    for name in OPTIMIZERS:
-        net = model(name)
+    for name in optimizers:
+        net = build(name)
         net.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0)  # 6 steps
-        net.save(os.path.join(HERE, f"saved_state_{name}.keras"))
+        net.save(os.path.join(HERE, f"{prefix}{name}.keras"))
         net.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)  # 3 more
         for i, w in enumerate(net.get_weights()):
             nexts[f"{name}/weight_{i}"] = w
         for i, v in enumerate(net.optimizer.variables):
             nexts[f"{name}/optimizer_{i}"] = np.array(v)
-    np.savez(os.path.join(HERE, "saved_state_next.npz"), **nexts)
-    print(f"wrote {len(OPTIMIZERS)} .keras files and saved_state_next.npz to {HERE}")
+    np.savez(os.path.join(HERE, next_name), **nexts)
+    print(f"wrote {len(optimizers)} .keras files and {next_name} to {HERE}")
+
+
+def main():
+    write(OPTIMIZERS, model, data(), "saved_state_", "saved_state_next.npz")
 
 
 if __name__ == "__main__":

@@ -13,13 +13,14 @@ import sys
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import keras  # noqa: E402
+import make_saved_states  # noqa: E402  (its writer: the same runs, saved the same way)
 import numpy as np  # noqa: E402
 
 import keras_tnt  # noqa: E402
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 VOCABULARY = 40
 OPTIMIZERS = {
     # max_factor_dim=16: the 40-row embedding's first factor is diagonal (the row-sparse step)
@@ -60,19 +61,9 @@ def model(name):
 
 
 def main():
-    x, y = data()
-    nexts = {}
-    for name in OPTIMIZERS:
-        net = model(name)
-        net.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0)  # 6 steps
-        net.save(os.path.join(HERE, f"saved_state_0_3_{name}.keras"))
-        net.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)  # 3 more
-        for i, w in enumerate(net.get_weights()):
-            nexts[f"{name}/weight_{i}"] = w
-        for i, v in enumerate(net.optimizer.variables):
-            nexts[f"{name}/optimizer_{i}"] = np.array(v)
-    np.savez(os.path.join(HERE, "saved_state_0_3_next.npz"), **nexts)
-    print(f"wrote {len(OPTIMIZERS)} .keras files and saved_state_0_3_next.npz to {HERE}")
+    make_saved_states.write(
+        OPTIMIZERS, model, data(), "saved_state_0_3_", "saved_state_0_3_next.npz"
+    )
 
 
 if __name__ == "__main__":
