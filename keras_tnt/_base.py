@@ -24,6 +24,7 @@ from keras import ops
 from keras_tnt import _checks
 from keras_tnt import _plan
 from keras_tnt import backend
+from keras_tnt._buffers import Row
 from keras_tnt._saved_state import SavedStateMixin
 from keras_tnt._units import UnitStepMixin
 from keras_tnt._variables import itemsize
@@ -53,6 +54,8 @@ class KroneckerOptimizer(UnitStepMixin, SavedStateMixin, keras.optimizers.Optimi
     # The optimizer-wide counters (`_add_step_counters` and `_build_counters`), in no
     # variable's plan entry.
     _optimizer_counters = 5
+    # The old layouts a saved state may have (SavedStateMixin): "0.3" (0.2 and 0.3).
+    _legacy_versions = ("0.3",)
     # Whether a warm start's statistics serve the first step (no fold at t = 0 after one).
     _warm_start_serves_first_step = True
 
@@ -201,7 +204,7 @@ class KroneckerOptimizer(UnitStepMixin, SavedStateMixin, keras.optimizers.Optimi
         super().build(var_list)
         # The layout of keras-tnt 0.2 and 0.3, whose states `_restore` converts: per saved
         # variable, where its value goes (see SavedStateMixin._from_legacy).
-        self._start_legacy_layout()
+        self._start_legacy_layout(self._legacy_versions)
         # The order of creation is the order of saving: it must never depend on anything but
         # var_list (optimizer state is restored by index).
         self._create_slots(var_list, entries)
@@ -358,16 +361,19 @@ class KroneckerOptimizer(UnitStepMixin, SavedStateMixin, keras.optimizers.Optimi
             )
 
     def _average_into(self, counts, slots, compute, inputs, gate, warm_start):
-        """Folds one batch into ``slots``, ``[(position, [statistic variables])]``.
+        """Folds one batch into ``slots``, ``[(position, [statistic slots])]``, a slot being a
+        variable or a :class:`~keras_tnt._buffers.Row` of a buffer.
 
         ``counts``: the vector of per-slot counts (each slot's at its ``position``), the number
         of batches its statistics hold. ``compute()`` gives the batch's values, ``[[value per
         statistic] per slot]``; it runs only when ``gate`` (a bool tensor, or None for always)
         holds and every tensor of ``inputs`` is finite (else the batch counts as skipped). Warm
         start: the running mean over those batches. Otherwise the moving average with decay
-        ``ρ``, except that a slot's first batch sets its statistics. The branches return values
-        and every assignment happens after them, so the fold also runs in JAX's stateless mode
-        under ``jit``.
+        ``ρ``, except that a slot's first batch sets its statistics. A buffer's rows are
+        averaged as one: its new values stacked, its weights gathered per row, one operation
+        each for the whole buffer (a row nobody folds into keeps its value: weights 1 and 0).
+        The branches return values and every assignment happens after them, so the fold also
+        runs in JAX's stateless mode under ``jit``.
         """
         finite = ops.all(
             ops.stack([ops.all(ops.isfinite(backend.stored_values(v))) for v in inputs])
@@ -378,12 +384,26 @@ class KroneckerOptimizer(UnitStepMixin, SavedStateMixin, keras.optimizers.Optimi
             skipped = ops.logical_and(gate, skipped)
         positions = [p for p, _ in slots]
         count_dtype = backend.count_dtype()
+        # What is assigned: whole variables, and buffers, each with the (slot, statistic) of
+        # its rows (Python state of this trace).
+        targets, places, rows = [], {}, {}
+        for s, (_, stats) in enumerate(slots):
+            for j, var in enumerate(stats):
+                if isinstance(var, Row):
+                    key = id(var.buffer)
+                    if key not in rows:
+                        rows[key] = {}
+                        targets.append(var.buffer)
+                    rows[key][var.index] = (s, j)
+                else:
+                    places[id(var)] = (s, j)
+                    targets.append(var)
 
         def fold():
             # Every slot's averaging weights at once, per statistics dtype: one vector
             # operation instead of one per slot (the slots' counts differ only where a
             # variable had no gradient).
-            weights, counted = {}, []  # dtype -> ([keep per slot], [new per slot]); [counts]
+            weights, counted = {}, []  # dtype -> (keep, new) per slot; [counts]
 
             def weights_of(sdtype):
                 if sdtype not in weights:
@@ -401,28 +421,43 @@ class KroneckerOptimizer(UnitStepMixin, SavedStateMixin, keras.optimizers.Optimi
                         rho = ops.convert_to_tensor(self.statistics_decay, dtype=sdtype)
                         keep = ops.where(first, ops.zeros_like(rho), rho)
                         new = ops.where(first, ops.ones_like(rho), 1 - rho)
-                    weights[sdtype] = ops.unstack(keep), ops.unstack(new)
+                    weights[sdtype] = [keep, new, None]
                 return weights[sdtype]
 
+            values = compute()
             out = []
-            for s, ((_, stats), values) in enumerate(zip(slots, compute())):
-                new_stats = []
-                for var, value in zip(stats, values):
-                    keep, new = weights_of(var.dtype)
-                    new_stats.append(
-                        keep[s] * ops.convert_to_tensor(var) + new[s] * ops.cast(value, var.dtype)
-                    )
-                out.append(new_stats)
+            for var in targets:
+                keep, new, unstacked = weights_of(var.dtype)
+                current = ops.convert_to_tensor(var)
+                if id(var) in places:
+                    if unstacked is None:
+                        unstacked = weights[var.dtype][2] = (ops.unstack(keep), ops.unstack(new))
+                    s, j = places[id(var)]
+                    value = ops.cast(values[s][j], var.dtype)
+                    out.append(unstacked[0][s] * current + unstacked[1][s] * value)
+                    continue
+                given = rows[id(var)]
+                n, shape = var.shape[0], tuple(var.shape[1:])
+                index = [given[r][0] if r in given else len(slots) for r in range(n)]
+                stacked = [
+                    values[given[r][0]][given[r][1]] if r in given else ops.zeros(shape, var.dtype)
+                    for r in range(n)
+                ]
+                if len(given) < n:  # rows nobody folds into: 1 x statistic + 0 x 0
+                    keep = ops.concatenate([keep, ops.ones((1,), keep.dtype)])
+                    new = ops.concatenate([new, ops.zeros((1,), new.dtype)])
+                where = np.asarray(index, "int32").reshape((n,) + (1,) * len(shape))
+                value = ops.cast(ops.stack(stacked), var.dtype)
+                out.append(ops.take(keep, where) * current + ops.take(new, where) * value)
             return out
 
         def keep():
-            return [[ops.convert_to_tensor(var) for var in stats] for _, stats in slots]
+            return [ops.convert_to_tensor(var) for var in targets]
 
         new_values = ops.cond(run, fold, keep)
         runs = ops.cast(run, count_dtype)
-        for (_, stats), values in zip(slots, new_values):
-            for var, value in zip(stats, values):
-                self.assign(var, value)
+        for var, value in zip(targets, new_values):
+            self.assign(var, value)
         # One addition for every slot's count: 1 where a slot took this batch.
         mask = np.zeros(counts.shape, dtype=keras.backend.standardize_dtype(counts.dtype))
         mask[positions] = 1

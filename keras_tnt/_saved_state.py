@@ -23,54 +23,73 @@ class SavedStateMixin:
     0.4 keeps a step's counters whole: one vector of statistics counts (one per variable or
     layer) and one counter each for skipped updates and failed refreshes, where 0.2 and 0.3
     kept a scalar per variable for each (KFAC: per variable and per layer, and a layer flag that
-    was always 0), so that a step adds to each with one operation.
+    was always 0), so that a step adds to each with one operation. 0.5 keeps TNT's and
+    Shampoo's statistics and inverses in one buffer per factor size (a matrix per variable
+    before), so that a step folds, reads and writes each size with one operation.
     """
 
-    def _start_legacy_layout(self):
-        """Begins the description (at the start of the build: every variable so far, Keras'
-        own, is where the old layout had it)."""
-        # Plain Python state, never tracked: [(kind, ...)] in the old order.
-        object.__setattr__(self, "_legacy_layout", [])
+    def _start_legacy_layout(self, versions=("0.3",)):
+        """Begins the description of the old layouts ``versions`` (``"0.3"``: the layout of 0.2
+        and 0.3; ``"0.4"``: TNT's and Shampoo's before 0.5), at the start of the build: every
+        variable so far, Keras' own, is where every old layout had it."""
+        # Plain Python state, never tracked: {version: [(kind, ...)] in the old order}.
+        object.__setattr__(self, "_legacy_layouts", {v: [] for v in versions})
         object.__setattr__(self, "_legacy_targets", {})
         self._kept_in_place(0)
 
-    def _kept_in_place(self, start):
-        """The variables created since index ``start`` are where the old layout had them."""
-        self.__dict__["_legacy_layout"].extend(
-            ("same", k) for k in range(start, len(self.variables))
-        )
+    def _kept_in_place(self, start, versions=None):
+        """The variables created since index ``start`` come next in the old layouts
+        ``versions`` (default: all), in the same order."""
+        for k in range(start, len(self.variables)):
+            self._legacy("same", k, versions=versions)
 
-    def _legacy(self, *entry):
-        """One old variable: ``("into", target, position)``: element ``position`` of the
-        vector ``target``; ``("sum", target)``: added into the counter ``target``; ``("zero",)``:
-        an old counter that was always 0 (dropped)."""
-        self.__dict__["_legacy_layout"].append(entry)
+    def _legacy(self, *entry, versions=None):
+        """The next variable of the old layouts ``versions`` (default: all): ``("same", k)``:
+        today's variable ``k``; ``("into", target, position)``: element ``position`` of the
+        variable named ``target`` (a vector's element, a buffer's matrix); ``("sum",
+        target)``: added into the counter ``target``; ``("zero",)``: an old counter that was
+        always 0 (dropped)."""
+        layouts = self.__dict__["_legacy_layouts"]
+        for version in layouts if versions is None else versions:
+            layouts[version].append(entry)
+
+    def _variable_index(self, variable) -> int:
+        """Where ``variable`` is in ``self.variables`` (by identity)."""
+        return next(k for k, v in enumerate(self.variables) if v is variable)
 
     def _legacy_target(self, name, variable):
-        self.__dict__["_legacy_targets"][name] = next(
-            k for k, v in enumerate(self.variables) if v is variable
-        )
+        self.__dict__["_legacy_targets"][name] = self._variable_index(variable)
 
     def _from_legacy(self, store):
-        """``store`` in today's layout if it holds a state of the old one (every variable's
-        shape as the old layout had it), else None."""
-        layout = self.__dict__.get("_legacy_layout")
-        if layout is None or len(store.keys()) != len(layout):
+        """``store`` in today's layout if it holds a state of an old one (every variable's
+        shape as that layout had it), else None."""
+        for layout in self.__dict__.get("_legacy_layouts", {}).values():
+            out = self._convert(store, layout)
+            if out is not None:
+                return out
+        return None
+
+    def _convert(self, store, layout):
+        if len(store.keys()) != len(layout):
             return None
         targets = self.__dict__["_legacy_targets"]
         values = [np.array(store[str(i)]) for i in range(len(layout))]
         out = {}
-        for k in targets.values():  # zeros, then the old counters added in (none: stays empty)
+        for k in targets.values():  # zeros, then the old values placed or added in
             target = self.variables[k]
             out[k] = np.zeros(tuple(target.shape), dtype=np.dtype(target.dtype))
         for entry, value in zip(layout, values):
             kind = entry[0]
             if kind == "same":
-                if tuple(np.shape(value)) != tuple(self.variables[entry[1]].shape):
-                    return None
-                out[entry[1]] = value
-            elif np.shape(value) != ():
+                want = tuple(self.variables[entry[1]].shape)
+            elif kind == "into":
+                want = tuple(self.variables[targets[entry[1]]].shape[1:])
+            else:
+                want = ()
+            if tuple(np.shape(value)) != want:
                 return None
+            if kind == "same":
+                out[entry[1]] = value
         for entry, value in zip(layout, values):
             kind = entry[0]
             if kind in ("into", "sum"):

@@ -11,6 +11,9 @@ from keras import ops
 
 from keras_tnt import _replicas
 from keras_tnt import backend
+from keras_tnt._buffers import Row
+from keras_tnt._buffers import assign_slots
+from keras_tnt._buffers import read_slots
 
 
 class UnitStepMixin:
@@ -62,13 +65,11 @@ class UnitStepMixin:
         does not wait for this step's statistics fold (which writes what a refresh reads) to
         precondition and update the weights. The same values either way.
         """
-        return {
-            u: (
-                [backend.read_value(v) for v in self._refresh_variables(u)],
-                [backend.read_value(p) for p in self._unit_preconditioners(u)],
-            )
-            for u in units
-        }
+        values = read_slots(
+            [self._refresh_variables(u) for u in units]
+            + [self._unit_preconditioners(u) for u in units]
+        )
+        return {u: (values[k], values[len(units) + k]) for k, u in enumerate(units)}
 
     def _refresh(self, u, reads=None, finite=None):
         """``(preconditioners, failed)``: unit ``u``'s refreshed preconditioners (a factor whose
@@ -198,6 +199,7 @@ class UnitStepMixin:
             )
 
         if owners is None:
+            buffers = []  # the buffers the step refreshes whole (Python state of this trace)
 
             def compute_all(reduced):
                 # Read once for every unit (a variable, unless a schedule gives a tensor).
@@ -208,15 +210,28 @@ class UnitStepMixin:
                     for item, grads in zip(items, per_item)
                     for u, gs in zip(item, grads)
                 }
-                refreshed = self._grouped_refresh(
+                refreshed, targets, new, failed = self._step_refresh(
                     list(work), {u: self._all(f) for u, f in finites.items()}
                 )
-                return [
+                buffers[:] = targets
+                values = [
                     self._batch_values(item, work, grads, lr, refreshed, finites)
                     for item, grads in zip(items, per_item)
                 ]
+                return values, new, failed
 
-            backend.update_everywhere(grads, compute_all, assign, self._curvature_updates)
+            def assign_all(values):
+                values, new, failed = values
+                self._assign_units(
+                    [
+                        (u, work[u], value)
+                        for item, item_values in zip(items, values)
+                        for u, value in zip(item, item_values)
+                    ],
+                    (buffers, new, failed),
+                )
+
+            backend.update_everywhere(grads, compute_all, assign_all, self._curvature_updates)
             return
 
         def step(reduced, share):
@@ -271,10 +286,10 @@ class UnitStepMixin:
             ]
 
         def kept():
-            return [
-                [[backend.read_value(p) for p in self._unit_preconditioners(u)] for u in item]
-                for item in items
-            ]
+            values = iter(
+                read_slots([self._unit_preconditioners(u) for item in items for u in item])
+            )
+            return [[next(values) for _ in item] for item in items]
 
         shared = share(
             [owners[item[0]] for item in items],
@@ -407,6 +422,13 @@ class UnitStepMixin:
         )
         return dict(zip(factored, values))
 
+    def _step_refresh(self, units, finite):
+        """``(refreshed, buffers, values, failed)``: :meth:`_grouped_refresh` of ``units`` for
+        the unsplit step, and the buffers it refreshed whole with their new values and the
+        number of failed refreshes in them (the units' values then carry their rows for the
+        directions only: :meth:`_assign_units`). Here: no buffers."""
+        return self._grouped_refresh(units, finite), [], [], ops.zeros((), backend.count_dtype())
+
     def _unit_values(self, u, members, gradients, learning_rate, refreshed=None, finites=None):
         """``(weights, momenta, preconditioners, failed, finites, grafts)`` of unit ``u``'s
         step, the weights, momenta and finite flags (whether its gradient was finite: else its
@@ -510,11 +532,21 @@ class UnitStepMixin:
             out[i] = direction * ops.cast(ratio, sdtype)
         return out, grafts
 
-    def _assign_units(self, assigned):
+    def _assign_units(self, assigned, refreshed=None):
         """Assigns the steps of units, ``[(unit, members, values)]`` with ``values`` as
         :meth:`_unit_values` gives them, and adds their failed refreshes and skipped updates to
-        the two counters, one addition each."""
-        failures, finites = [], []
+        the two counters, one addition each. ``refreshed``: ``(buffers, their new values,
+        failures)`` of a refresh of whole buffers (:meth:`_step_refresh`), assigned as they are;
+        the units' rows of those buffers are not assigned again, nor their failures counted."""
+        failures, finites, pairs = [], [], []
+        whole = set()
+        if refreshed is not None:
+            buffers, values, failed = refreshed
+            for buffer, value in zip(buffers, values):
+                self.assign(buffer, value)
+                whole.add(id(buffer))
+            if buffers:
+                failures.append(failed)
         for u, members, values in assigned:
             weights, momenta, preconditioners, failed, flags, grafts = values
             for i, m in zip(members, momenta):
@@ -522,13 +554,18 @@ class UnitStepMixin:
             for i, v in zip(members, grafts):
                 self.assign(self._graft_moments[i], v)
             slots = self._unit_preconditioners(u)
-            for slot, value in zip(slots, preconditioners):
-                self.assign(slot, value)
-            if slots:
+            in_whole = [isinstance(slot, Row) and id(slot.buffer) in whole for slot in slots]
+            pairs.extend(
+                (slot, value)
+                for slot, value, skip in zip(slots, preconditioners, in_whole)
+                if not skip
+            )
+            if slots and not any(in_whole):
                 failures.append(failed)
             finites.extend(flags)
             for i, w in zip(members, weights):
                 self.assign(self._trainable_variables[i], w)
+        assign_slots(self, pairs)
         if failures:
             total = failures[0] if len(failures) == 1 else ops.sum(ops.stack(failures))
             self.assign_add(self._failed_inversions, total)

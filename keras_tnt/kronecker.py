@@ -7,7 +7,8 @@ A trainable tensor ``W`` is viewed as a ``k``-mode tensor of sizes ``d_1..d_k`` 
 
 * :func:`mode_contractions`: ``G^(i) = mat_i(G) mat_i(G)^T`` for every mode ``i``.
 * :func:`normalize_factors`: eq. (5) of Ren & Goldfarb (2021), which gives every factor the same
-  mean eigenvalue ``c`` while keeping the trace of the Kronecker product.
+  mean eigenvalue ``c`` while keeping the trace of the Kronecker product
+  (:func:`normalization_divisors`: its divisors, for a buffer of factors).
 * :func:`damped_inverse`: ``(U + εI)^{-1}`` through a Cholesky factorisation, with a flag that
   says whether it succeeded.
 * :func:`precondition`: ``M x_1 A_1 x_2 ... x_k A_k``, which equals
@@ -210,10 +211,17 @@ def normalize_factors(statistics: Sequence, modes: Sequence[int]) -> list:
     k = len(modes)
     if k <= 1:
         return list(statistics)
+    divisors = normalization_divisors(_trace(statistics[0]), modes)
+    return [h / divisor for h, divisor in zip(statistics, divisors)]
+
+
+def normalization_divisors(trace, modes: Sequence[int]) -> list:
+    """The divisors ``c^{k-1} prod_{j!=i} d_j`` of eq. (5), one per mode, from ``trace``, the
+    trace of ``H_1`` (a scalar tensor), for ``k >= 2`` modes: :func:`normalize_factors` divides
+    each statistic by its divisor (a zero trace gives infinite divisors, so zero factors)."""
+    k = len(modes)
     size = math.prod(modes)
-    h0 = statistics[0]
-    dtype = h0.dtype
-    trace = _trace(h0)
+    dtype = trace.dtype
     # convert_to_tensor, not cast: ops.cast(1/3, "float64") goes through float32.
     # Constants, not casts of Python integers (a cast is an operation per tensor); c^1 is c.
     c = ops.power(
@@ -224,10 +232,7 @@ def normalize_factors(statistics: Sequence, modes: Sequence[int]) -> list:
     # A zero trace (no statistics) gives zeros: h / inf, h being zero there (as every
     # denominator c^{k-1} prod_{j!=i} d_j is positive exactly when c^{k-1} is).
     power = ops.where(power > 0, power, ops.convert_to_tensor(float("inf"), dtype=dtype))
-    return [
-        h / (power * ops.convert_to_tensor(float(size // d), dtype=dtype))
-        for h, d in zip(statistics, modes)
-    ]
+    return [power * ops.convert_to_tensor(float(size // d), dtype=dtype) for d in modes]
 
 
 def damped_inverse(u, damping):

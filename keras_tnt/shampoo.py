@@ -66,6 +66,7 @@ class Shampoo(TNT):
     """
 
     _carries_directions = False  # no damped factor of a root to carry a direction with
+    _normalizes = False  # the roots of the statistics themselves
 
     def __init__(
         self,
@@ -116,9 +117,13 @@ class Shampoo(TNT):
             return ops.equal(t % ops.cast(self.inverse_update_period, t.dtype), 0)
         return super()._refresh_due()
 
+    def _factor_parameter(self, modes):
+        """The order ``p = 2k`` of a tensor's roots (its factors' buffers are per order)."""
+        return 2 * len(modes)
+
     def _refresh_inputs(self, u, values):
         """Tensor ``u``'s statistics ``H_i``, each with the order ``p = 2k`` of its root."""
-        p = 2 * len(self._modes[u])
+        p = self._factor_parameter(self._modes[u])
         return [(h, p) for h in values]
 
     def _transform(self, values, p):

@@ -55,6 +55,8 @@ from keras_tnt import _replicas
 from keras_tnt import backend
 from keras_tnt import kronecker
 from keras_tnt._base import KroneckerOptimizer
+from keras_tnt._buffers import Row
+from keras_tnt._buffers import read_slots
 from keras_tnt._variables import slot_prefix
 from keras_tnt._variables import statistics_dtype
 
@@ -145,6 +147,8 @@ class TNT(KroneckerOptimizer):
     # Whether a tensor with a diagonal first factor keeps its preconditioned momentum (the
     # row-sparse step); Shampoo's roots have no damped factor to carry it with.
     _carries_directions = True
+    # Its old layouts: 0.2 and 0.3, and 0.4's (a variable per statistic and per inverse).
+    _legacy_versions = ("0.3", "0.4")
     # Tensors up to this many numbers step in batches of equal shape (docs/algorithm.md §2,
     # "Batched tensors"); 0: none. Off: on TensorFlow's CPU it cost more than it saved
     # (benchmarks.step_time, median of 3: digits autoencoder, two 48-wide biases batched, 1.52x
@@ -238,15 +242,14 @@ class TNT(KroneckerOptimizer):
         self._modes = []
         self._diagonal = []
         self._momenta = []
-        self._statistics = []
-        self._preconditioners = []
         self._row_sparse = []
         self._damped = []
+        keys = {}  # (factor shape, dtype, parameter) -> buffer index
+        members = []  # per buffer: [(variable index, mode)], its rows in order
+        rows = []  # per variable: [(buffer, row)] per mode
         for index, (var, entry) in enumerate(zip(var_list, entries)):
-            start = len(self.variables)
             modes = entry["modes"]
             diagonal = tuple(f == "diagonal" for f in entry["factors"])
-            shapes = [(d,) if diag else (d, d) for d, diag in zip(modes, diagonal)]
             prefix = slot_prefix(var)
             sdtype = statistics_dtype(var.dtype)
             row_sparse = self._row_sparse_steps and _plan.row_sparse(var.shape, diagonal)
@@ -257,19 +260,7 @@ class TNT(KroneckerOptimizer):
             self._momenta.append(
                 self.add_variable_from_reference(var, "direction" if row_sparse else "momentum")
             )
-            self._statistics.append(
-                [
-                    self.add_variable(shape, dtype=sdtype, name=f"{prefix}_statistics_{i}")
-                    for i, shape in enumerate(shapes)
-                ]
-            )
-            # TNT: the damped inverses A_i; Shampoo: the roots P_i.
-            self._preconditioners.append(
-                [
-                    self.add_variable(shape, dtype=sdtype, name=f"{prefix}_inverse_{i}")
-                    for i, shape in enumerate(shapes)
-                ]
-            )
+            shapes = [(d,) if diag else (d, d) for d, diag in zip(modes, diagonal)]
             # Row-sparse: the damped factors U_i + εI whose inverses the direction holds.
             self._damped.append(
                 [
@@ -279,26 +270,66 @@ class TNT(KroneckerOptimizer):
                 if row_sparse
                 else []
             )
-            # 0.2 and 0.3 kept three counters here: its statistics count, skipped, failed.
-            self._kept_in_place(start)
-            self._legacy("into", "statistics_counts", index)
-            self._legacy("sum", "skipped")
-            self._legacy("sum", "failed")
+            rows.append([])
+            for i, shape in enumerate(shapes):
+                key = (shape, str(sdtype), self._factor_parameter(modes))
+                b = keys.setdefault(key, len(keys))
+                if b == len(members):
+                    members.append([])
+                rows[-1].append((b, len(members[b])))
+                members[b].append((index, i))
+        # One buffer of statistics H_i and one of preconditioners (TNT: the damped inverses A_i;
+        # Shampoo: the roots P_i) per factor size, in the order the sizes first appear.
+        self._buffers = []  # [(statistics buffer, preconditioner buffer, members, parameter)]
+        for (shape, sdtype, parameter), b in keys.items():
+            label = "x".join(str(d) for d in shape)
+            label += "" if parameter is None else f"_p{parameter}"
+            label += "" if sdtype == "float32" else f"_{sdtype}"
+            n = len(members[b])
+            statistics = self.add_variable((n,) + shape, dtype=sdtype, name=f"statistics_{label}")
+            inverses = self.add_variable((n,) + shape, dtype=sdtype, name=f"inverses_{label}")
+            self._legacy_target(f"statistics:{b}", statistics)
+            self._legacy_target(f"inverses:{b}", inverses)
+            self._buffers.append((statistics, inverses, members[b], parameter))
+        self._statistics = [[Row(self._buffers[b][0], r) for b, r in rs] for rs in rows]
+        self._preconditioners = [[Row(self._buffers[b][1], r) for b, r in rs] for rs in rows]
+        self._factor_rows = rows
+        # The old layouts, per variable: its momentum, statistics, inverses and damped factors
+        # (one variable each); 0.2 and 0.3 then three counters: its statistics count, skipped,
+        # failed.
+        for index, rs in enumerate(rows):
+            self._legacy("same", self._variable_index(self._momenta[index]))
+            for kind in ("statistics", "inverses"):
+                for b, r in rs:
+                    self._legacy("into", f"{kind}:{b}", r)
+            for damped in self._damped[index]:
+                self._legacy("same", self._variable_index(damped))
+            self._legacy("into", "statistics_counts", index, versions=("0.3",))
+            self._legacy("sum", "skipped", versions=("0.3",))
+            self._legacy("sum", "failed", versions=("0.3",))
         # Batches folded into each variable's statistics (the first one sets them).
+        start = len(self.variables)
         self._counts = self._add_counts(len(var_list), "statistics_counts")
         self._add_step_counters()
+        self._kept_in_place(start, versions=("0.4",))
         self._build_counters()
+
+    def _factor_parameter(self, modes):
+        """The parameter of a tensor's factor transforms (:meth:`_refresh_inputs`), which
+        factors of one buffer share: none for TNT (Shampoo: the root's order)."""
+        return None
 
     # ------------------------------------------------------------- read-outs
 
     def statistics(self, variable) -> list:
-        """The Kronecker statistics ``H_i`` of one trainable variable (one per mode)."""
-        return list(self._statistics[self._get_variable_index(variable)])
+        """The Kronecker statistics ``H_i`` of one trainable variable (one per mode), as
+        tensors: their current values (rows of the factor buffers, docs/algorithm.md §2)."""
+        return [row.value() for row in self._statistics[self._get_variable_index(variable)]]
 
     def inverses(self, variable) -> list:
         """The preconditioners of one trainable variable, one per mode: TNT's damped inverses
-        ``A_i`` (Shampoo: its roots ``P_i``)."""
-        return list(self._preconditioners[self._get_variable_index(variable)])
+        ``A_i`` (Shampoo: its roots ``P_i``), as tensors: their current values."""
+        return [row.value() for row in self._preconditioners[self._get_variable_index(variable)]]
 
     def statistics_count(self, variable) -> int:
         """How many batches have been folded into the statistics of one trainable variable."""
@@ -465,6 +496,107 @@ class TNT(KroneckerOptimizer):
         damping = ops.convert_to_tensor(self.damping, dtype=values.dtype)
         return kronecker.damped_inverses(values, damping, diagonal=len(values.shape) == 2)
 
+    # Whether the refresh normalises the statistics by eq. (5) (Shampoo: it takes them raw).
+    _normalizes = True
+
+    def _normalized(self, used, statistics, present) -> dict:
+        """``{buffer: its statistics normalised by eq. (5)}`` for the buffers ``used`` (read
+        as ``statistics``): each row divided by its tensor's divisor
+        (:func:`~keras_tnt.kronecker.normalization_divisors`, from the trace of the tensor's
+        first statistic, computed as :func:`~keras_tnt.kronecker.normalize_factors` computes
+        it), one division per buffer; 1-mode tensors and the tensors not in ``present``
+        (rows this refresh keeps) divide by 1."""
+        if not self._normalizes:
+            return dict(statistics)
+        diagonals, divisors = {}, {}
+        for u in sorted(present):
+            modes = self._modes[u]
+            if len(modes) < 2:
+                continue
+            b, r = self._factor_rows[u][0]
+            if b not in diagonals:
+                h = statistics[b]
+                diagonals[b] = ops.unstack(h if len(h.shape) == 2 else ops.diagonal(h, 0, 1, 2))
+            trace = ops.sum(diagonals[b][r])
+            for (b, r), divisor in zip(
+                self._factor_rows[u], kronecker.normalization_divisors(trace, modes)
+            ):
+                divisors[b, r] = divisor
+        out = {}
+        for b in used:
+            h = statistics[b]
+            members = self._buffers[b][2]
+            if not any((b, r) in divisors for r in range(len(members))):
+                out[b] = h
+                continue
+            one = ops.ones((), h.dtype)
+            scale = ops.stack([divisors.get((b, r), one) for r in range(len(members))])
+            out[b] = h / ops.reshape(scale, (-1,) + (1,) * (len(h.shape) - 1))
+        return out
+
+    def _step_refresh(self, units, finite):
+        """The refresh of whole buffers (docs/algorithm.md §2, "Factor buffers"): under one
+        condition, each buffer of preconditioners that holds a row of ``units`` is computed
+        from its buffer of statistics at once (one normalisation, one batched transform, one
+        selection) and kept whole, rather than factor by factor; a row whose tensor is not in
+        ``units`` or whose gradient is not finite (``finite``) keeps its value, a failed
+        transform of a finite one keeps it and counts. The numbers of :meth:`_refresh_all`."""
+        factored = [u for u in units if self._modes[u]]
+        if not factored:
+            return super()._step_refresh(units, finite)
+        present = set(factored)
+        used = [
+            b
+            for b, (_, _, members, _) in enumerate(self._buffers)
+            if any(i in present for i, _ in members)
+        ]
+        statistics = {b: backend.read_value(self._buffers[b][0]) for b in used}
+        current = {b: backend.read_value(self._buffers[b][1]) for b in used}
+        sparse = [u for u in factored if self._row_sparse[u]]
+        damped = [[backend.read_value(d) for d in self._damped[u]] for u in sparse]
+        count_dtype = backend.count_dtype()
+        zero = ops.zeros((), count_dtype)
+
+        def refresh():
+            normalized = self._normalized(used, statistics, present)
+            no = ops.convert_to_tensor(False)
+            new, keeps, total = [], {}, None
+            for b in used:
+                members, parameter = self._buffers[b][2:]
+                values, ok = self._transform(normalized[b], parameter)
+                flags = ops.stack([finite[i] if i in present else no for i, _ in members])
+                keep = ops.logical_and(ok, flags)
+                failed = ops.sum(ops.cast(ops.logical_and(ops.logical_not(ok), flags), count_dtype))
+                total = failed if total is None else total + failed
+                shape = (-1,) + (1,) * (len(values.shape) - 1)
+                new.append(ops.where(ops.reshape(keep, shape), values, current[b]))
+                keeps[b] = keep
+            # A row-sparse tensor also keeps the damped factors U_i + εI of its new inverses.
+            rows, out = {}, []
+            for u, slots in zip(sparse, damped):
+                out.append([])
+                for (b, r), slot in zip(self._factor_rows[u], slots):
+                    if b not in rows:
+                        rows[b] = ops.unstack(normalized[b]), ops.unstack(keeps[b])
+                    factor, keep = rows[b][0][r], rows[b][1][r]
+                    damping = ops.convert_to_tensor(self.damping, dtype=factor.dtype)
+                    if len(factor.shape) == 2:
+                        damping = damping * ops.eye(factor.shape[0], dtype=factor.dtype)
+                    out[-1].append(ops.where(keep, factor + damping, slot))
+            return new, out, total
+
+        def keep():
+            return [current[b] for b in used], damped, zero
+
+        new, damped, failed = ops.cond(self._refresh_due(), refresh, keep)
+        rows = {b: ops.unstack(value) for b, value in zip(used, new)}
+        damped = dict(zip(sparse, damped))
+        refreshed = {
+            u: ([rows[b][r] for b, r in self._factor_rows[u]] + list(damped.get(u, [])), zero)
+            for u in factored
+        }
+        return refreshed, [self._buffers[b][1] for b in used], new, failed
+
     def _batch_key(self, u):
         """Small tensors of equal shape, dtype, factors and weight-decay setting step as one
         batch (docs/algorithm.md §2, "Batched tensors"); a row-sparse or plain-momentum tensor,
@@ -629,7 +761,7 @@ class TNT(KroneckerOptimizer):
                 due, lambda: self._refresh(u, reads, finite), lambda: (current, zero)
             )
         else:  # refreshed by the caller (_grouped_refresh), which read the statistics
-            current = [backend.read_value(p) for p in self._unit_preconditioners(u)]
+            current = read_slots([self._unit_preconditioners(u)])[0]
         preconditioners, failed = refreshed
         preconditioners = list(preconditioners)
         inverses = preconditioners[:k]

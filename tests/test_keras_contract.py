@@ -142,6 +142,10 @@ def test_unknown_or_repeated_variables_are_clear_errors():
         opt.update_curvature([g])
 
 
+def _factor_reads(opt):
+    return (opt.statistics, opt.inverses)
+
+
 @pytest.mark.parametrize(
     "make",
     [
@@ -161,8 +165,19 @@ def test_none_gradient_leaves_weights_momentum_and_statistics(float64, make):
     b_before = np.array(b)
     a_before = np.array(a)
     state_before = [np.array(v) for v in opt.variables]
+    factored = isinstance(opt, keras_tnt.TNT)
+    if factored:  # a's and b's factors are rows of the same buffers (docs/algorithm.md §2)
+        assert opt._statistics[0][0].buffer is opt._statistics[1][0].buffer
+        factors_before = [[np.array(x) for x in f(v)] for v in (a, b) for f in _factor_reads(opt)]
     with pytest.warns(UserWarning, match="Gradients do not exist"):
         opt.apply([_t(rng.standard_normal((3, 3))), None], [a, b])
+    if factored:  # b's rows keep their values; the step refreshed a's inverses (t = 1 < T2)
+        after = [[np.array(x) for x in f(v)] for v in (a, b) for f in _factor_reads(opt)]
+        for new, old in zip(
+            after[2] + after[3], factors_before[2] + factors_before[3], strict=True
+        ):
+            np.testing.assert_array_equal(new, old)
+        assert not np.array_equal(after[1][0], factors_before[1][0])
     np.testing.assert_array_equal(np.array(b), b_before)
     assert not np.allclose(np.array(a), a_before)
     # Every slot of b (momentum, statistics, inverses, counts) is unchanged.

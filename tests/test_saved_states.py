@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import keras_tnt
+from keras_tnt._buffers import Row
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 _spec = importlib.util.spec_from_file_location(
@@ -29,6 +30,12 @@ _spec = importlib.util.spec_from_file_location(
 )
 make_saved_states_0_3 = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(make_saved_states_0_3)
+
+_spec = importlib.util.spec_from_file_location(
+    "make_saved_states_0_4", os.path.join(DATA, "make_saved_states_0_4.py")
+)
+make_saved_states_0_4 = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(make_saved_states_0_4)
 
 CLASSES = {"tnt": keras_tnt.TNT, "tnt_ef": keras_tnt.TNT, "shampoo": keras_tnt.Shampoo}
 CLASSES["kfac"] = keras_tnt.KFAC
@@ -53,6 +60,25 @@ def test_state_saved_by_0_3_loads_and_trains_as_0_3_did(name):
     assert len(optimizer._graft_moments) == (5 if name == "tnt_graft_adam" else 0)
     reference = np.load(os.path.join(DATA, "saved_state_0_3_next.npz"))
     _trains_as_it_did(model, make_saved_states_0_3.data(), reference, name)
+
+
+@pytest.mark.parametrize("name", sorted(make_saved_states_0_4.OPTIMIZERS))
+def test_state_saved_by_0_4_loads_and_trains_as_0_4_did(name):
+    """0.4 kept a variable per statistic and per inverse; 0.5 keeps them as rows of one
+    buffer per factor size (and, for Shampoo, root order): every matrix lands in its row."""
+    model = keras.models.load_model(os.path.join(DATA, f"saved_state_0_4_{name}.keras"))
+    optimizer = model.optimizer
+    assert type(optimizer) is (keras_tnt.Shampoo if name == "shampoo" else keras_tnt.TNT)
+    # The 4 x 4 factors of the embedding, both kernels and the hidden bias in one buffer
+    # (Shampoo: the bias's root, of order p = 2, in its own).
+    buffers = {s.name: tuple(s.shape) for s, _, _, _ in optimizer._buffers}
+    if name == "shampoo":
+        assert buffers["statistics_4x4_p4_float64"] == (4, 4, 4)
+        assert buffers["statistics_4x4_p2_float64"] == (1, 4, 4)
+    else:
+        assert buffers["statistics_4x4_float64"] == (5, 4, 4)
+    reference = np.load(os.path.join(DATA, "saved_state_0_4_next.npz"))
+    _trains_as_it_did(model, make_saved_states_0_4.data(), reference, name)
 
 
 def _trains_as_it_did(model, data, reference, name):
@@ -103,19 +129,20 @@ def test_a_tnt_state_of_the_per_variable_layout_converts():
     opt = model.optimizer
     opt.build(model.trainable_variables)
     rng = np.random.default_rng(0)
-    old, want = [np.int64(5), np.float32(0.01)], {}
+    old, want = [np.int64(5), np.float32(0.01)], []
     for i in range(len(model.trainable_variables)):
+        # Since 0.5 the statistics and inverses are rows of one buffer per factor size.
         slots = [opt._momenta[i], *opt._statistics[i], *opt._preconditioners[i]]
         for slot in slots:
             value = rng.normal(size=tuple(slot.shape)).astype(slot.dtype)
             old.append(value)
-            want[slot.path] = value
+            want.append((slot, value))
         old += [np.int64(10 + i), np.int64(i), np.int64(2 * i)]  # count, skipped, failed
     old += [np.int64(13), np.int64(0), np.int64(4)]
     _restored(opt, old)
-    for slot in opt.variables:
-        if slot.path in want:
-            np.testing.assert_array_equal(np.array(slot), want[slot.path], err_msg=slot.path)
+    for slot, value in want:
+        got = slot.value() if isinstance(slot, Row) else slot
+        np.testing.assert_array_equal(np.array(got), value, err_msg=slot.path)
     assert int(opt.iterations.numpy()) == 5
     counts = [opt.statistics_count(v) for v in model.trainable_variables]
     assert counts == [10, 11, 12, 13]

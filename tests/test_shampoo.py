@@ -328,7 +328,10 @@ def test_failed_root_keeps_previous_and_is_counted(float64):
     opt.apply([_t(np.eye(2))], [kernel])
     previous = [np.array(p) for p in opt.inverses(kernel)]
     # A finite gradient but an infinite statistic: the roots are not finite, the old ones stay.
-    opt._statistics[0][0].assign(np.full((2, 2), np.inf))
+    statistics = opt._statistics[0][0]  # row 0 of the buffer of 2 x 2 statistics
+    value = np.array(statistics.buffer)
+    value[statistics.index] = np.inf
+    statistics.buffer.assign(value)
     roots, failed = opt._refresh(0)
     assert int(failed) == 1
     np.testing.assert_array_equal(np.array(roots[0]), previous[0])

@@ -285,7 +285,7 @@ def test_scalar_variable_takes_plain_momentum_step(float64):
     opt.apply([_t(-0.25)], [scale])
     m = 0.5 * 1.5 - 0.25
     expected = 2.0 - 0.0625 * 1.5 - 0.0625 * m
-    assert float(scale.numpy()) == pytest.approx(expected, rel=1e-15)
+    assert float(np.asarray(scale)) == pytest.approx(expected, rel=1e-15)
 
 
 @pytest.mark.parametrize(
@@ -312,7 +312,7 @@ def test_refresh_and_curvature_schedule(float64, T1, T2, warm, refresh_steps, cu
     for t, opt, variables, ref, weights, due in pairs:
         if due:
             due_steps.append(t)
-        inverses = [np.array(a.numpy()) for v in variables for a in opt.inverses(v)]
+        inverses = [np.array(a) for v in variables for a in opt.inverses(v)]
         if before is None or all(
             not np.array_equal(a, b) for a, b in zip(inverses, before, strict=True)
         ):
@@ -387,7 +387,7 @@ def test_update_curvature_sets_then_averages(float64):
     opt = keras_tnt.TNT(statistics_decay=0.75)
     opt.build([kernel, bias])
     for h in opt.statistics(kernel) + opt.statistics(bias):
-        np.testing.assert_array_equal(h.numpy(), 0.0)
+        np.testing.assert_array_equal(np.asarray(h), 0.0)
 
     g1 = _rand(rng, (5, 3), (3,))
     opt.update_curvature([_t(g) for g in g1])
@@ -438,12 +438,12 @@ def test_nonfinite_fisher_gradient_leaves_statistics(float64, bad, warm):
     opt = keras_tnt.TNT()
     opt.build([kernel, bias])
     opt.update_curvature([_t(g) for g in _rand(rng, (4, 3), (3,))])
-    before = [np.array(h.numpy()) for v in (kernel, bias) for h in opt.statistics(v)]
+    before = [np.array(h) for v in (kernel, bias) for h in opt.statistics(v)]
     g_w, g_b = _rand(rng, (4, 3), (3,))
     g_b[1] = bad  # only the bias gradient is bad: the whole batch is dropped
     fold = opt.accumulate_curvature if warm else opt.update_curvature
     fold([_t(g_w), _t(g_b)])
-    after = [np.array(h.numpy()) for v in (kernel, bias) for h in opt.statistics(v)]
+    after = [np.array(h) for v in (kernel, bias) for h in opt.statistics(v)]
     for a, b in zip(after, before, strict=True):
         np.testing.assert_array_equal(a, b)
     assert opt.skipped_curvature_updates == 1
@@ -474,9 +474,9 @@ def test_nonfinite_gradient_skips_only_that_tensor(float64):
     opt.apply([_t(g) for g in grads], [kernel, bias])
     weights = ref.step(weights, grads)
 
-    kernel_before = np.array(kernel.numpy())
-    momentum_before = np.array(opt._momenta[0].numpy())
-    inverses_before = [np.array(a.numpy()) for a in opt.inverses(kernel)]
+    kernel_before = np.array(kernel)
+    momentum_before = np.array(opt._momenta[0])
+    inverses_before = [np.array(a) for a in opt.inverses(kernel)]
     bad = rng.standard_normal((4, 3))
     bad[2, 1] = np.nan
     g_b = rng.standard_normal(3)
@@ -486,24 +486,24 @@ def test_nonfinite_gradient_skips_only_that_tensor(float64):
     opt.apply([_t(bad), _t(g_b)], [kernel, bias])
     # The bias is updated as usual, the kernel keeps weights and momentum.
     _, ref_bias = ref.step(weights, [np.zeros((4, 3)), g_b])
-    np.testing.assert_array_equal(kernel.numpy(), kernel_before)
-    np.testing.assert_array_equal(opt._momenta[0].numpy(), momentum_before)
+    np.testing.assert_array_equal(np.asarray(kernel), kernel_before)
+    np.testing.assert_array_equal(np.asarray(opt._momenta[0]), momentum_before)
     # The refresh due at this step (the reference's inverses moved) skips the kernel's too.
     for a, new, before in zip(opt.inverses(kernel), ref.A[0], inverses_before, strict=True):
         assert np.abs(new - before).max() > 1e-3
-        np.testing.assert_array_equal(a.numpy(), before)
+        np.testing.assert_array_equal(np.asarray(a), before)
     _close(bias, ref_bias)
     assert opt.skipped_updates == 1
     assert int(opt.iterations) == 2
     for v in [kernel, bias] + list(opt.variables):
-        x = np.asarray(v.numpy())
+        x = np.asarray(v)
         if x.dtype.kind == "f":
             assert np.all(np.isfinite(x)), v.path
     # Training continues with finite values.
     opt.update_curvature([_t(g) for g in ghats])
     opt.apply([_t(g) for g in _rand(rng, *shapes)], [kernel, bias])
-    assert np.all(np.isfinite(kernel.numpy())) and opt.skipped_updates == 1
-    assert not np.array_equal(kernel.numpy(), kernel_before)
+    assert np.all(np.isfinite(np.asarray(kernel))) and opt.skipped_updates == 1
+    assert not np.array_equal(np.asarray(kernel), kernel_before)
 
 
 def test_nonfinite_gradient_keeps_weights_with_weight_decay(float64):
@@ -512,11 +512,11 @@ def test_nonfinite_gradient_keeps_weights_with_weight_decay(float64):
     opt = keras_tnt.TNT(**HYPER, weight_decay=0.5)
     opt.build([kernel, bias])
     opt.update_curvature([_t(g) for g in _rand(rng, (4, 3), (3,))])
-    before = np.array(kernel.numpy())
+    before = np.array(kernel)
     bad = np.full((4, 3), np.inf)
     opt.apply([_t(bad), _t(rng.standard_normal(3))], [kernel, bias])
     assert opt.skipped_updates == 1
-    np.testing.assert_array_equal(kernel.numpy(), before)
+    np.testing.assert_array_equal(np.asarray(kernel), before)
 
 
 def test_failed_inversion_keeps_previous_inverse():
@@ -527,15 +527,15 @@ def test_failed_inversion_keeps_previous_inverse():
     opt.build([kernel])
     opt.update_curvature([tensor(rng.standard_normal((4, 3)), "float32")])
     opt.apply([tensor(rng.standard_normal((4, 3)), "float32")], [kernel])
-    inverses = [np.array(a.numpy()) for a in opt.inverses(kernel)]
+    inverses = [np.array(a) for a in opt.inverses(kernel)]
     huge = tensor(np.full((4, 3), 1e30), "float32")  # finite; 1e60 overflows float32
     opt.update_curvature([huge])
-    assert not np.all(np.isfinite(opt.statistics(kernel)[0].numpy()))
+    assert not np.all(np.isfinite(np.asarray(opt.statistics(kernel)[0])))
     opt.apply([tensor(rng.standard_normal((4, 3)), "float32")], [kernel])
     assert opt.failed_inversions >= 1
     for a, b in zip(opt.inverses(kernel), inverses, strict=True):
-        np.testing.assert_array_equal(a.numpy(), b)
-    assert np.all(np.isfinite(kernel.numpy()))
+        np.testing.assert_array_equal(np.asarray(a), b)
+    assert np.all(np.isfinite(np.asarray(kernel)))
 
 
 # ------------------------------------------------------------------- 4. base keywords
@@ -573,11 +573,11 @@ def test_clipping_equals_feeding_clipped_gradients(float64, kind):
         clipped.apply([_t(g) for g in grads], a_vars)
         plain.apply([_t(g) for g in pre], b_vars)
         for a, b in zip(a_vars, b_vars, strict=True):
-            _close(a, b.numpy())
+            _close(a, np.asarray(b))
     # Clipping applies to g only: the statistics are those of the unclipped Ĝ.
     for a, b in zip(a_vars, b_vars, strict=True):
         for x, y in zip(clipped.statistics(a), plain.statistics(b), strict=True):
-            np.testing.assert_array_equal(x.numpy(), y.numpy())
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def test_weight_decay_respects_exclusions(float64):
@@ -620,9 +620,9 @@ def test_weight_decay_enters_neither_momentum_nor_statistics(float64):
     for opt, v in ((with_wd, a), (no_wd, b)):
         opt.update_curvature([ghat])
         opt.apply([g], [v])
-    np.testing.assert_array_equal(with_wd._momenta[0].numpy(), no_wd._momenta[0].numpy())
+    np.testing.assert_array_equal(np.asarray(with_wd._momenta[0]), np.asarray(no_wd._momenta[0]))
     # W_wd - W_plain = -lr * wd * W_0 exactly (decay then the same preconditioned step).
-    _close(a.numpy() - b.numpy(), -0.0625 * 0.5 * init[0])
+    _close(np.asarray(a) - np.asarray(b), -0.0625 * 0.5 * init[0])
 
 
 def test_ema_follows_keras_formula(float64):
@@ -640,14 +640,15 @@ def test_ema_follows_keras_formula(float64):
         for opt, vs in ((ema, ema_vars), (plain, plain_vars)):
             opt.update_curvature([_t(g) for g in ghats])
             opt.apply([_t(g) for g in grads], vs)
-        current = [np.array(v.numpy()) for v in plain_vars]
+        current = [np.array(v) for v in plain_vars]
         # Keras: the first step copies the weights, later ones average with ema_momentum.
         if averages is None:
             averages = current
         else:
             averages = [0.75 * a + 0.25 * w for a, w in zip(averages, current, strict=True)]
         for v, p in zip(ema_vars, plain_vars, strict=True):
-            np.testing.assert_array_equal(v.numpy(), p.numpy())  # EMA does not change training
+            # EMA does not change training
+            np.testing.assert_array_equal(np.asarray(v), np.asarray(p))
         for got, want in zip(ema._model_variables_moving_average, averages, strict=True):
             _close(got, want)
     ema.finalize_variable_values(ema_vars)
@@ -669,10 +670,10 @@ def test_gradient_accumulation_averages_micro_batches(float64):
         g1, g2 = _rand(rng, *shapes), _rand(rng, *shapes)
         assert bool(acc.curvature_due())  # first micro-batch of the window
         acc.update_curvature(ghats)
-        before = [np.array(v.numpy()) for v in acc_vars]
+        before = [np.array(v) for v in acc_vars]
         acc.apply([_t(g) for g in g1], acc_vars)
         for v, b in zip(acc_vars, before, strict=True):
-            np.testing.assert_array_equal(v.numpy(), b)  # no update on the first micro-step
+            np.testing.assert_array_equal(np.asarray(v), b)  # no update on the first micro-step
         assert int(acc.iterations) == window
         assert not bool(acc.curvature_due())  # second micro-batch: no new statistics
         acc.apply([_t(g) for g in g2], acc_vars)
@@ -682,9 +683,9 @@ def test_gradient_accumulation_averages_micro_batches(float64):
         one.update_curvature(ghats)
         one.apply([_t((a + b) / 2) for a, b in zip(g1, g2, strict=True)], one_vars)
         for a, b in zip(acc_vars, one_vars, strict=True):
-            _close(a, b.numpy())
+            _close(a, np.asarray(b))
         for a, b in zip(acc._momenta, one._momenta, strict=True):
-            _close(a, b.numpy())
+            _close(a, np.asarray(b))
 
 
 def test_loss_scale_factor_divides_gradients_and_fisher_gradients(float64):
@@ -703,10 +704,10 @@ def test_loss_scale_factor_divides_gradients_and_fisher_gradients(float64):
         scaled.apply([_t(4.0 * g) for g in grads], s_vars)
         unscaled.apply([_t(g) for g in grads], u_vars)
         for a, b in zip(s_vars, u_vars, strict=True):
-            _close(a, b.numpy())
+            _close(a, np.asarray(b))
         for a, b in zip(s_vars, u_vars, strict=True):
             for x, y in zip(scaled.statistics(a), unscaled.statistics(b), strict=True):
-                _close(x, y.numpy())
+                _close(x, np.asarray(y))
     assert float(scaled.scale_loss(_t(1.5))) == 6.0
 
 
@@ -754,7 +755,7 @@ def test_boundary_hyperparameters_are_accepted():
 
 def test_defaults():
     opt = keras_tnt.TNT()
-    assert float(opt.learning_rate.numpy()) == pytest.approx(1e-4, rel=1e-7)
+    assert float(np.asarray(opt.learning_rate)) == pytest.approx(1e-4, rel=1e-7)
     assert opt.damping == 0.1
     assert opt.momentum == 0.9
     assert opt.statistics_decay == 0.9
@@ -821,7 +822,7 @@ def test_apply_before_any_curvature_raises():
     opt.build([kernel])
     with pytest.raises(ValueError, match="update_curvature"):
         opt.apply([keras.ops.ones((3, 2))], [kernel])
-    np.testing.assert_array_equal(kernel.numpy(), 1.0)
+    np.testing.assert_array_equal(np.asarray(kernel), 1.0)
     # A warm start alone is a curvature source.
     opt.accumulate_curvature([keras.ops.ones((3, 2))])
     opt.apply([keras.ops.ones((3, 2))], [kernel])
