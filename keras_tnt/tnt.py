@@ -542,7 +542,10 @@ class TNT(KroneckerOptimizer):
         ``units`` or whose gradient is not finite (``finite``) keeps its value, a failed
         transform of a finite one keeps it and counts. The numbers of :meth:`_refresh_all`."""
         factored = [u for u in units if self._modes[u]]
-        if not factored:
+        if not factored or backend.split_replicas(self) is not None:
+            # With several replicas, the per-tensor refresh, as the split step computes it:
+            # XLA compiles the whole-buffer refresh into other roundings (1e-16 in float64),
+            # and the split and unsplit runs are bit for bit the same (docs/algorithm.md §6).
             return super()._step_refresh(units, finite)
         present = set(factored)
         used = [

@@ -269,7 +269,8 @@ def test_train_py_on_jax_resumes_exactly(tmp_path):
     assert int(r["steps/straight"]) == int(r["steps/resumed"]) == 6
     straight = sorted(k.split("/")[1] for k in r.files if k.startswith("straight/"))
     assert straight == sorted(k.split("/")[1] for k in r.files if k.startswith("resumed/"))
-    assert len(straight) > 30  # 8 weights, the optimizer's step counter, momenta, factors...
+    # 8 weights, the step counter, 8 momenta, the factor buffers (sizes 64, 48, 16), counters.
+    assert len(straight) > 25
     for i in straight:
         np.testing.assert_array_equal(r[f"straight/{i}"], r[f"resumed/{i}"], err_msg=i)
 
@@ -289,7 +290,7 @@ def test_jax_data_parallel_on_two_devices_is_the_single_device_run(tmp_path):
     r = np.load(out)
     assert set(r["devices"]) == {2}  # every optimizer variable lives on both devices
     single = sorted((k for k in r.files if k.startswith("single/")), key=lambda k: k.split("/")[1])
-    assert len(single) > 45  # weights, the step counter, momenta, factors, counts...
+    assert len(single) > 25  # weights, the step counter, momenta, factor buffers, counts...
     assert r["single/loss"][-1] < 0.7 * r["single/loss"][0]
     for key in single:
         a, b = r[key].astype(float), r["parallel/" + key.split("/", 1)[1]].astype(float)

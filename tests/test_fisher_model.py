@@ -150,7 +150,8 @@ def _statistics_after_two_steps(policy, weights=None):
         tnt = model.curvature_optimizer
         kernel = model.trainable_variables[0]
         stats = [np.array(h) for h in tnt.statistics(kernel)]
-        dtypes = {str(h.dtype) for h in tnt.statistics(kernel) + tnt.inverses(kernel)}
+        factors = tnt.statistics(kernel) + tnt.inverses(kernel)
+        dtypes = {keras.backend.standardize_dtype(h.dtype) for h in factors}
         steps = [w - w0 for w, w0 in zip(model.get_weights(), start, strict=True)]
         return start, stats, dtypes, steps, tnt.curvature_updates
     finally:
