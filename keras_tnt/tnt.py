@@ -581,11 +581,7 @@ class TNT(KroneckerOptimizer):
                 for (b, r), slot in zip(self._factor_rows[u], slots):
                     if b not in rows:
                         rows[b] = ops.unstack(normalized[b]), ops.unstack(keeps[b])
-                    factor, keep = rows[b][0][r], rows[b][1][r]
-                    damping = ops.convert_to_tensor(self.damping, dtype=factor.dtype)
-                    if len(factor.shape) == 2:
-                        damping = damping * ops.eye(factor.shape[0], dtype=factor.dtype)
-                    out[-1].append(ops.where(keep, factor + damping, slot))
+                    out[-1].append(self._damped_factor(rows[b][0][r], rows[b][1][r], slot))
             return new, out, total
 
         def keep():
@@ -670,11 +666,16 @@ class TNT(KroneckerOptimizer):
         preconditioners, failed = super()._refreshed(u, inputs, results, current)
         damped = current[len(self._preconditioners[u]) :]
         for (factor, _), (_, keep, _), slot in zip(inputs, results, damped):
-            damping = ops.convert_to_tensor(self.damping, dtype=factor.dtype)
-            if len(factor.shape) == 2:
-                damping = damping * ops.eye(factor.shape[0], dtype=factor.dtype)
-            preconditioners.append(ops.where(keep, factor + damping, slot))
+            preconditioners.append(self._damped_factor(factor, keep, slot))
         return preconditioners, failed
+
+    def _damped_factor(self, factor, keep, slot):
+        """``U + εI`` of a normalised factor where ``keep`` (its refresh succeeded), else the
+        ``slot``'s current value (a row-sparse tensor's damped factor)."""
+        damping = ops.convert_to_tensor(self.damping, dtype=factor.dtype)
+        if len(factor.shape) == 2:
+            damping = damping * ops.eye(factor.shape[0], dtype=factor.dtype)
+        return ops.where(keep, factor + damping, slot)
 
     def _local_momenta(self, u):
         # A row-sparse tensor's slot holds its direction, which only its owner computes.
