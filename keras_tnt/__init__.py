@@ -16,7 +16,7 @@ from keras_tnt.sampling import SUPPORTED_LOSSES
 from keras_tnt.shampoo import Shampoo
 from keras_tnt.tnt import TNT
 
-__version__ = "0.5.0"
+__version__ = "0.6.0"
 
 __all__ = [
     "FisherModel",

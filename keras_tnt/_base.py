@@ -371,7 +371,8 @@ class KroneckerOptimizer(UnitStepMixin, SavedStateMixin, keras.optimizers.Optimi
         start: the running mean over those batches. Otherwise the moving average with decay
         ``ρ``, except that a slot's first batch sets its statistics. A buffer's rows are
         averaged as one: its new values stacked, its weights gathered per row, one operation
-        each for the whole buffer (a row nobody folds into keeps its value: weights 1 and 0).
+        each for the whole buffer (a row nobody folds into keeps its value: weights 1 and 0);
+        a buffer of one row as a variable (its value expanded, not stacked; scalar weights).
         The branches return values and every assignment happens after them, so the fold also
         runs in JAX's stateless mode under ``jit``.
         """
@@ -424,20 +425,31 @@ class KroneckerOptimizer(UnitStepMixin, SavedStateMixin, keras.optimizers.Optimi
                     weights[sdtype] = [keep, new, None]
                 return weights[sdtype]
 
+            def scalars(sdtype):  # each slot's (keep, new) weights as scalars
+                keep, new, unstacked = weights_of(sdtype)
+                if unstacked is None:
+                    unstacked = weights[sdtype][2] = (ops.unstack(keep), ops.unstack(new))
+                return unstacked
+
             values = compute()
             out = []
             for var in targets:
-                keep, new, unstacked = weights_of(var.dtype)
+                keep, new, _ = weights_of(var.dtype)
                 current = ops.convert_to_tensor(var)
                 if id(var) in places:
-                    if unstacked is None:
-                        unstacked = weights[var.dtype][2] = (ops.unstack(keep), ops.unstack(new))
                     s, j = places[id(var)]
                     value = ops.cast(values[s][j], var.dtype)
-                    out.append(unstacked[0][s] * current + unstacked[1][s] * value)
+                    k, w = scalars(var.dtype)
+                    out.append(k[s] * current + w[s] * value)
                     continue
                 given = rows[id(var)]
                 n, shape = var.shape[0], tuple(var.shape[1:])
+                if n == 1:  # a buffer of its own: no stack, scalar weights
+                    s, j = given[0]
+                    value = ops.expand_dims(ops.cast(values[s][j], var.dtype), 0)
+                    k, w = scalars(var.dtype)
+                    out.append(k[s] * current + w[s] * value)
+                    continue
                 index = [given[r][0] if r in given else len(slots) for r in range(n)]
                 stacked = [
                     values[given[r][0]][given[r][1]] if r in given else ops.zeros(shape, var.dtype)

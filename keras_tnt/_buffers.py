@@ -2,7 +2,8 @@
 
 TNT and Shampoo keep their statistics and preconditioners in one buffer variable ``(n,) + shape``
 per factor size (and dtype, and Shampoo's root order): a step folds, reads and writes each size
-with one operation instead of one per factor (docs/algorithm.md §2, "Factor buffers"). A
+with one operation instead of one per factor (docs/algorithm.md §2, "Factor buffers"); a large
+factor keeps a buffer of one row, its own. A
 :class:`Row` names one factor's place in its buffer and stands for a slot wherever the optimizers
 handle slots one by one (:func:`read_slots`, :func:`assign_slots`).
 """
@@ -73,4 +74,7 @@ def assign_slots(optimizer, pairs) -> None:
         if len(given) < n:
             current = ops.unstack(backend.read_value(buffer))
             given = {i: given.get(i, current[i]) for i in range(n)}
-        optimizer.assign(buffer, ops.stack([given[i] for i in range(n)]))
+        if n == 1:  # a buffer of its own: its value, not a copy
+            optimizer.assign(buffer, ops.expand_dims(given[0], 0))
+        else:
+            optimizer.assign(buffer, ops.stack([given[i] for i in range(n)]))

@@ -12,7 +12,7 @@ from keras_tnt import backend
 
 class SavedStateMixin:
     """Restores by index, all or nothing; keeps a state loaded before the build until then;
-    converts a state saved with the layout of keras-tnt 0.2 and 0.3.
+    converts a state saved with an older layout (keras-tnt 0.2 to 0.5).
 
     Needs ``self._unbuilt_variable_count`` (the variables an unbuilt optimizer has: iterations
     and learning rate), set in ``__init__``. The build describes the old layout as it creates
@@ -25,13 +25,16 @@ class SavedStateMixin:
     kept a scalar per variable for each (KFAC: per variable and per layer, and a layer flag that
     was always 0), so that a step adds to each with one operation. 0.5 keeps TNT's and
     Shampoo's statistics and inverses in one buffer per factor size (a matrix per variable
-    before), so that a step folds, reads and writes each size with one operation.
+    before), so that a step folds, reads and writes each size with one operation; 0.6 gives a
+    large factor a buffer of its own, one row, whose fold is not a stack (0.5's buffers: one
+    per size, the large factors' rows in them).
     """
 
     def _start_legacy_layout(self, versions=("0.3",)):
         """Begins the description of the old layouts ``versions`` (``"0.3"``: the layout of 0.2
-        and 0.3; ``"0.4"``: TNT's and Shampoo's before 0.5), at the start of the build: every
-        variable so far, Keras' own, is where every old layout had it."""
+        and 0.3; ``"0.4"``: TNT's and Shampoo's before 0.5; ``"0.5"``: theirs before 0.6), at
+        the start of the build: every variable so far, Keras' own, is where every old layout
+        had it."""
         # Plain Python state, never tracked: {version: [(kind, ...)] in the old order}.
         object.__setattr__(self, "_legacy_layouts", {v: [] for v in versions})
         object.__setattr__(self, "_legacy_targets", {})
@@ -47,8 +50,9 @@ class SavedStateMixin:
         """The next variable of the old layouts ``versions`` (default: all): ``("same", k)``:
         today's variable ``k``; ``("into", target, position)``: element ``position`` of the
         variable named ``target`` (a vector's element, a buffer's matrix); ``("sum",
-        target)``: added into the counter ``target``; ``("zero",)``: an old counter that was
-        always 0 (dropped)."""
+        target)``: added into the counter ``target``; ``("rows", [(target, position)])``: a
+        buffer whose row ``r`` is element ``position`` of the variable named ``target``, the
+        ``r``-th pair; ``("zero",)``: an old counter that was always 0 (dropped)."""
         layouts = self.__dict__["_legacy_layouts"]
         for version in layouts if versions is None else versions:
             layouts[version].append(entry)
@@ -84,6 +88,11 @@ class SavedStateMixin:
                 want = tuple(self.variables[entry[1]].shape)
             elif kind == "into":
                 want = tuple(self.variables[targets[entry[1]]].shape[1:])
+            elif kind == "rows":
+                shapes = {tuple(self.variables[targets[t]].shape[1:]) for t, _ in entry[1]}
+                if len(shapes) != 1:
+                    return None
+                want = (len(entry[1]),) + shapes.pop()
             else:
                 want = ()
             if tuple(np.shape(value)) != want:
@@ -92,7 +101,10 @@ class SavedStateMixin:
                 out[entry[1]] = value
         for entry, value in zip(layout, values):
             kind = entry[0]
-            if kind in ("into", "sum"):
+            if kind == "rows":
+                for row, (target, position) in zip(value, entry[1], strict=True):
+                    out[targets[target]][position] = row
+            elif kind in ("into", "sum"):
                 k = targets[entry[1]]
                 if kind == "into":
                     out[k][entry[2]] = value
@@ -174,7 +186,7 @@ class SavedStateMixin:
         if len(store.keys()) != len(self.variables) or any(
             tuple(v.shape) != tuple(np.shape(store[str(i)])) for i, v in enumerate(self.variables)
         ):
-            # A state saved by keras-tnt 0.2 or 0.3 (a scalar counter per variable).
+            # A state saved with an older layout (keras-tnt 0.2 to 0.5): converted if it is one.
             store = self._from_legacy(store) or store
         if len(store.keys()) != len(self.variables):
             raise ValueError(

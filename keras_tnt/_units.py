@@ -97,7 +97,10 @@ class UnitStepMixin:
         results = {}
         count_dtype = backend.count_dtype()
         for (_, _, parameter), members in groups.items():
-            new, ok = self._transform(ops.stack([v for _, _, v in members]), parameter)
+            values = [v for _, _, v in members]
+            # (One member: its value expanded, not copied.)
+            batch = ops.expand_dims(values[0], 0) if len(values) == 1 else ops.stack(values)
+            new, ok = self._transform(batch, parameter)
             # Per member, as vectors: whether its value replaces its slot (the transform
             # succeeded and its unit's gradients are finite) and whether it counts as failed.
             failed = ops.logical_not(ok)

@@ -147,8 +147,14 @@ class TNT(KroneckerOptimizer):
     # Whether a tensor with a diagonal first factor keeps its preconditioned momentum (the
     # row-sparse step); Shampoo's roots have no damped factor to carry it with.
     _carries_directions = True
-    # Its old layouts: 0.2 and 0.3, and 0.4's (a variable per statistic and per inverse).
-    _legacy_versions = ("0.3", "0.4")
+    # Its old layouts: 0.2 and 0.3, 0.4's (a variable per statistic and per inverse), and 0.5's
+    # (every factor in its size's buffer, the large ones too).
+    _legacy_versions = ("0.3", "0.4", "0.5")
+    # A factor of this many numbers or more keeps a buffer of its own (docs/algorithm.md §2,
+    # "Factor buffers"): in a shared buffer its fold stacks it, one more pass over its numbers
+    # than the operations sharing saves (the MNIST autoencoder's step: 4.8% slower with its
+    # 500- to 1,000-wide factors shared, benchmarks.step_time).
+    _own_buffer_size = 256 * 256
     # Tensors up to this many numbers step in batches of equal shape (docs/algorithm.md §2,
     # "Batched tensors"); 0: none. Off: on TensorFlow's CPU it cost more than it saved
     # (benchmarks.step_time, median of 3: digits autoencoder, two 48-wide biases batched, 1.52x
@@ -244,13 +250,16 @@ class TNT(KroneckerOptimizer):
         self._momenta = []
         self._row_sparse = []
         self._damped = []
-        keys = {}  # (factor shape, dtype, parameter) -> buffer index
+        keys = {}  # (factor shape, dtype, parameter[, (variable index, mode)]) -> buffer index
         members = []  # per buffer: [(variable index, mode)], its rows in order
         rows = []  # per variable: [(buffer, row)] per mode
+        shared = {}  # 0.5's buffers: (factor shape, dtype, parameter) -> [(variable, mode)]
+        prefixes = []
         for index, (var, entry) in enumerate(zip(var_list, entries)):
             modes = entry["modes"]
             diagonal = tuple(f == "diagonal" for f in entry["factors"])
             prefix = slot_prefix(var)
+            prefixes.append(prefix)
             sdtype = statistics_dtype(var.dtype)
             row_sparse = self._row_sparse_steps and _plan.row_sparse(var.shape, diagonal)
             self._modes.append(modes)
@@ -273,18 +282,26 @@ class TNT(KroneckerOptimizer):
             rows.append([])
             for i, shape in enumerate(shapes):
                 key = (shape, str(sdtype), self._factor_parameter(modes))
+                shared.setdefault(key, []).append((index, i))
+                if math.prod(shape) >= self._own_buffer_size:
+                    key += ((index, i),)
                 b = keys.setdefault(key, len(keys))
                 if b == len(members):
                     members.append([])
                 rows[-1].append((b, len(members[b])))
                 members[b].append((index, i))
         # One buffer of statistics H_i and one of preconditioners (TNT: the damped inverses A_i;
-        # Shampoo: the roots P_i) per factor size, in the order the sizes first appear.
+        # Shampoo: the roots P_i) per factor size, in the order the sizes first appear; a large
+        # factor's its own, of one row, named after its tensor and mode.
         self._buffers = []  # [(statistics buffer, preconditioner buffer, members, parameter)]
-        for (shape, sdtype, parameter), b in keys.items():
-            label = "x".join(str(d) for d in shape)
-            label += "" if parameter is None else f"_p{parameter}"
-            label += "" if sdtype == "float32" else f"_{sdtype}"
+        for (shape, sdtype, parameter, *own), b in keys.items():
+            if own:
+                index, i = own[0]
+                label = f"{prefixes[index]}_{i}"
+            else:
+                label = "x".join(str(d) for d in shape)
+                label += "" if parameter is None else f"_p{parameter}"
+                label += "" if sdtype == "float32" else f"_{sdtype}"
             n = len(members[b])
             statistics = self.add_variable((n,) + shape, dtype=sdtype, name=f"statistics_{label}")
             inverses = self.add_variable((n,) + shape, dtype=sdtype, name=f"inverses_{label}")
@@ -297,21 +314,32 @@ class TNT(KroneckerOptimizer):
         # The old layouts, per variable: its momentum, statistics, inverses and damped factors
         # (one variable each); 0.2 and 0.3 then three counters: its statistics count, skipped,
         # failed.
+        old = ("0.3", "0.4")
         for index, rs in enumerate(rows):
-            self._legacy("same", self._variable_index(self._momenta[index]))
+            self._legacy("same", self._variable_index(self._momenta[index]), versions=old)
             for kind in ("statistics", "inverses"):
                 for b, r in rs:
-                    self._legacy("into", f"{kind}:{b}", r)
+                    self._legacy("into", f"{kind}:{b}", r, versions=old)
             for damped in self._damped[index]:
-                self._legacy("same", self._variable_index(damped))
+                self._legacy("same", self._variable_index(damped), versions=old)
             self._legacy("into", "statistics_counts", index, versions=("0.3",))
             self._legacy("sum", "skipped", versions=("0.3",))
             self._legacy("sum", "failed", versions=("0.3",))
+        # 0.5's: the momenta and damped factors in today's order, then a buffer of statistics
+        # and one of preconditioners per factor size (the large factors' too), whose rows
+        # now go to their own buffers.
+        for index in range(len(rows)):
+            for var in [self._momenta[index], *self._damped[index]]:
+                self._legacy("same", self._variable_index(var), versions=("0.5",))
+        for factors in shared.values():
+            for kind in ("statistics", "inverses"):
+                places = [(f"{kind}:{rows[v][i][0]}", rows[v][i][1]) for v, i in factors]
+                self._legacy("rows", places, versions=("0.5",))
         # Batches folded into each variable's statistics (the first one sets them).
         start = len(self.variables)
         self._counts = self._add_counts(len(var_list), "statistics_counts")
         self._add_step_counters()
-        self._kept_in_place(start, versions=("0.4",))
+        self._kept_in_place(start, versions=("0.4", "0.5"))
         self._build_counters()
 
     def _factor_parameter(self, modes):

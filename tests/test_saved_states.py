@@ -36,6 +36,11 @@ _spec = importlib.util.spec_from_file_location(
 )
 make_saved_states_0_4 = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(make_saved_states_0_4)
+_spec = importlib.util.spec_from_file_location(
+    "make_saved_states_0_5", os.path.join(DATA, "make_saved_states_0_5.py")
+)
+make_saved_states_0_5 = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(make_saved_states_0_5)
 
 CLASSES = {"tnt": keras_tnt.TNT, "tnt_ef": keras_tnt.TNT, "shampoo": keras_tnt.Shampoo}
 CLASSES["kfac"] = keras_tnt.KFAC
@@ -62,27 +67,68 @@ def test_state_saved_by_0_3_loads_and_trains_as_0_3_did(name):
     _trains_as_it_did(model, make_saved_states_0_3.data(), reference, name)
 
 
+@pytest.mark.parametrize("own", [None, 16])
 @pytest.mark.parametrize("name", sorted(make_saved_states_0_4.OPTIMIZERS))
-def test_state_saved_by_0_4_loads_and_trains_as_0_4_did(name):
+def test_state_saved_by_0_4_loads_and_trains_as_0_4_did(name, own, monkeypatch):
     """0.4 kept a variable per statistic and per inverse; 0.5 keeps them as rows of one
-    buffer per factor size (and, for Shampoo, root order): every matrix lands in its row."""
+    buffer per factor size (and, for Shampoo, root order): every matrix lands in its row;
+    with ``_own_buffer_size`` lowered to 16, the 4 x 4 ones in buffers of their own."""
+    if own is not None:
+        monkeypatch.setattr(keras_tnt.TNT, "_own_buffer_size", own)
     model = keras.models.load_model(os.path.join(DATA, f"saved_state_0_4_{name}.keras"))
     optimizer = model.optimizer
     assert type(optimizer) is (keras_tnt.Shampoo if name == "shampoo" else keras_tnt.TNT)
     # The 4 x 4 factors of the embedding, both kernels and the hidden bias in one buffer
     # (Shampoo: the bias's root, of order p = 2, in its own).
     buffers = {s.name: tuple(s.shape) for s, _, _, _ in optimizer._buffers}
-    if name == "shampoo":
+    if own is not None:
+        assert [s for s in buffers.values() if s[1:] == (4, 4)] == [(1, 4, 4)] * 5
+    elif name == "shampoo":
         assert buffers["statistics_4x4_p4_float64"] == (4, 4, 4)
         assert buffers["statistics_4x4_p2_float64"] == (1, 4, 4)
     else:
         assert buffers["statistics_4x4_float64"] == (5, 4, 4)
     reference = np.load(os.path.join(DATA, "saved_state_0_4_next.npz"))
-    _trains_as_it_did(model, make_saved_states_0_4.data(), reference, name)
+    # Lowered, the buffers are about 0.4's variables (fewer where the 3 x 3 factors share).
+    fewer = True if own is None else "either"
+    _trains_as_it_did(model, make_saved_states_0_4.data(), reference, name, fewer=fewer)
 
 
-def _trains_as_it_did(model, data, reference, name):
-    """Three more steps of ``model`` on ``data`` give what the old version computed."""
+@pytest.mark.parametrize("own", [None, 16])
+@pytest.mark.parametrize("name", sorted(make_saved_states_0_5.OPTIMIZERS))
+def test_state_saved_by_0_5_loads_and_trains_as_0_5_did(name, own, monkeypatch):
+    """0.5 kept every factor as a row of its size's buffer; 0.6 gives a factor of
+    ``_own_buffer_size`` numbers or more a buffer of its own. A 0.5 state whose factors are all
+    smaller (these, at the default 65,536) is today's layout and loads as it is; with the size
+    lowered to 16, the 4 x 4 and 40-wide factors' rows move out of the saved buffers into
+    buffers of their own (the embedding's 40-wide diagonal, alone in 0.5's buffer too, now under
+    its tensor's name), the 3 x 3 ones stay shared, and the run goes on as 0.5's did."""
+    if own is not None:
+        monkeypatch.setattr(keras_tnt.TNT, "_own_buffer_size", own)
+    model = keras.models.load_model(os.path.join(DATA, f"saved_state_0_5_{name}.keras"))
+    optimizer = model.optimizer
+    shapes = [tuple(s.shape) for s, _, _, _ in optimizer._buffers]
+    fours = [s for s in shapes if s[1:] == (4, 4)]
+    names = [s.name for s, _, _, _ in optimizer._buffers]
+    if own is None:
+        assert len(fours) == (2 if name == "shampoo" else 1)
+        assert sum(s[0] for s in fours) == 5
+        assert any(n.startswith("statistics_40_") for n in names)  # 0.5's name
+    else:  # one buffer per 4 x 4 factor, and the embedding's diagonal its own, by name
+        assert fours == [(1, 4, 4)] * 5 and shapes.count((1, 40)) == 1
+        assert not any(n.startswith("statistics_40_") for n in names)
+        assert len(set(names)) == len(names)
+        assert shapes.count((1, 3, 3)) == 2 if name == "shampoo" else (2, 3, 3) in shapes
+    reference = np.load(os.path.join(DATA, "saved_state_0_5_next.npz"))
+    _trains_as_it_did(
+        model, make_saved_states_0_5.data(), reference, name, fewer=None if own is None else False
+    )
+
+
+def _trains_as_it_did(model, data, reference, name, fewer=True):
+    """Three more steps of ``model`` on ``data`` give what the old version computed; the old
+    layout had more variables (``fewer``: its counters) or fewer (0.5's shared buffers; or
+    ``"either"``), or, with ``fewer=None``, today's."""
     optimizer = model.optimizer
     assert optimizer.iterations.numpy() == 6 and optimizer.curvature_updates > 0
     x, y = data
@@ -94,8 +140,13 @@ def _trains_as_it_did(model, data, reference, name):
         np.testing.assert_allclose(w, reference[f"{name}/weight_{i}"], rtol=1e-12, atol=1e-14)
     slots = [k for k in reference.files if k.startswith(f"{name}/optimizer_")]
     old = {str(i): reference[f"{name}/optimizer_{i}"] for i in range(len(slots))}
-    assert len(optimizer.variables) < len(old)  # fewer counters
-    converted = optimizer._from_legacy(old)
+    if fewer is None:
+        assert len(optimizer.variables) == len(old)
+        converted = old
+    else:
+        if fewer != "either":
+            assert (len(optimizer.variables) < len(old)) == fewer
+        converted = optimizer._from_legacy(old)
     assert converted is not None and len(converted) == len(optimizer.variables)
     # Every count is kept: the integer variables hold the same total.
     integers = [v for v in old.values() if v.dtype.kind == "i"]

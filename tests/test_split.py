@@ -119,6 +119,8 @@ def _unsplit_work(optimizer):
             },
         ),
         (keras_tnt.TNT, {"damping": 0.1, "weight_decay": 1e-3, "grafting": "adam"}),
+        # Every 64 x 64 factor in a buffer of its own (_own_buffer_size lowered to 64 x 64).
+        (keras_tnt.TNT, {"damping": 0.1, "own_buffer_size": 64 * 64}),
         (keras_tnt.Shampoo, {"damping": 1e-3}),
         (keras_tnt.KFAC, {"damping": 0.3, "weight_decay": 1e-3}),
         (keras_tnt.KFAC, {"damping": 0.3, "grafting": "sgd"}),
@@ -133,11 +135,18 @@ def _unsplit_work(optimizer):
         ),
     ],
 )
-def test_split_is_the_unsplit_run_bit_for_bit(optimizer_cls, kwargs):
+def test_split_is_the_unsplit_run_bit_for_bit(optimizer_cls, kwargs, monkeypatch):
     # One epoch (4 steps, a refresh at t = 0 and t = 4) for the baselines; two for TNT.
     epochs = 2 if optimizer_cls is keras_tnt.TNT else 1
+    kwargs = dict(kwargs)
+    own = kwargs.pop("own_buffer_size", None)
+    if own is not None:
+        monkeypatch.setattr(keras_tnt.TNT, "_own_buffer_size", own)
     split = _run(optimizer_cls, True, epochs=epochs, **kwargs)
     unsplit = _run(optimizer_cls, False, epochs=epochs, **kwargs)
+    if own is not None:  # one-row buffers, written row by row by the split refresh
+        shapes = [tuple(b[0].shape) for b in split.optimizer._buffers]
+        assert (1, 64, 64) in shapes and not any(s[0] > 1 and s[1] == 64 for s in shapes)
     assert split.optimizer.curvature_updates >= 4 * epochs
     variables = split.optimizer.variables + split.weights
     for a, b, v in zip(_state(split), _state(unsplit), variables, strict=True):

@@ -333,6 +333,43 @@ def test_refresh_and_curvature_schedule(float64, T1, T2, warm, refresh_steps, cu
     assert opt.curvature_updates == warm + 10
 
 
+def test_large_factors_in_buffers_of_their_own_match_the_reference(float64, monkeypatch):
+    """A factor of ``_own_buffer_size`` numbers or more keeps a buffer of one row (lowered to 16
+    here: the 4 x 4 factors), the smaller ones share their size's: every step is the NumPy
+    reference's, and the shared layout's bit for bit on TensorFlow (the fold is elementwise
+    per row, the factorisations per matrix)."""
+    kw = dict(HYPER, curvature_update_period=2, inverse_update_period=4, weight_decay=0.25)
+    shapes = [(4, 3), (3,), (4, 4), (3, 3)]
+
+    def run():
+        out = []
+        for _, opt, variables, ref, weights, _ in _run_pair(shapes, 8, seed=11, warm=1, **kw):
+            for v, w in zip(variables, weights, strict=True):
+                _close(v, w)
+            for idx, v in enumerate(variables):
+                for got, want in zip(opt.inverses(v), ref.A[idx], strict=True):
+                    _close(got, want)
+            out.append([np.array(v) for v in variables])
+        return opt, out
+
+    shared_opt, shared = run()
+    assert sorted(tuple(s.shape) for s, _, _, _ in shared_opt._buffers) == [(3, 4, 4), (4, 3, 3)]
+    monkeypatch.setattr(keras_tnt.TNT, "_own_buffer_size", 16)
+    own_opt, own = run()
+    shapes_own = sorted(tuple(s.shape) for s, _, _, _ in own_opt._buffers)
+    assert shapes_own == [(1, 4, 4)] * 3 + [(4, 3, 3)]
+    names = [s.name for s, _, _, _ in own_opt._buffers]
+    assert len(set(names)) == len(names)
+    exact = keras.backend.backend() == "tensorflow"
+    for step_shared, step_own in zip(shared, own, strict=True):
+        for a, b in zip(step_shared, step_own, strict=True):
+            np.testing.assert_allclose(b, a, rtol=0 if exact else 1e-12, atol=0)
+    for v in own_opt._trainable_variables:
+        shared_v = shared_opt._trainable_variables[own_opt._get_variable_index(v)]
+        for a, b in zip(shared_opt.statistics(shared_v), own_opt.statistics(v), strict=True):
+            np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0 if exact else 1e-12)
+
+
 def test_schedule_in_graph_mode_matches_eager(float64):
     """The same steps compiled as FisherModel runs them (a tf.function; on JAX the stateless
     step under jax.jit) give the same numbers."""
