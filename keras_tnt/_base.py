@@ -390,13 +390,14 @@ class KroneckerOptimizer(UnitStepMixin, SavedStateMixin, keras.optimizers.Optimi
         targets, places, rows = [], {}, {}
         for s, (_, stats) in enumerate(slots):
             for j, var in enumerate(stats):
-                if isinstance(var, Row):
+                if isinstance(var, Row) and var.buffer.shape[0] > 1:
                     key = id(var.buffer)
                     if key not in rows:
                         rows[key] = {}
                         targets.append(var.buffer)
                     rows[key][var.index] = (s, j)
-                else:
+                else:  # a variable, or a buffer of one row: folded as a variable
+                    var = var.buffer if isinstance(var, Row) else var
                     places[id(var)] = (s, j)
                     targets.append(var)
 
@@ -439,17 +440,13 @@ class KroneckerOptimizer(UnitStepMixin, SavedStateMixin, keras.optimizers.Optimi
                 if id(var) in places:
                     s, j = places[id(var)]
                     value = ops.cast(values[s][j], var.dtype)
+                    if len(value.shape) < len(var.shape):  # a buffer's one row
+                        value = ops.expand_dims(value, 0)
                     k, w = scalars(var.dtype)
                     out.append(k[s] * current + w[s] * value)
                     continue
                 given = rows[id(var)]
                 n, shape = var.shape[0], tuple(var.shape[1:])
-                if n == 1:  # a buffer of its own: no stack, scalar weights
-                    s, j = given[0]
-                    value = ops.expand_dims(ops.cast(values[s][j], var.dtype), 0)
-                    k, w = scalars(var.dtype)
-                    out.append(k[s] * current + w[s] * value)
-                    continue
                 index = [given[r][0] if r in given else len(slots) for r in range(n)]
                 stacked = [
                     values[given[r][0]][given[r][1]] if r in given else ops.zeros(shape, var.dtype)

@@ -88,11 +88,8 @@ class SavedStateMixin:
                 want = tuple(self.variables[entry[1]].shape)
             elif kind == "into":
                 want = tuple(self.variables[targets[entry[1]]].shape[1:])
-            elif kind == "rows":
-                shapes = {tuple(self.variables[targets[t]].shape[1:]) for t, _ in entry[1]}
-                if len(shapes) != 1:
-                    return None
-                want = (len(entry[1]),) + shapes.pop()
+            elif kind == "rows":  # rows of one factor size
+                want = (len(entry[1]),) + tuple(self.variables[targets[entry[1][0][0]]].shape[1:])
             else:
                 want = ()
             if tuple(np.shape(value)) != want:

@@ -254,12 +254,10 @@ class TNT(KroneckerOptimizer):
         members = []  # per buffer: [(variable index, mode)], its rows in order
         rows = []  # per variable: [(buffer, row)] per mode
         shared = {}  # 0.5's buffers: (factor shape, dtype, parameter) -> [(variable, mode)]
-        prefixes = []
         for index, (var, entry) in enumerate(zip(var_list, entries)):
             modes = entry["modes"]
             diagonal = tuple(f == "diagonal" for f in entry["factors"])
             prefix = slot_prefix(var)
-            prefixes.append(prefix)
             sdtype = statistics_dtype(var.dtype)
             row_sparse = self._row_sparse_steps and _plan.row_sparse(var.shape, diagonal)
             self._modes.append(modes)
@@ -297,7 +295,7 @@ class TNT(KroneckerOptimizer):
         for (shape, sdtype, parameter, *own), b in keys.items():
             if own:
                 index, i = own[0]
-                label = f"{prefixes[index]}_{i}"
+                label = f"{slot_prefix(var_list[index])}_{i}"
             else:
                 label = "x".join(str(d) for d in shape)
                 label += "" if parameter is None else f"_p{parameter}"
